@@ -1,0 +1,36 @@
+# DreamFlow: `make test` (CPU test suite) and `make demo` (offline end-to-end run).
+# A fresh machine needs only python3 (3.10+), pip and, for the glTF validator in tests, npm.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TOOLS  := .tools
+PROMPT ?= a red cube
+PYTEST_ARGS ?=
+
+.PHONY: test demo setup clean bench-cpu
+
+# The venv is (re)made when the requirements change. torch is installed only when none is
+# importable there: the CPU wheel 2.13.0 here; in ComfyUI, the user's torch is used as is.
+$(VENV)/.stamp: requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	touch $@
+
+# Khronos glTF validator (npm package) used by the export tests.
+$(TOOLS)/node_modules/gltf-validator/package.json:
+	npm install --silent --no-audit --no-fund --prefix $(TOOLS) gltf-validator@2.0.0-dev.3.10
+
+setup: $(VENV)/.stamp $(TOOLS)/node_modules/gltf-validator/package.json
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+demo: setup
+	$(PY) -m dreamflow demo --prompt "$(PROMPT)"
+
+bench-cpu: setup
+	$(PY) bench/bench_cpu.py
+
+clean:
+	rm -rf $(VENV) $(TOOLS) .pytest_cache

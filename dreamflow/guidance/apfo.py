@@ -1,0 +1,64 @@
+"""APFO: approximate probability-flow ODE guidance (DreamFlow; Lee, Sohn & Shin, ICLR 2024).
+
+Paper symbols -> code:
+
+* t_i, t_{i+1}: consecutive points of the predetermined decreasing schedule (``TimestepSchedule``).
+* sigma_i = sqrt((1 - alpha_bar(t_i)) / alpha_bar(t_i)): EDM noise level of t_i (``Denoiser.sigma``).
+* x: latents of the current renders; x_t = sqrt(alpha_bar) x + sqrt(1 - alpha_bar) eps, eps ~ N(0, I).
+* eps_pretrained: the pretrained denoiser's CFG prediction at (x_t, t_i, prompt).
+* eps_scene: the scene LoRA's prediction at (x_t, t_i, prompt, camera): the score of the current 3D
+  scene's render distribution (ProlificDreamer's VSD particle model).
+
+One Euler step of the probability-flow ODE that carries the render distribution (modelled by
+eps_scene) to the text-conditioned data distribution (eps_pretrained), from sigma_i to sigma_{i+1}::
+
+    x_hat = x - (sigma_i - sigma_{i+1}) * (eps_pretrained - eps_scene)
+    loss  = 0.5 * ||x - stopgrad(x_hat)||^2
+
+The gradient w.r.t. x is (sigma_i - sigma_{i+1}) (eps_pretrained - eps_scene): it moves the 3D model so
+that its renders take that step. The LoRA is trained on the current renders at the same t_i, so it
+tracks the scene as the scene moves. ``updates_per_t`` updates (on fresh random views) share each t_i.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Guidance, GuidanceOutput
+from .schedule import TimestepSchedule
+
+
+class APFOGuidance(Guidance):
+    """DreamFlow's guidance. Deterministic given the seed: the schedule is fixed, noise is seeded."""
+
+    name = "apfo"
+    uses_scene_lora = True
+
+    def __init__(self, denoiser, config, total_updates: int, seed: int = 0):
+        super().__init__(denoiser, config, total_updates, seed)
+        self.schedule = TimestepSchedule(config.t_start, config.t_end, self.total_updates,
+                                         config.updates_per_t, config.spacing)
+
+    def timesteps(self, step: int):
+        """(t_i, t_{i+1}) for update ``step``."""
+        return self.schedule.at(step, self.denoiser.sigma)
+
+    def __call__(self, latents, embeds, camera, step: int) -> GuidanceOutput:
+        x = latents.float()
+        B = x.shape[0]
+        t_i, t_next = self.timesteps(step)
+        t = self._t(t_i, B)
+        sigma_i = self.denoiser.sigma(t)
+        sigma_next = self.denoiser.sigma(self._t(t_next, B))
+        with torch.no_grad():
+            eps = self._noise(x)
+            x_t = self.denoiser.add_noise(x.detach(), eps, t)
+            eps_pretrained = self.denoiser.predict_eps(x_t, t, embeds, self.config.cfg_scale).float()
+            eps_scene = self.scene.eps(x_t, t, embeds, camera).float()
+            delta = (sigma_i - sigma_next).view(B, 1, 1, 1)
+            x_hat = x.detach() - delta * (eps_pretrained - eps_scene)
+        loss = self.target_loss(x, x_hat)
+        lora_loss = self._train_lora(x, embeds, camera, t)
+        log = {"t": t_i, "t_next": t_next, "sigma": sigma_i[0].detach(), "sigma_next": sigma_next[0].detach(),
+               "grad_norm": (x.detach() - x_hat).flatten(1).norm(dim=1).mean(), "lora_loss": lora_loss}
+        return GuidanceOutput(loss=loss, target=x_hat, log=log)

@@ -41,8 +41,9 @@ class CameraConfig:
     """Std of the camera position's random offset, world units (threestudio ``camera_perturb``)."""
     up_perturb: float = 0.02
     """Std of the up vector's random offset (threestudio ``up_perturb``)."""
-    front_threshold: float = 45.0
-    """|azimuth| below this (degrees) is a front view, above 180 - this a back view (threestudio)."""
+    front_threshold: float = 30.0
+    """|azimuth| below this (degrees) is a front view, above 180 - this a back view (threestudio
+    prolificdreamer.yaml: front_threshold = back_threshold = 30)."""
     overhead_threshold: float = 60.0
     """Elevation above this (degrees) is an overhead view (threestudio)."""
 

@@ -89,6 +89,13 @@ class Cameras:
         return Cameras(self.c2w.to(device), self.fovy.to(device), self.height, self.width,
                        self.elevation.to(device), self.azimuth.to(device), self.distance.to(device))
 
+    def subset(self, index) -> "Cameras":
+        """Cameras ``index`` (an int, slice or index tensor) as a new batch."""
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        return Cameras(self.c2w[index], self.fovy[index], self.height, self.width,
+                       self.elevation[index], self.azimuth[index], self.distance[index])
+
     def resized(self, height: int, width: Optional[int] = None) -> "Cameras":
         """Same cameras at another image size."""
         return Cameras(self.c2w, self.fovy, height, width or height, self.elevation, self.azimuth, self.distance)

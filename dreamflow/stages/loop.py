@@ -1,0 +1,132 @@
+"""The optimisation loop shared by every stage (NeRF, mesh, SDXL refine).
+
+One update (read as numbered steps):
+
+1. draw ``views_per_update`` random cameras (stratified azimuth; seeded);
+2. render the scene -> rgb [V, H, W, 3] and the stage's regularisers;
+3. resize to ``denoise_resolution`` and encode to latents with the denoiser's VAE (differentiable);
+4. view-dependent prompts ("..., side view") -> cached text embeddings;
+5. guidance (APFO / SDS / VSD) -> loss on the latents (+ its own LoRA step);
+6. check the loss is finite (else stop with the step number, keeping the last good state), backward, step;
+7. progress, live preview and interrupt callbacks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import DivergenceError, DreamFlowError, DreamFlowInterrupted
+from ..guidance import make_guidance
+from ..hosting import Callbacks
+from ..render.cameras import sample_cameras, view_prompt
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Seed torch's global CPU RNG for module initialisation without disturbing the caller's RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        yield
+
+
+def to_pil(image: torch.Tensor):
+    """[H, W, 3] float in [0, 1] -> PIL image."""
+    from PIL import Image
+
+    arr = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return Image.fromarray(arr)
+
+
+def _log_row(step: int, loss: torch.Tensor, log: Dict[str, object]) -> Dict[str, float]:
+    row = {"step": step, "loss": float(loss)}
+    for k, v in log.items():
+        if v is None:
+            continue
+        row[k] = float(v) if isinstance(v, (torch.Tensor, float, int)) else v
+    return row
+
+
+@dataclass
+class LoopResult:
+    log: List[Dict[str, float]]
+    guidance_state: Dict[str, torch.Tensor]
+
+
+def oom_message(stage: str, config) -> str:
+    v, r = config.views_per_update, config.resolution
+    return (f"{stage} ran out of GPU memory at {v} views x {r} px (denoise {config.denoise_resolution} px); "
+            f"try views_per_update={max(1, v // 2)}, resolution={max(64, r // 2)}, or LoadDenoiser cpu_offload / vae_tiling")
+
+
+def optimise(*, stage: str, denoiser, prompt: str, negative_prompt: str, config,
+             render_fn: Callable, optimizer: torch.optim.Optimizer, snapshot: Callable[[List[dict]], object],
+             callbacks: Optional[Callbacks] = None, guidance_state: Optional[Dict[str, torch.Tensor]] = None,
+             on_step: Optional[Callable[[int], None]] = None) -> LoopResult:
+    """Run ``config.iterations`` updates of a stage.
+
+    Args:
+        render_fn: ``(cameras, step) -> (rgb [V,H,W,3], reg_loss scalar tensor)``.
+        snapshot: ``(log) -> state`` builds the stage's state from the current parameters (used for the
+            last good state on divergence).
+        guidance_state: scene-LoRA tensors to resume from (APFO/VSD).
+        on_step: called after each optimiser step (e.g. to refresh an occupancy grid).
+    Returns:
+        LoopResult with the log rows (t, sigma, grad_norm, loss, ...) and the guidance's LoRA tensors.
+    Raises:
+        DreamFlowInterrupted within one update of an interrupt; DivergenceError on a non-finite loss;
+        DreamFlowError on CUDA out-of-memory, naming settings that would fit.
+    """
+    callbacks = callbacks or Callbacks()
+    device = denoiser.device
+    total = int(config.iterations)
+    cam_gen = torch.Generator().manual_seed(int(config.seed))
+    guidance = make_guidance(denoiser, config.guidance, total, seed=int(config.seed))
+    if guidance_state:
+        guidance.load_state_tensors(guidance_state)
+    log: List[dict] = []
+    pending = []  # (step, loss, log) kept as tensors; converted in batches to avoid host syncs
+    try:
+        for step in range(total):
+            if callbacks.should_stop():
+                raise DreamFlowInterrupted(f"{stage} interrupted at update {step}/{total}; nothing was written")
+            cams = sample_cameras(config.camera, config.views_per_update, config.resolution, generator=cam_gen).to(device)
+            rgb, reg = render_fn(cams, step)
+            images = rgb.permute(0, 3, 1, 2)
+            if config.denoise_resolution != config.resolution:
+                images = F.interpolate(images, size=(config.denoise_resolution,) * 2, mode="bilinear", align_corners=False)
+            latents = denoiser.encode_images(images)
+            words = cams.view_words(config.camera)
+            embeds = denoiser.encode_prompt([view_prompt(prompt, w) for w in words], negative_prompt)
+            out = guidance(latents, embeds, cams.condition(), step)
+            loss = out.loss + reg
+            if not bool(torch.isfinite(loss)):
+                log.extend(_log_row(s, l, g) for s, l, g in pending)
+                raise DivergenceError(
+                    f"{stage} diverged: non-finite loss at update {step}; the last good state is kept "
+                    f"(lower the learning rates or cfg_scale, or change the seed)", step=step, last_good=snapshot(log))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if on_step is not None:
+                on_step(step)
+            pending.append((step, loss.detach(), out.log))
+            if len(pending) >= 50 or step == total - 1:
+                log.extend(_log_row(s, l, g) for s, l, g in pending)
+                pending.clear()
+                if callbacks.log is not None:
+                    callbacks.log(log[-1])
+            if callbacks.progress is not None:
+                every = callbacks.preview_every
+                preview = to_pil(rgb[0]) if every and (step % every == 0 or step == total - 1) else None
+                callbacks.progress(step + 1, total, preview)
+    except torch.cuda.OutOfMemoryError:
+        raise DreamFlowError(oom_message(stage, config)) from None
+    finally:
+        state = guidance.state_tensors()
+        guidance.close()
+    return LoopResult(log=log, guidance_state=state)

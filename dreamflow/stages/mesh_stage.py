@@ -1,0 +1,184 @@
+"""Mesh stages: ExtractMesh (NeRF -> mesh), MeshStage (stage 2) and SDXLRefine (stage 3).
+
+* ``extract_mesh_state(nerf_state, ExtractConfig)`` -> MeshState (colour field = the NeRF's albedo).
+* ``run_mesh_stage(denoiser, mesh_state, prompt, ...)``: bounded vertex offsets + colour field at
+  512 px, APFO t 0.5 -> 0.1 (paper stage 2), normal-consistency and Laplacian regularisers.
+* ``run_refine_stage(refiner, mesh_state, prompt, ...)``: the same loop with the SDXL refiner at
+  1024 px, t 0.3 -> 0.0, colour only by default (paper stage 3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+import torch
+
+from .. import config as cfgio
+from ..errors import DreamFlowError, check
+from ..guidance import GuidanceConfig
+from ..hosting import Callbacks
+from ..render.cameras import CameraConfig
+from ..render.shading import ShadingConfig, pick_mode, random_light
+from ..scene.mesh import MeshModel, MeshModelConfig
+from ..state import MeshState, NeRFState
+from .extract import ExtractConfig, extract_mesh
+from .loop import optimise
+from .nerf_stage import check_common, check_prompt
+
+
+def extract_mesh_state(nerf: NeRFState, config: Optional[ExtractConfig] = None) -> MeshState:
+    """Marching cubes on the NeRF density -> MeshState whose colour field starts as the NeRF's albedo."""
+    if not isinstance(nerf, NeRFState):
+        raise DreamFlowError(f"ExtractMesh needs a NeRF state (from NeRFStage or LoadState), got {type(nerf).__name__}")
+    config = (config or ExtractConfig()).validate()
+    field_ = nerf.field
+    v, f = extract_mesh(field_.density, config, radius=field_.config.radius, device=nerf.device)
+    copy = nerf.clone()
+    return MeshState(field=copy.field.eval(), background=copy.background.eval(), prompt=nerf.prompt,
+                     negative_prompt=nerf.negative_prompt, settings=cfgio.to_dict(config),
+                     guidance_log=list(nerf.guidance_log), history=list(nerf.history) + ["ExtractMesh"],
+                     vertices=torch.as_tensor(v, dtype=torch.float32, device=nerf.device),
+                     faces=torch.as_tensor(f, dtype=torch.long, device=nerf.device))
+
+
+@dataclass
+class MeshStageConfig:
+    """Stage 2 settings. Defaults: paper (512 px, t 0.5 -> 0.1) and threestudio prolificdreamer-geometry.yaml."""
+
+    iterations: int = 1500
+    """Updates. 1,500 x 4 views = 6,000 view-updates, the reference workload of bench/ (ours)."""
+    views_per_update: int = 4
+    """Random views per update (ours)."""
+    resolution: int = 512
+    """Render size, px (paper stage 2)."""
+    denoise_resolution: int = 512
+    """Size the renders are encoded at (SD 2.1 base native 512)."""
+    seed: int = 0
+    guidance: GuidanceConfig = field(default_factory=lambda: GuidanceConfig(method="apfo", t_start=0.5, t_end=0.1))
+    """APFO t 0.5 -> 0.1 (paper stage 2)."""
+    optimize_geometry: bool = True
+    """Optimise vertex offsets (stage 2: geometry + texture)."""
+    optimize_color: bool = True
+    """Optimise the colour field."""
+    lr_geometry: float = 5e-3
+    """Adam lr of the raw vertex offsets (threestudio prolificdreamer-geometry lr 0.005)."""
+    lr_grid: float = 1e-2
+    """Adam lr of the colour field's hash grid (threestudio)."""
+    lr_mlp: float = 1e-3
+    """Adam lr of the colour MLP (threestudio)."""
+    lr_background: float = 1e-3
+    """Adam lr of the background MLP (threestudio)."""
+    betas: Tuple[float, float] = (0.9, 0.99)
+    adam_eps: float = 1e-15
+    lambda_normal_consistency: float = 1e4
+    """Weight of 1 - cos between adjacent face normals (threestudio prolificdreamer-geometry: 10000)."""
+    lambda_laplacian: float = 1e4
+    """Weight of the uniform-Laplacian smoothness of the displacement (threestudio: 10000)."""
+    mesh: MeshModelConfig = field(default_factory=MeshModelConfig)
+    """Vertex offsets bounded by max_offset (0.05 world units) through tanh."""
+    camera: CameraConfig = field(default_factory=CameraConfig)
+    shading: ShadingConfig = field(default_factory=lambda: ShadingConfig(ambient_only_steps=0))
+    """Lambertian / textureless / albedo mix from the first update (the geometry exists already)."""
+    backend: str = "auto"
+    """Rasterizer: "auto" (nvdiffrast on CUDA when installed, else torch), "cuda" or "torch"."""
+
+    def validate(self) -> "MeshStageConfig":
+        check_common(self, type(self).__name__.replace("Config", ""))
+        check(self.optimize_geometry or self.optimize_color, "mesh stage: nothing to optimise; enable optimize_geometry or optimize_color")
+        check(self.lambda_normal_consistency >= 0 and self.lambda_laplacian >= 0, "mesh stage: regulariser weights must be >= 0")
+        check(self.backend in ("auto", "cuda", "torch"), f"rasterizer backend '{self.backend}' is unknown; use auto, cuda or torch")
+        self.mesh.validate()
+        self.shading.validate()
+        return self
+
+
+@dataclass
+class RefineConfig(MeshStageConfig):
+    """Stage 3 settings (SDXL refiner). Defaults: paper (1024 px, t 0.3 -> 0.0), colour only."""
+
+    iterations: int = 1000
+    """Updates. 1,000 x 2 views = 2,000 view-updates, the reference workload of bench/ (ours)."""
+    views_per_update: int = 2
+    resolution: int = 1024
+    """Render size, px (paper stage 3)."""
+    denoise_resolution: int = 1024
+    """SDXL refiner native size."""
+    guidance: GuidanceConfig = field(default_factory=lambda: GuidanceConfig(method="apfo", t_start=0.3, t_end=0.0))
+    """APFO t 0.3 -> 0.0 (paper stage 3)."""
+    optimize_geometry: bool = False
+    """Stage 3 refines colour only by default (paper); enable to also move vertices."""
+
+
+def _run_mesh_like(stage: str, kind: str, denoiser, mesh: MeshState, prompt: str, negative_prompt: str,
+                   config: MeshStageConfig, callbacks: Optional[Callbacks]) -> MeshState:
+    from ..denoisers import require_kind
+    from ..render.mesh_render import render_mesh
+
+    config = config.validate()
+    prompt = check_prompt(prompt, stage)
+    require_kind(denoiser, kind, stage)
+    if not isinstance(mesh, MeshState):
+        raise DreamFlowError(f"{stage} needs a mesh state (from ExtractMesh, MeshStage, SDXLRefine or LoadState), "
+                             f"got {type(mesh).__name__}; insert ExtractMesh after NeRFStage")
+    device = denoiser.device
+    start = mesh.clone().to(device)
+    model = MeshModel(start.vertices, start.faces, start.field, config.mesh).to(device)
+    background = start.background.train()
+    model.train()
+    groups = model.param_groups(config.lr_geometry, config.lr_grid, config.lr_mlp)
+    groups = [g for g in groups if (g["name"] == "geometry" and config.optimize_geometry)
+              or (g["name"] != "geometry" and config.optimize_color)]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for g in groups:
+        for p in g["params"]:
+            p.requires_grad_(True)
+    groups += background.param_groups(config.lr_background) if config.optimize_color else []
+    for p in background.parameters():
+        p.requires_grad_(config.optimize_color)
+    optimizer = torch.optim.Adam(groups, betas=tuple(config.betas), eps=config.adam_eps)
+    gen = torch.Generator().manual_seed(int(config.seed) + 7)
+    faces32 = model.faces.int()
+
+    def render_fn(cams, step):
+        mode = pick_mode(config.shading, step, gen)
+        lights = random_light(cams, gen, config.shading) if mode != "albedo" else None
+        out = render_mesh(model.vertices(), faces32, model.albedo, cams,
+                          background=lambda d: background(d, generator=gen), shading=mode,
+                          light_positions=lights, shading_config=config.shading, backend=config.backend)
+        reg = torch.zeros((), device=device)
+        if config.optimize_geometry:
+            reg = reg + config.lambda_normal_consistency * model.normal_consistency_loss() \
+                + config.lambda_laplacian * model.laplacian_loss()
+        return out["rgb"], reg
+
+    settings = cfgio.to_dict(config)
+    history = list(mesh.history) + [stage]
+
+    def snapshot(log):
+        return MeshState(field=model.color, background=background, prompt=prompt, negative_prompt=negative_prompt,
+                         settings=settings, guidance_log=list(mesh.guidance_log) + [dict(r, stage=stage) for r in log],
+                         history=history, vertices=model.vertices().detach().clone(), faces=model.faces.clone())
+
+    result = optimise(stage=stage, denoiser=denoiser, prompt=prompt, negative_prompt=negative_prompt, config=config,
+                      render_fn=render_fn, optimizer=optimizer, snapshot=snapshot, callbacks=callbacks)
+    for p in list(model.parameters()) + list(background.parameters()):
+        p.requires_grad_(True)
+    model.eval()
+    background.eval()
+    state = snapshot(result.log)
+    state.lora = result.guidance_state
+    return state
+
+
+def run_mesh_stage(denoiser, mesh: MeshState, prompt: str, negative_prompt: str = "",
+                   config: Optional[MeshStageConfig] = None, callbacks: Optional[Callbacks] = None) -> MeshState:
+    """Stage 2: refine geometry (bounded offsets) and colour of ``mesh`` with an SD denoiser at 512 px."""
+    return _run_mesh_like("MeshStage", "sd", denoiser, mesh, prompt, negative_prompt, config or MeshStageConfig(), callbacks)
+
+
+def run_refine_stage(refiner, mesh: MeshState, prompt: str, negative_prompt: str = "",
+                     config: Optional[RefineConfig] = None, callbacks: Optional[Callbacks] = None) -> MeshState:
+    """Stage 3: refine colour (and optionally geometry) of ``mesh`` with the SDXL refiner at 1024 px."""
+    return _run_mesh_like("SDXLRefine", "sdxl_refiner", refiner, mesh, prompt, negative_prompt, config or RefineConfig(), callbacks)

@@ -1,0 +1,152 @@
+"""Stage 1 (NeRFStage): optimise a hash-grid NeRF at 256 px with APFO, t 1.0 -> 0.2 (paper defaults).
+
+``run_nerf_stage(denoiser, prompt, negative_prompt, config)`` -> :class:`~dreamflow.state.NeRFState`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+import torch
+
+from .. import config as cfgio
+from ..errors import DreamFlowError, check
+from ..guidance import GuidanceConfig
+from ..hosting import Callbacks
+from ..render.cameras import CameraConfig
+from ..render.shading import ShadingConfig, pick_mode, random_light
+from ..render.volume import VolumeRenderConfig, orientation_loss, render_volume, sparsity_loss
+from ..scene.nerf import Background, BackgroundConfig, NeRFField, NeRFFieldConfig
+from ..state import NeRFState
+from .loop import optimise, seeded
+
+
+def check_prompt(prompt: str, stage: str) -> str:
+    check(isinstance(prompt, str) and prompt.strip() != "", f"{stage}: the prompt is empty; describe the object, e.g. 'a corgi standing up drinking boba'")
+    return prompt.strip()
+
+
+def check_common(cfg, stage: str, multiple: int = 8) -> None:
+    """Checks shared by every stage config (raised before any heavy work)."""
+    check(int(cfg.iterations) >= 1, f"{stage}: iterations={cfg.iterations} must be >= 1")
+    check(int(cfg.views_per_update) >= 1, f"{stage}: views_per_update={cfg.views_per_update} must be >= 1")
+    check(int(cfg.resolution) >= 16, f"{stage}: resolution={cfg.resolution} must be >= 16 px")
+    check(int(cfg.denoise_resolution) % multiple == 0 and cfg.denoise_resolution >= multiple,
+          f"{stage}: denoise_resolution={cfg.denoise_resolution} must be a positive multiple of {multiple} "
+          f"(the denoiser's VAE x UNet downsampling); try {max(multiple, round(cfg.denoise_resolution / multiple) * multiple)}")
+    for name in [n for n in vars(cfg) if n.startswith("lr_")]:
+        check(float(getattr(cfg, name)) >= 0, f"{stage}: {name}={getattr(cfg, name)} must be >= 0")
+    cfg.guidance.validate()
+    cfg.camera.validate()
+
+
+@dataclass
+class NeRFStageConfig:
+    """Stage 1 settings. Defaults: paper (256 px, t 1.0 -> 0.2) and threestudio prolificdreamer.yaml."""
+
+    iterations: int = 2500
+    """Updates. 2,500 x 4 views = 10,000 view-updates, the reference workload of bench/ (ours)."""
+    views_per_update: int = 4
+    """Random views rendered per update (batched through the denoiser; ours, for GPU efficiency)."""
+    resolution: int = 256
+    """Render size, px (paper stage 1)."""
+    denoise_resolution: int = 512
+    """Renders are resized to this before VAE encoding: SD 2.1 base works at 512 (threestudio resizes to 512)."""
+    seed: int = 0
+    """Seeds field init, cameras, noise, lights: same seed + settings + device -> same result."""
+    guidance: GuidanceConfig = field(default_factory=lambda: GuidanceConfig(method="apfo", t_start=1.0, t_end=0.2))
+    """APFO t 1.0 -> 0.2 (paper stage 1), CFG 7.5 (threestudio VSD)."""
+    lr_grid: float = 1e-2
+    """AdamW lr of the hash grid (threestudio prolificdreamer geometry.encoding)."""
+    lr_mlp: float = 1e-3
+    """AdamW lr of the density / albedo MLPs (threestudio)."""
+    lr_background: float = 1e-3
+    """AdamW lr of the background MLP (threestudio)."""
+    betas: Tuple[float, float] = (0.9, 0.99)
+    """AdamW betas (threestudio prolificdreamer)."""
+    adam_eps: float = 1e-15
+    """AdamW eps (threestudio prolificdreamer)."""
+    lambda_sparsity: float = 10.0
+    """Weight of the opacity sparsity loss (threestudio prolificdreamer ``lambda_sparsity``)."""
+    lambda_orient: float = 0.0
+    """Weight of DreamFusion's orientation loss (threestudio prolificdreamer: 0; needs normals)."""
+    camera: CameraConfig = field(default_factory=CameraConfig)
+    nerf: NeRFFieldConfig = field(default_factory=NeRFFieldConfig)
+    """The NeRF field (hash grid 16 x 2, 2^19, base 16, scale 1.4473; threestudio prolificdreamer)."""
+    background: BackgroundConfig = field(default_factory=BackgroundConfig)
+    render: VolumeRenderConfig = field(default_factory=VolumeRenderConfig)
+    shading: ShadingConfig = field(default_factory=lambda: ShadingConfig(albedo_prob=1.0, textureless_prob=0.0))
+    """Stage 1 renders albedo only (threestudio prolificdreamer: ``no-material``); raise the lambertian /
+    textureless probabilities for DreamFusion-style shading."""
+
+    def validate(self) -> "NeRFStageConfig":
+        check_common(self, "NeRFStage")
+        self.nerf.validate()
+        self.render.validate()
+        self.shading.validate()
+        return self
+
+
+def run_nerf_stage(denoiser, prompt: str, negative_prompt: str = "", config: Optional[NeRFStageConfig] = None,
+                   callbacks: Optional[Callbacks] = None, init: Optional[NeRFState] = None) -> NeRFState:
+    """Optimise a NeRF so its renders follow the denoiser's probability flow for ``prompt``.
+
+    Args:
+        denoiser: a loaded ``Denoiser`` of kind "sd" (SD 1.x / 2.x or the toy prior).
+        prompt / negative_prompt: text; view words ("front / side / back view") are appended per view.
+        config: :class:`NeRFStageConfig` (validated before any work).
+        callbacks: progress / preview / interrupt hooks (``dreamflow.hosting``).
+        init: a NeRFState to continue from (its field, background and scene LoRA).
+    Returns:
+        NeRFState on the denoiser's device.
+    """
+    from ..denoisers import require_kind
+
+    config = (config or NeRFStageConfig()).validate()
+    prompt = check_prompt(prompt, "NeRFStage")
+    require_kind(denoiser, "sd", "NeRFStage")
+    if init is not None and not isinstance(init, NeRFState):
+        raise DreamFlowError(f"NeRFStage: init must be a NeRF state, got {type(init).__name__}; connect a NeRFStage or LoadState output")
+    device = denoiser.device
+    with seeded(config.seed):
+        if init is not None:
+            field_, background = init.clone().field, init.clone().background
+        else:
+            field_, background = NeRFField(config.nerf), Background(config.background)
+    field_.to(device).train()
+    background.to(device).train()
+    optimizer = torch.optim.AdamW(field_.param_groups(config.lr_grid, config.lr_mlp)
+                                  + background.param_groups(config.lr_background),
+                                  betas=tuple(config.betas), eps=config.adam_eps, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(int(config.seed) + 7)
+    need_normal = config.lambda_orient > 0
+
+    def render_fn(cams, step):
+        mode = pick_mode(config.shading, step, gen)
+        lights = random_light(cams, gen, config.shading) if mode != "albedo" else None
+        out = render_volume(field_, lambda d: background(d, generator=gen), cams, config.render, shading=mode,
+                            light_positions=lights, shading_config=config.shading,
+                            need_normal=need_normal or None, generator=gen)
+        reg = config.lambda_sparsity * sparsity_loss(out["opacity"])
+        if need_normal and out.get("sample_normal") is not None:
+            reg = reg + config.lambda_orient * orientation_loss(out["weights"], out["sample_normal"], out["ray_dirs"])
+        return out["rgb"], reg
+
+    settings = cfgio.to_dict(config)
+    previous_log = list(init.guidance_log) if init is not None else []
+    history = (list(init.history) if init is not None else []) + ["NeRFStage"]
+
+    def snapshot(log):
+        return NeRFState(field=field_, background=background, prompt=prompt, negative_prompt=negative_prompt,
+                         settings=settings, guidance_log=previous_log + [dict(r, stage="NeRFStage") for r in log],
+                         history=history)
+
+    result = optimise(stage="NeRFStage", denoiser=denoiser, prompt=prompt, negative_prompt=negative_prompt,
+                      config=config, render_fn=render_fn, optimizer=optimizer, snapshot=snapshot,
+                      callbacks=callbacks, guidance_state=init.lora if init is not None else None)
+    field_.eval()
+    background.eval()
+    state = snapshot(result.log)
+    state.lora = result.guidance_state
+    return state

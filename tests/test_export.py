@@ -21,7 +21,7 @@ from PIL import Image
 from dreamflow.errors import DreamFlowError
 from dreamflow.export import ExportConfig, bake_texture, dilate_texture, export_glb, uv_unwrap, write_glb
 from dreamflow.export import glb as glb_module
-from dreamflow.export.bake import _rasterize_uv
+from dreamflow.render.raster import rasterize
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gltf_validator  # noqa: E402  (helper next to this file)
@@ -116,6 +116,13 @@ def read_glb_raw(path):
     out["image"] = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float64) / 255.0
     out["material"], out["gltf"], out["mime"] = material, gltf, img["mimeType"]
     return out
+
+
+def uv_coverage(uv, faces, size):
+    """[S, S] bool: texels whose centre lies in a UV triangle (the rasterization bake_texture does)."""
+    uv = torch.from_numpy(uv)
+    pos = torch.cat([uv * 2 - 1, torch.zeros_like(uv[:, :1]), torch.ones_like(uv[:, :1])], -1)
+    return (rasterize(pos, torch.from_numpy(faces), (size, size), backend="torch")[0, ..., 3] > 0).numpy()
 
 
 def brute_force_bake(vertices, faces, uvs, size):
@@ -214,9 +221,8 @@ def test_bake_matches_per_texel_brute_force():
     v, f = sphere(1)
     v2, f2, uv = uv_unwrap(v, f, resolution=48, chart_padding=2)
     S = 48
-    rast = _rasterize_uv(torch.from_numpy(uv), torch.from_numpy(f2), S)
     covered_ref, points_ref = brute_force_bake(v2, f2, uv, S)
-    covered = (rast[..., 3] > 0).numpy()
+    covered = uv_coverage(uv, f2, S)
     # texel centres exactly on a UV edge may go either way (measured: 0 such texels of 2304)
     assert (covered != covered_ref).sum() <= 2 and covered.sum() > 0.3 * S * S
     tex = bake_texture(v2, f2, uv, field, size=S, padding=0).numpy()
@@ -237,7 +243,7 @@ def test_bake_calls_color_fn_in_chunks_without_grad():
         return field(p)
 
     bake_texture(torch.from_numpy(v2), f2, uv, fn, size=32, padding=1, chunk=100)
-    n = int((_rasterize_uv(torch.from_numpy(uv), torch.from_numpy(f2), 32)[..., 3] > 0).sum())
+    n = int(uv_coverage(uv, f2, 32).sum())
     assert len(calls) == -(-n // 100) and sum(s[0] for s, _, _ in calls) == n
     assert all(s[0] <= 100 and s[1] == 3 and not g and d == torch.float32 for s, g, d in calls)
     with pytest.raises(DreamFlowError, match="color_fn must return"):
@@ -264,7 +270,7 @@ def test_padding_fills_texels_around_charts():
     v, f = sphere(2)
     S, pad = 128, 4
     v2, f2, uv = uv_unwrap(v, f, resolution=S, chart_padding=2 * pad)
-    covered = (_rasterize_uv(torch.from_numpy(uv), torch.from_numpy(f2), S)[..., 3] > 0).numpy()
+    covered = uv_coverage(uv, f2, S)
     # Chebyshev distance of every texel to the nearest covered one, by repeated 3x3 max-pooling
     dist = np.full(covered.shape, 99)
     dist[covered] = 0

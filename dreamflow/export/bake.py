@@ -17,68 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DreamFlowError, check
-from .uv import check_mesh
+from ..render.raster import interpolate, rasterize
+from .uv import MAX_TEXTURE_SIZE, check_mesh
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 ColorFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _rasterize_uv(uvs: torch.Tensor, faces: torch.Tensor, size: int) -> torch.Tensor:
-    """Rasterize UV triangles onto an S x S grid of texel centres (no depth test: charts never overlap).
-
-    Args:
-        uvs: [M, 2] float32 in [0, 1]; faces: [F, 3] int64.
-    Returns:
-        rast: [S, S, 4] float32 ``(w0, w1, 0, triangle_id + 1)`` with barycentric weights w0, w1 of
-        vertices 0 and 1 (vertex 2 gets 1 - w0 - w1), all 0 where no triangle covers the texel centre;
-        row 0 is v = 1 (top). Same layout as ``dreamflow.render.raster.rasterize``.
-    """
-    S = size
-    dev = uvs.device
-    # texel coordinates: x = u * S - 0.5 (column), y = (1 - v) * S - 0.5 (row), so centres are integers
-    p = torch.stack([uvs[:, 0] * S - 0.5, (1.0 - uvs[:, 1]) * S - 0.5], dim=-1).double()
-    rast = torch.zeros(S * S, 4, dtype=torch.float32, device=dev)
-    tri = p[faces]  # [F, 3, 2]
-    lo = torch.ceil(tri.amin(1)).clamp(0, S - 1).long()
-    hi = torch.floor(tri.amax(1)).clamp(0, S - 1).long()
-    ext = (hi - lo + 1).clamp(min=0)  # bbox size in texels, [F, 2]
-    # group triangles by bbox size so each group is one dense [n, h, w] evaluation
-    order = torch.argsort(ext[:, 0] * (S + 1) + ext[:, 1])
-    ext_sorted = ext[order]
-    start = 0
-    n_f = faces.shape[0]
-    while start < n_f:
-        ew, eh = int(ext_sorted[start, 0]), int(ext_sorted[start, 1])
-        if ew == 0 or eh == 0:  # covers no texel centre
-            start += 1
-            continue
-        # take every triangle whose bbox fits in ew x eh, capped so one block stays ~4M texels
-        same = (ext_sorted[start:, 0] <= ew) & (ext_sorted[start:, 1] <= eh)
-        n = int(same.long().cumprod(0).sum())
-        n = max(1, min(n, max(1, (1 << 22) // (ew * eh))))
-        idx = order[start:start + n]
-        start += n
-        t = tri[idx]  # [n, 3, 2]
-        ys = lo[idx, 1, None] + torch.arange(eh, device=dev)[None]  # [n, eh]
-        xs = lo[idx, 0, None] + torch.arange(ew, device=dev)[None]  # [n, ew]
-        X = xs[:, None, :].double().expand(-1, eh, -1)
-        Y = ys[:, :, None].double().expand(-1, -1, ew)
-        a, b, c = (t[:, k, None, None, :] for k in range(3))
-        den = (b[..., 0] - a[..., 0]) * (c[..., 1] - a[..., 1]) - (c[..., 0] - a[..., 0]) * (b[..., 1] - a[..., 1])
-        ok_tri = den.abs() > 1e-12  # zero-area UV triangles cover nothing
-        den = torch.where(ok_tri, den, torch.ones_like(den))
-        # barycentrics from signed areas; dividing by the signed ``den`` makes both windings work
-        w0 = ((b[..., 0] - X) * (c[..., 1] - Y) - (c[..., 0] - X) * (b[..., 1] - Y)) / den
-        w1 = ((c[..., 0] - X) * (a[..., 1] - Y) - (a[..., 0] - X) * (c[..., 1] - Y)) / den
-        w2 = 1.0 - w0 - w1
-        eps = -1e-9  # texel centres exactly on a shared edge belong to some triangle
-        inside = (w0 >= eps) & (w1 >= eps) & (w2 >= eps) & ok_tri & (X <= hi[idx, 0, None, None]) & (Y <= hi[idx, 1, None, None])
-        fi, yi, xi = torch.nonzero(inside, as_tuple=True)
-        pix = ys[fi, yi] * S + xs[fi, xi]
-        vals = torch.stack([w0[fi, yi, xi].float(), w1[fi, yi, xi].float(), torch.zeros_like(w0[fi, yi, xi]).float(),
-                            (idx[fi] + 1).float()], dim=-1)
-        rast[pix] = vals
-    return rast.view(S, S, 4)
 
 
 def dilate_texture(texture: torch.Tensor, mask: torch.Tensor, iterations: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -135,7 +78,7 @@ def bake_texture(vertices: ArrayLike, faces: ArrayLike, uvs: ArrayLike, color_fn
     check(uv_np.shape == (v_np.shape[0], 2), f"bake_texture: uvs must have shape [{v_np.shape[0]}, 2] (one per vertex), got {list(uv_np.shape)}")
     check(bool(np.isfinite(uv_np).all()) and uv_np.min() >= 0.0 and uv_np.max() <= 1.0,
           f"bake_texture: uvs must be finite and in [0, 1], got range {np.nanmin(uv_np):.3g}..{np.nanmax(uv_np):.3g}; run uv_unwrap")
-    check(16 <= int(size) <= 16384, f"bake_texture: size {size} must be in 16..16384 texels")
+    check(16 <= int(size) <= MAX_TEXTURE_SIZE, f"bake_texture: size {size} must be in 16..{MAX_TEXTURE_SIZE} texels")
     check(int(padding) >= 0, f"bake_texture: padding {padding} must be >= 0 texels")
     check(int(chunk) > 0, f"bake_texture: chunk {chunk} must be > 0")
     if device is None:
@@ -145,12 +88,12 @@ def bake_texture(vertices: ArrayLike, faces: ArrayLike, uvs: ArrayLike, color_fn
     v_t = torch.from_numpy(v_np).to(device)
     f_t = torch.from_numpy(f_np).to(device)
     uv_t = torch.from_numpy(np.ascontiguousarray(uv_np, dtype=np.float32)).to(device)
-    rast = _rasterize_uv(uv_t, f_t, S)  # [S, S, 4]
-    covered = rast[..., 3] > 0
-    tri_id = rast[..., 3].long() - 1
-    w0, w1 = rast[..., 0:1], rast[..., 1:2]
-    corners = v_t[f_t[tri_id.clamp(min=0)]]  # [S, S, 3, 3]
-    points = (w0 * corners[..., 0, :] + w1 * corners[..., 1, :] + (1 - w0 - w1) * corners[..., 2, :])[covered]
+    # UVs as clip-space positions; z = 0 for all, so overlapping triangles (which xatlas never makes)
+    # would tie and the lower index win. Row 0 of rast is NDC y = +1, i.e. v = 1: the top of the image.
+    pos_clip = torch.cat([uv_t * 2.0 - 1.0, torch.zeros_like(uv_t[:, :1]), torch.ones_like(uv_t[:, :1])], dim=-1)
+    rast = rasterize(pos_clip, f_t, (S, S), backend=backend)  # [1, S, S, 4]
+    covered = rast[0, ..., 3] > 0
+    points = interpolate(v_t, rast, f_t, backend=backend)[0][covered]  # [P, 3] world points of covered texels
 
     texture = torch.zeros(S, S, 3, dtype=torch.float32, device=device)
     if points.shape[0] == 0:

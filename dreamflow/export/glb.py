@@ -14,10 +14,10 @@ from typing import Callable, Optional, Union
 import numpy as np
 import torch
 
-from ..errors import DreamFlowError, check
+from ..errors import check
 from ..io import atomic_path
 from .bake import bake_texture
-from .uv import check_mesh, uv_unwrap
+from .uv import MAX_TEXTURE_SIZE, check_mesh, uv_unwrap
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -48,7 +48,8 @@ class ExportConfig:
     """Rasterizer for the bake: "auto" (nvdiffrast if usable, else torch), "torch" or "cuda"."""
 
     def validate(self) -> "ExportConfig":
-        check(16 <= int(self.texture_size) <= 16384, f"export texture_size {self.texture_size} must be in 16..16384 texels (1024 is typical)")
+        check(16 <= int(self.texture_size) <= MAX_TEXTURE_SIZE,
+              f"export texture_size {self.texture_size} must be in 16..{MAX_TEXTURE_SIZE} texels (1024 is typical)")
         check(0 <= int(self.padding) <= int(self.texture_size) // 4, f"export padding {self.padding} must be in 0..{int(self.texture_size) // 4} texels")
         check(0 <= int(self.chart_padding) < int(self.texture_size) // 4,
               f"export chart_padding {self.chart_padding} must be in 0..{int(self.texture_size) // 4 - 1} texels")

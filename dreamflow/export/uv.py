@@ -20,6 +20,9 @@ from ..errors import DreamFlowError, check
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
+#: Largest texture side accepted, texels: an 8192^2 float32 RGB bake already takes 0.8 GB (choice).
+MAX_TEXTURE_SIZE = 8192
+
 #: Fraction of the atlas that xatlas charts typically fill (its ``utilization`` on spheres, cubes and
 #: marching-cubes meshes: 0.58-0.97, measured). Used to pick texels per world unit so the packed atlas
 #: comes out close to the requested resolution.
@@ -74,7 +77,7 @@ def uv_unwrap(vertices: ArrayLike, faces: ArrayLike, resolution: int = 1024, cha
     import xatlas  # imported here: keeps ComfyUI start-up fast (xatlas is only needed on export)
 
     v, f = check_mesh(vertices, faces, "uv_unwrap")
-    check(16 <= int(resolution) <= 16384, f"uv_unwrap: resolution {resolution} must be in 16..16384 texels")
+    check(16 <= int(resolution) <= MAX_TEXTURE_SIZE, f"uv_unwrap: resolution {resolution} must be in 16..{MAX_TEXTURE_SIZE} texels")
     check(0 <= int(chart_padding) < int(resolution) // 4, f"uv_unwrap: chart_padding {chart_padding} must be in 0..{int(resolution) // 4 - 1} texels")
 
     tri = v[f]

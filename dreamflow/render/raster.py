@@ -99,7 +99,12 @@ def _edge_functions(v: Tensor) -> Tensor:
         antisymmetric), so a shared edge leaves neither gaps nor ambiguity beyond exact zeros.
     """
     h = v[..., [0, 1, 3]]
-    return torch.cross(h[..., [1, 2, 0], :], h[..., [2, 0, 1], :], dim=-1)
+    a, b = h[..., [1, 2, 0], :], h[..., [2, 0, 1], :]
+    # Not torch.cross: its CPU kernel contracts a*b - c*d into a fused multiply-add, which breaks the exact
+    # antisymmetry above and opens one-pixel cracks along shared edges. Separate ops round each product.
+    p = a[..., [1, 2, 0]] * b[..., [2, 0, 1]]
+    q = a[..., [2, 0, 1]] * b[..., [1, 2, 0]]
+    return p - q
 
 
 def _eval_edges(e: Tensor, x: Tensor, y: Tensor) -> Tensor:

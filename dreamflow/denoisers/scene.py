@@ -1,0 +1,285 @@
+"""The scene model of variational score distillation: a LoRA of the pretrained UNet that learns the current 3D scene.
+
+ProlificDreamer (Wang et al., NeurIPS 2023, Sec. 3.3 and App. C) estimates the score of the distribution of
+renders of the current scene with a LoRA ``eps_phi(x_t, t, y, c)`` of the pretrained UNet, conditioned on the
+camera ``c`` (flattened c2w, 16 numbers) through a small MLP added to the timestep embedding, trained on the
+renders with the ordinary diffusion loss. threestudio (``stable_diffusion_vsd_guidance.py``) keeps a second
+UNet copy for it; here the LoRA is a peft adapter named ``"scene"`` injected into the ONE frozen UNet and switched
+on only for scene calls, so the pretrained predictions stay exact and no UNet is copied.
+
+With the LoRA's B matrices zero (peft's default init) and the camera MLP's last layer zero, the scene model equals
+the pretrained model at the start (ProlificDreamer initialises the LoRA from the pretrained model too).
+"""
+
+from __future__ import annotations
+
+import random
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import DivergenceError, DreamFlowError, check
+from .denoiser import Denoiser, PromptEmbeds
+
+ADAPTER_NAME = "scene"
+
+
+@dataclass
+class SceneLoRAConfig:
+    """Scene LoRA and its optimiser (defaults: threestudio ``configs/prolificdreamer.yaml`` / VSD guidance)."""
+
+    rank: int = 4
+    """LoRA rank r (threestudio VSD: diffusers LoRAAttnProcessor default rank 4)."""
+    alpha: float = 4.0
+    """LoRA alpha; the update is scaled by alpha / rank (= 1, as diffusers' LoRAAttnProcessor)."""
+    target_modules: Tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    """Attention projections that get a LoRA (all self- and cross-attention layers of the UNet; threestudio)."""
+    lr: float = 1e-4
+    """AdamW learning rate of LoRA + camera MLP (threestudio prolificdreamer ``optimizer.params.guidance.lr``)."""
+    betas: Tuple[float, float] = (0.9, 0.99)
+    """AdamW betas (threestudio prolificdreamer optimizer)."""
+    eps: float = 1e-15
+    """AdamW epsilon (threestudio prolificdreamer optimizer)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (threestudio)."""
+    camera_condition: bool = True
+    """Condition the scene model on the camera (ProlificDreamer: c2w through an MLP into the time embedding)."""
+    camera_dropout: float = 0.1
+    """Probability that a training batch sees a zero camera (ProlificDreamer / threestudio ``lora_cfg_training``)."""
+    camera_hidden: Optional[int] = None
+    """Hidden width of the camera MLP; None = the UNet's time-embedding width (threestudio TimestepEmbedding(16, 1280))."""
+    t_range: Tuple[float, float] = (0.0, 1.0)
+    """Range of the uniform random t of ``train_step`` when t is not given (threestudio trains on U[0, 1000))."""
+
+    def validate(self) -> "SceneLoRAConfig":
+        check(self.rank >= 1, f"scene LoRA rank {self.rank} must be >= 1")
+        check(self.alpha > 0, f"scene LoRA alpha {self.alpha} must be > 0")
+        check(self.lr > 0, f"scene LoRA lr {self.lr} must be > 0")
+        check(0.0 <= self.camera_dropout <= 1.0, f"camera_dropout {self.camera_dropout} must be in [0, 1]")
+        lo, hi = self.t_range
+        check(0.0 <= lo <= hi <= 1.0, f"scene LoRA t_range {self.t_range} must satisfy 0 <= low <= high <= 1")
+        check(len(self.target_modules) > 0, "scene LoRA target_modules is empty; give e.g. ('to_q', 'to_k', 'to_v', 'to_out.0')")
+        return self
+
+
+class SceneDenoiser(torch.nn.Module):
+    """eps_phi: the pretrained UNet + a "scene" LoRA + a camera MLP, trained on renders of the current scene.
+
+    ``self.parameters()`` holds the camera MLP only; :meth:`parameters_to_train` adds the LoRA weights, which
+    live inside ``denoiser.unet`` (float32 even when the UNet is float16).
+    """
+
+    def __init__(self, denoiser: Denoiser, config: SceneLoRAConfig = SceneLoRAConfig(), seed: int = 0):
+        super().__init__()
+        from peft import LoraConfig
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.denoiser = denoiser
+        self.config = config.validate()
+        unet = denoiser.unet
+        if ADAPTER_NAME in (getattr(unet, "peft_config", None) or {}):
+            raise DreamFlowError("this denoiser's UNet already carries a scene LoRA; call remove() on the old "
+                                 "SceneDenoiser first or load the denoiser again")
+        device = denoiser.device
+        forks = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=forks):
+            torch.manual_seed(seed)
+            # peft default init: A Kaiming-uniform, B zero -> the adapter starts as an exact no-op.
+            unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(config.target_modules),
+                                        init_lora_weights=True), adapter_name=ADAPTER_NAME)
+            temb = unet.time_embedding.linear_2.out_features
+            self.camera_mlp: Optional[torch.nn.Sequential] = None
+            if config.camera_condition:
+                hidden = config.camera_hidden or temb
+                self.camera_mlp = torch.nn.Sequential(torch.nn.Linear(16, hidden), torch.nn.SiLU(),
+                                                      torch.nn.Linear(hidden, temb)).to(device=device, dtype=torch.float32)
+                torch.nn.init.zeros_(self.camera_mlp[2].weight)
+                torch.nn.init.zeros_(self.camera_mlp[2].bias)
+        self._lora_layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+        if not self._lora_layers:
+            raise DreamFlowError(f"scene LoRA target_modules {config.target_modules} match no layer of the UNet; use "
+                                 f"attention projection names such as to_q, to_k, to_v, to_out.0")
+        self._lora: Dict[str, torch.nn.Parameter] = {}
+        for name, p in unet.named_parameters():
+            if "lora_" in name and f".{ADAPTER_NAME}." in name:
+                # float32 LoRA on a float16 UNet: peft casts the layer input to the LoRA dtype and the sum back.
+                p.data = p.data.to(torch.float32)
+                p.requires_grad_(True)
+                self._lora[name] = p
+        self._on = True
+        self._set_adapter(False)
+        self.optimizer = torch.optim.AdamW(self.parameters_to_train(), lr=config.lr, betas=config.betas, eps=config.eps,
+                                           weight_decay=config.weight_decay)
+        self.steps = 0
+        self._removed = False
+
+    # ------------------------------------------------------------------ switching
+    def _set_adapter(self, on: bool) -> None:
+        if on == self._on:
+            return
+        for m in self._lora_layers:
+            m.enable_adapters(on)
+        # peft's enable_adapters(False) also freezes the adapter; the optimiser owns these, keep them trainable.
+        for p in self._lora.values():
+            p.requires_grad_(True)
+        self._on = on
+
+    @contextmanager
+    def adapter(self, on: bool) -> Iterator[None]:
+        """Switch the scene LoRA on/off inside the block (no UNet copy); restores the previous state after."""
+        self._check_alive()
+        prev = self._on
+        self._set_adapter(on)
+        try:
+            yield
+        finally:
+            self._set_adapter(prev)
+
+    def _camera_embedding(self, camera: Optional[torch.Tensor], batch: int) -> Optional[torch.Tensor]:
+        if not self.config.camera_condition or camera is None:
+            return None
+        camera = camera.reshape(camera.shape[0], -1) if camera.ndim == 3 else camera
+        if camera.ndim != 2 or camera.shape[1] != 16 or camera.shape[0] not in (1, batch):
+            raise DreamFlowError(f"camera condition must be [B, 16] (flattened c2w, Cameras.condition()) for B = "
+                                 f"{batch}, got {tuple(camera.shape)}")
+        return self.camera_mlp(camera.to(self.denoiser.device, torch.float32))
+
+    @contextmanager
+    def _scene_call(self, camera: Optional[torch.Tensor], batch: int) -> Iterator[None]:
+        """Adapter on + camera embedding added to the UNet time embedding (a hook that exists only here)."""
+        emb = self._camera_embedding(camera, batch)
+        handle = None
+        if emb is not None:
+            handle = self.denoiser.unet.time_embedding.register_forward_hook(
+                lambda _m, _inp, out: out + emb.to(out.dtype))
+        dev = self.denoiser.device
+        amp = (torch.autocast(device_type="cuda", dtype=self.denoiser.dtype)
+               if dev.type == "cuda" and self.denoiser.dtype != torch.float32 else nullcontext())
+        try:
+            with self.adapter(True), amp:
+                yield
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    # ------------------------------------------------------------------ use
+    def output(self, x_t: torch.Tensor, t, embeds: PromptEmbeds, camera: Optional[torch.Tensor]) -> torch.Tensor:
+        """Raw scene-model UNet output (eps or v, as the pretrained model), conditional branch only."""
+        self._check_alive()
+        with self._scene_call(camera, x_t.shape[0]):
+            return self.denoiser.unet_output(x_t, t, embeds, cond=True)
+
+    def eps(self, x_t: torch.Tensor, t, embeds: PromptEmbeds, camera: Optional[torch.Tensor]) -> torch.Tensor:
+        """eps_phi(x_t, t, y, c): scene-model noise prediction, [B, C, h, w] in ``x_t.dtype``.
+
+        Args:
+            x_t: noisy latents [B, C, h, w].
+            t: continuous time in [0, 1], scalar or [B].
+            embeds: prompt embeddings (only ``cond`` is used).
+            camera: [B, 16] flattened c2w (``Cameras.condition()``), or None for the unconditional camera (zeros
+                are what training dropout shows; None skips the embedding, which is the same at init).
+        """
+        out = self.output(x_t, t, embeds, camera)
+        return self.denoiser.eps_from_output(out, x_t, t)
+
+    def train_step(self, x0: torch.Tensor, embeds: PromptEmbeds, camera: Optional[torch.Tensor],
+                   t: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+                   noise: Optional[torch.Tensor] = None) -> float:
+        """One AdamW step on || output(x_t, t) - target ||^2, target = noise (eps models) or v (v-prediction).
+
+        Args:
+            x0: clean latents of the current renders [B, C, h, w]; detached (the scene model must not push
+                gradients into the 3D scene).
+            embeds: prompt embeddings (``cond`` used).
+            camera: [B, 16] or None; replaced by zeros for the whole batch with probability ``camera_dropout``.
+            t: [B] or scalar in [0, 1]; default U(t_range) per view.
+            generator: draws t, the noise and the dropout coin (a fixed generator seed gives a fixed batch).
+            noise: explicit eps [B, C, h, w] (default: drawn from ``generator``).
+
+        Returns:
+            the loss before the step (float).
+        """
+        self._check_alive()
+        d = self.denoiser
+        x0 = x0.detach().to(d.device, torch.float32)
+        B = x0.shape[0]
+        gdev = generator.device if generator is not None else d.device
+        if t is None:
+            lo, hi = self.config.t_range
+            t = lo + (hi - lo) * torch.rand(B, generator=generator, device=gdev)
+        t = d._t(torch.as_tensor(t).to(d.device), B)
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=gdev)
+        noise = noise.to(d.device, torch.float32)
+        if camera is not None and self.config.camera_condition and self.config.camera_dropout > 0:
+            coin = torch.rand((), generator=generator, device=gdev) if generator is not None else random.random()
+            if float(coin) < self.config.camera_dropout:
+                camera = torch.zeros_like(camera)
+        x_t = d.add_noise(x0, noise, t)
+        target = d.target(x0, noise, t)
+        out = self.output(x_t, t, embeds, camera)
+        loss = F.mse_loss(out.float(), target.float())
+        if not torch.isfinite(loss):
+            raise DivergenceError(f"scene LoRA loss is {loss.item()} at LoRA step {self.steps}; lower the scene LoRA lr "
+                                  f"({self.config.lr}) or use float32/bf16", step=self.steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.steps += 1
+        return float(loss.detach())
+
+    def parameters_to_train(self) -> List[torch.nn.Parameter]:
+        """LoRA weights (inside the UNet) + camera MLP weights."""
+        params = list(self._lora.values())
+        if self.camera_mlp is not None:
+            params += list(self.camera_mlp.parameters())
+        return params
+
+    # ------------------------------------------------------------------ state
+    def state_tensors(self) -> Dict[str, torch.Tensor]:
+        """Detached CPU copies: ``lora.<peft parameter name>`` and ``camera_mlp.<name>``."""
+        self._check_alive()
+        out = {f"lora.{k}": v.detach().to("cpu", copy=True) for k, v in self._lora.items()}
+        if self.camera_mlp is not None:
+            out.update({f"camera_mlp.{k}": v.detach().to("cpu", copy=True) for k, v in self.camera_mlp.state_dict().items()})
+        return out
+
+    def load_state_tensors(self, d: Dict[str, torch.Tensor]) -> None:
+        """Load what :meth:`state_tensors` returned (same rank / targets / camera settings, else a clear error)."""
+        self._check_alive()
+        own = {f"lora.{k}": v for k, v in self._lora.items()}
+        if self.camera_mlp is not None:
+            own.update({f"camera_mlp.{k}": v for k, v in self.camera_mlp.state_dict(keep_vars=True).items()})
+        missing, extra = sorted(set(own) - set(d)), sorted(set(d) - set(own))
+        bad = sorted(k for k in set(own) & set(d) if tuple(own[k].shape) != tuple(d[k].shape))
+        if missing or extra or bad:
+            raise DreamFlowError(f"scene LoRA state does not match this SceneDenoiser (missing {missing[:2]}, "
+                                 f"unexpected {extra[:2]}, shape mismatch {bad[:2]}); use the same LoRA rank, targets "
+                                 f"and camera settings as when it was saved")
+        with torch.no_grad():
+            for k, p in own.items():
+                p.copy_(d[k].to(p.device, p.dtype))
+
+    def remove(self) -> None:
+        """Delete the adapter (and any hook), leaving ``denoiser.unet`` exactly as loaded."""
+        if self._removed:
+            return
+        unet = self.denoiser.unet
+        self._set_adapter(False)
+        others = [n for n in (getattr(unet, "peft_config", None) or {}) if n != ADAPTER_NAME]
+        if others:
+            unet.delete_adapters(ADAPTER_NAME)
+        else:
+            # Unwraps every peft layer back to its original nn.Linear (diffusers recurse_remove_peft_layers).
+            unet.unload_lora()
+        self._lora.clear()
+        self._lora_layers = []
+        self.optimizer = None
+        self._removed = True
+
+    def _check_alive(self) -> None:
+        if self._removed:
+            raise DreamFlowError("this SceneDenoiser was removed; create a new one")

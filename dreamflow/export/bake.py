@@ -115,3 +115,18 @@ def bake_texture(vertices: ArrayLike, faces: ArrayLike, uvs: ArrayLike, color_fn
     texture, filled = dilate_texture(texture, covered, int(padding))
     texture[~filled] = texture[covered].mean(0)
     return texture.cpu()
+
+
+def sample_texture(texture: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
+    """Bilinear texture lookup as a GPU samples it (no mipmaps): texel centres at ``(j + 0.5) / W``, clamp to edge.
+
+    Args:
+        texture: [H, W, C] float, row 0 = top (v = 1).
+        uv: [P, 2] float, v up (``uv.py`` convention); on texture's device.
+    Returns:
+        [P, C] texture values, texture's dtype.
+    """
+    grid = torch.stack([uv[:, 0] * 2 - 1, (1 - uv[:, 1]) * 2 - 1], dim=-1)  # grid_sample: y = -1 is row 0
+    img = texture.permute(2, 0, 1)[None]
+    out = F.grid_sample(img, grid.to(img.dtype)[None, None], mode="bilinear", padding_mode="border", align_corners=False)
+    return out[0, :, 0].t()

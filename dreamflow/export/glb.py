@@ -16,7 +16,10 @@ import torch
 
 from ..errors import check
 from ..io import atomic_path
-from .bake import bake_texture
+from ..render.cameras import Cameras, orbit_cameras
+from ..render.mesh_render import clip_positions
+from ..render.raster import antialias, antialias_topology, interpolate, rasterize
+from .bake import bake_texture, sample_texture
 from .uv import MAX_TEXTURE_SIZE, check_mesh, uv_unwrap
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
@@ -42,8 +45,11 @@ class ExportConfig:
     double_sided: bool = False
     """glTF ``doubleSided``: render back faces too (needed only for open or inverted meshes)."""
     turntable: int = 0
-    """Views of a turntable preview of the exported, textured mesh returned by ``export_glb`` callers'
-    preview step (0: none). Not used by the writer itself; kept here so one config drives export + preview."""
+    """Views of a turntable of the exported, textured mesh (rendered from the UVs and baked texture, as a
+    viewer would show it) that ``export_glb`` writes beside the GLB as ``<name>_turntable.png``, one row of
+    views from the front, azimuth step 360 / n degrees (0: none)."""
+    turntable_resolution: int = 256
+    """Side of each turntable view, pixels."""
     backend: str = "auto"
     """Rasterizer for the bake: "auto" (nvdiffrast if usable, else torch), "torch" or "cuda"."""
 
@@ -55,7 +61,9 @@ class ExportConfig:
               f"export chart_padding {self.chart_padding} must be in 0..{int(self.texture_size) // 4 - 1} texels")
         check(0.0 <= float(self.metallic) <= 1.0, f"export metallic {self.metallic} must be in [0, 1]")
         check(0.0 <= float(self.roughness) <= 1.0, f"export roughness {self.roughness} must be in [0, 1]")
-        check(int(self.turntable) >= 0, f"export turntable {self.turntable} must be >= 0 views")
+        check(0 <= int(self.turntable) <= 360, f"export turntable {self.turntable} must be in 0..360 views")
+        check(16 <= int(self.turntable_resolution) <= 4096,
+              f"export turntable_resolution {self.turntable_resolution} must be in 16..4096 pixels")
         check(self.backend in ("auto", "torch", "cuda"), f"export backend '{self.backend}' is unknown; use one of: auto, torch, cuda")
         return self
 
@@ -147,6 +155,80 @@ def write_glb(path: str, vertices: ArrayLike, faces: ArrayLike, uvs: ArrayLike, 
     return path
 
 
+def _float_tensor(x: ArrayLike, device) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(device=device, dtype=torch.float32)
+    return torch.as_tensor(np.asarray(x), dtype=torch.float32, device=device)
+
+
+@torch.no_grad()
+def render_textured_turntable(vertices: ArrayLike, faces: ArrayLike, uvs: ArrayLike, texture: ArrayLike,
+                              n_views: int = 8, resolution: int = 256, elevation: float = 15.0,
+                              background=(1.0, 1.0, 1.0), views_per_batch: int = 4, backend: str = "auto",
+                              device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
+    """Render a UV-textured mesh around a turntable, unlit (the base colour as a viewer shows it).
+
+    Same cameras as ``render.mesh_render.render_turntable`` (``orbit_cameras``: front first, fovy 45 deg),
+    but colours come from bilinear lookups of ``texture`` at the interpolated UVs, i.e. from what the GLB
+    holds, not from the colour field.
+
+    Args:
+        vertices [M, 3], faces [F, 3], uvs [M, 2] (v up), texture [H, W, 3] in [0, 1] (row 0 = top): as for
+            :func:`write_glb`; numpy or torch.
+        n_views: views, azimuth step 360 / n_views degrees. resolution: square view side, pixels.
+        elevation: camera elevation, degrees. background: (r, g, b) in [0, 1].
+        views_per_batch: views rasterized together (memory bound). backend: rasterizer backend.
+        device: where to render; default: ``vertices``' device for a tensor, else CPU.
+    Returns:
+        [n_views, resolution, resolution, 3] float32 CPU images in [0, 1], row 0 at the top.
+    """
+    check(n_views >= 1 and resolution >= 1 and views_per_batch >= 1,
+          f"render_textured_turntable: n_views={n_views}, resolution={resolution}, views_per_batch={views_per_batch} must be >= 1")
+    if device is None:
+        device = vertices.device if isinstance(vertices, torch.Tensor) else "cpu"
+    v_np, f_np = check_mesh(vertices, faces, "render_textured_turntable")
+    f = torch.from_numpy(f_np).to(device)
+    uv = _float_tensor(uvs, device)
+    check(tuple(uv.shape) == (v_np.shape[0], 2), f"render_textured_turntable: uvs must have shape [{v_np.shape[0]}, 2], got {list(uv.shape)}")
+    tex = _float_tensor(texture, device)
+    check(tex.dim() == 3 and tex.shape[2] == 3, f"render_textured_turntable: texture must have shape [H, W, 3], got {list(tex.shape)}")
+    bg = torch.as_tensor(background, dtype=torch.float32, device=device).reshape(-1).expand(3)
+    # Seam vertices are duplicated per chart; to the anti-aliasing, a seam would look like an open boundary
+    # (a silhouette) and get blended with its neighbours. Welding equal positions restores the surface's
+    # adjacency; faces keep their order, so the rasterizer's triangle ids index both face lists.
+    v_weld, weld = np.unique(v_np, axis=0, return_inverse=True)
+    v_weld = torch.from_numpy(v_weld).to(device)
+    f_weld = torch.from_numpy(weld.reshape(-1)[f_np]).to(device)
+    cams = orbit_cameras(n_views, resolution, elevation=elevation).to(device)
+    topology = antialias_topology(f_weld, backend)
+    images = []
+    for s in range(0, n_views, views_per_batch):
+        sl = slice(s, min(s + views_per_batch, n_views))
+        sub = Cameras(cams.c2w[sl], cams.fovy[sl], cams.height, cams.width, cams.elevation[sl], cams.azimuth[sl], cams.distance[sl])
+        pos = clip_positions(v_weld, sub)
+        rast = rasterize(pos, f_weld, (resolution, resolution), backend=backend)
+        covered = rast[..., 3] > 0
+        rgb = bg.expand(*covered.shape, 3).clone()
+        rgb[covered] = sample_texture(tex, interpolate(uv, rast, f, backend=backend)[covered])
+        images.append(antialias(rgb, rast, pos, f_weld, backend=backend, topology=topology).clamp(0, 1).cpu())
+    return torch.cat(images)
+
+
+def _write_png(path: str, images: torch.Tensor) -> str:
+    """Write views [n, H, W, 3] in [0, 1] side by side as one 8-bit PNG, atomically."""
+    from PIL import Image
+
+    strip = torch.cat(list(images), dim=1).numpy()  # [H, n * W, 3]
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.round(strip * 255.0).astype(np.uint8), mode="RGB").save(tmp, format="PNG")
+    return path
+
+
+def turntable_path(glb_path: str) -> str:
+    """``obj.glb`` -> ``obj_turntable.png`` (where :func:`export_glb` writes the turntable, if asked)."""
+    return os.path.splitext(glb_path)[0] + "_turntable.png"
+
+
 def export_glb(vertices: ArrayLike, faces: ArrayLike, color_fn: Callable[[torch.Tensor], torch.Tensor], path: str,
                config: Optional[ExportConfig] = None) -> str:
     """Unwrap, bake ``color_fn`` into a texture and write a GLB (the whole SaveGLB job).
@@ -158,7 +240,7 @@ def export_glb(vertices: ArrayLike, faces: ArrayLike, color_fn: Callable[[torch.
         path: destination ``.glb`` (written atomically).
         config: :class:`ExportConfig` (defaults if None).
     Returns:
-        ``path``.
+        ``path``. With ``config.turntable > 0`` also writes :func:`turntable_path` (``<name>_turntable.png``).
     """
     cfg = (config or ExportConfig()).validate()
     device = vertices.device if isinstance(vertices, torch.Tensor) else "cpu"
@@ -169,5 +251,10 @@ def export_glb(vertices: ArrayLike, faces: ArrayLike, color_fn: Callable[[torch.
                            backend=cfg.backend, device=device)
     # normals of the welded mesh, copied to seam duplicates: shading stays smooth across UV seams
     normals = _vertex_normals(v, f)[vmapping]
-    return write_glb(path, v2, f2, uvs, texture, normals=normals, metallic=cfg.metallic,
-                     roughness=cfg.roughness, double_sided=cfg.double_sided)
+    write_glb(path, v2, f2, uvs, texture, normals=normals, metallic=cfg.metallic,
+              roughness=cfg.roughness, double_sided=cfg.double_sided)
+    if cfg.turntable > 0:
+        views = render_textured_turntable(v2, f2, uvs, texture, n_views=cfg.turntable,
+                                          resolution=cfg.turntable_resolution, backend=cfg.backend, device=device)
+        _write_png(turntable_path(path), views)
+    return path

@@ -189,7 +189,7 @@ def test_render_lambert_and_background_module():
             return dirs * 0.5 + 0.5
 
     out = render_mesh(v, f, lambda p: albedo.expand(p.shape[0], 3), cams, background=DirBackground(),
-                      light=light, backend="torch", anti_alias=False)
+                      light_positions=light, backend="torch", anti_alias=False)
     covered = out["rast"][0, ..., 3] > 0
     # Reference: Lambert with the true sphere normal at the interpolated surface point.
     from dreamflow.render.raster import interpolate
@@ -227,14 +227,19 @@ def test_silhouette_fitting_moves_vertices():
 
 def test_turntable():
     v, f = box_mesh(0.5)
-    imgs = render_turntable(v, f, lambda p: torch.full((p.shape[0], 3), 0.5), n_views=4, resolution=32,
-                            views_per_batch=3, backend="torch")
+    grey = lambda p: torch.full((p.shape[0], 3), 0.5)  # noqa: E731
+    imgs = render_turntable(v, f, grey, n_views=4, resolution=32, views_per_batch=3, backend="torch")
     assert imgs.shape == (4, 32, 32, 3) and imgs.dtype == torch.float32 and imgs.device.type == "cpu"
     assert imgs.min() >= 0 and imgs.max() <= 1
-    # White background in the corners, the object in the centre (shaded grey, darker than white).
+    # Unlit by default: white in the corners, exactly the albedo in the centre.
     assert torch.allclose(imgs[:, 0, 0], torch.ones(4, 3))
-    assert (imgs[:, 16, 16] < 0.9).all() and (imgs[:, 16, 16] > 0.1).all()
-    # A cube seen from azimuth 0 and 180 looks the same (symmetric object, symmetric light).
-    assert torch.allclose(imgs[0], imgs[2].flip(1), atol=0.02) or (imgs[0] - imgs[2]).abs().mean() < 0.02
+    assert torch.allclose(imgs[:, 16, 16], torch.full((4, 3), 0.5))
+    # Batching views changes nothing but float rounding (batched matrix products).
+    again = render_turntable(v, f, grey, n_views=4, resolution=32, views_per_batch=4, backend="torch")
+    assert (imgs - again).abs().max() < 1e-5
+    # Lit: the face turned to the camera-light is brightest; a cube looks alike from azimuth 0 and 180.
+    lit = render_turntable(v, f, grey, n_views=4, resolution=32, shading="lambertian", backend="torch")
+    assert (lit[:, 16, 16] > 0.1).all() and (lit[:, 16, 16] <= 0.5 + 1e-6).all()
+    assert (lit[0] - lit[2]).abs().mean() < 0.02
     with pytest.raises(DreamFlowError, match="n_views"):
         render_turntable(v, f, lambda p: p, n_views=0)

@@ -23,7 +23,7 @@ from ..errors import DreamFlowError
 from ..scene.mesh import vertex_normals
 from .cameras import Cameras, orbit_cameras
 from .raster import antialias, antialias_topology, interpolate, rasterize
-from .shading import SHADING_MODES, light_directions, shade
+from .shading import SHADING_MODES, ShadingConfig, light_directions, shade
 
 ColorFn = Callable[[Tensor], Tensor]
 BackgroundLike = Union[None, float, Sequence[float], Tensor, Callable[[Tensor], Tensor]]
@@ -58,8 +58,8 @@ def _background(background: BackgroundLike, cameras: Cameras, like: Tensor) -> T
 
 
 def render_mesh(vertices: Tensor, faces: Tensor, color_fn: ColorFn, cameras: Cameras,
-                background: BackgroundLike = None, light: Optional[Tensor] = None, shading: str = "auto",
-                ambient: float = 0.1, diffuse: float = 0.9, backend: str = "auto", near: float = 0.1,
+                background: BackgroundLike = None, light_positions: Optional[Tensor] = None, shading: str = "auto",
+                shading_config: Optional[ShadingConfig] = None, backend: str = "auto", near: float = 0.1,
                 far: float = 100.0, anti_alias: bool = True, topology=None) -> Dict[str, Tensor]:
     """Render a mesh from a batch of cameras.
 
@@ -72,10 +72,11 @@ def render_mesh(vertices: Tensor, faces: Tensor, color_fn: ColorFn, cameras: Cam
         background: None (black, i.e. rgb premultiplied by opacity), a grey level, an (r, g, b), a
             [V, H, W, 3] image, or a module of unit view directions [V, H, W, 3] -> [V, H, W, 3]
             (``scene.nerf.Background``).
-        light: point-light positions [V, 3] or [3], world units (``shading.random_light``); needed by the
-            "lambertian" and "textureless" modes.
+        light_positions: point-light positions [V, 3] or [3], world units (``shading.random_light``); needed
+            by the "lambertian" and "textureless" modes.
         shading: a ``shading.SHADING_MODES`` entry, or "auto": "lambertian" with a light, else "albedo".
-        ambient, diffuse: k_a, k_d of ``shading.shade`` (threestudio 0.1 / 0.9).
+        shading_config: its ``ambient`` / ``diffuse`` are k_a, k_d of ``shading.shade`` (default
+            ``ShadingConfig()``: threestudio 0.1 / 0.9).
         backend: rasterizer backend, "auto" | "cuda" | "torch".
         near, far: clip planes, world units along the view axis.
         anti_alias: anti-alias rgb and opacity (silhouette gradients); off gives hard point-sampled edges.
@@ -87,15 +88,17 @@ def render_mesh(vertices: Tensor, faces: Tensor, color_fn: ColorFn, cameras: Cam
         [V, H, W, 3] unit world normals (interpolated vertex normals), 0 where empty; ``rast`` [V, H, W, 4]
         the rasterizer output.
     """
+    light = light_positions
     if shading == "auto":
         shading = "albedo" if light is None else "lambertian"
     if shading not in SHADING_MODES:
         raise DreamFlowError(f"render_mesh: shading '{shading}' is unknown; use one of: auto, {', '.join(SHADING_MODES)}")
     if shading != "albedo" and light is None:
-        raise DreamFlowError(f"render_mesh: shading '{shading}' needs light positions; pass light= "
+        raise DreamFlowError(f"render_mesh: shading '{shading}' needs light positions; pass light_positions= "
                              f"(e.g. shading.random_light(cameras)) or use shading='albedo'")
     if not torch.is_tensor(vertices) or vertices.dim() != 2 or vertices.shape[1] != 3:
         raise DreamFlowError(f"render_mesh: vertices have shape {tuple(getattr(vertices, 'shape', ()))}; expected [N, 3]")
+    sc = shading_config or ShadingConfig()
     V, H, W = len(cameras), cameras.height, cameras.width
 
     # 1-2. Rasterize; interpolate world points, normals and view depth (clip w = -z_camera).
@@ -119,7 +122,7 @@ def render_mesh(vertices: Tensor, faces: Tensor, color_fn: ColorFn, cameras: Cam
         light = torch.as_tensor(light, dtype=points.dtype, device=points.device).reshape(-1, 3).expand(V, 3)
         view = torch.arange(V, device=points.device).view(V, 1, 1).expand(V, H, W)[covered]
         color = shade(albedo, normal[covered], light_directions(light[view], points),
-                      ambient=ambient, diffuse=diffuse, mode=shading)
+                      ambient=sc.ambient, diffuse=sc.diffuse, mode=shading)
     fg = points.new_zeros(V, H, W, 3).index_put((covered,), color.to(points.dtype))
 
     # 4. Composite, then anti-alias colour and coverage together.
@@ -134,7 +137,7 @@ def render_mesh(vertices: Tensor, faces: Tensor, color_fn: ColorFn, cameras: Cam
 @torch.no_grad()
 def render_turntable(vertices: Tensor, faces: Tensor, color_fn: ColorFn, n_views: int = 8, resolution: int = 256,
                      elevation: float = 15.0, background: BackgroundLike = (1.0, 1.0, 1.0), fovy: float = 45.0,
-                     distance: float = 1.25, shading: str = "lambertian", ambient: float = 0.3, diffuse: float = 0.7,
+                     distance: float = 1.25, shading: str = "albedo", ambient: float = 0.3, diffuse: float = 0.7,
                      views_per_batch: int = 4, backend: str = "auto") -> Tensor:
     """Evenly spaced views around the object, starting at the front (for previews and videos).
 
@@ -145,8 +148,9 @@ def render_turntable(vertices: Tensor, faces: Tensor, color_fn: ColorFn, n_views
         elevation: camera elevation, degrees.
         background: as in :func:`render_mesh` (white by default).
         fovy, distance: ``orbit_cameras`` arguments (distance relative to the field of view).
-        shading: "lambertian" (a light at each camera: shows shape), "albedo" or "textureless".
-        ambient, diffuse: shading weights; brighter ambient than training so back-lit parts stay readable.
+        shading: "albedo" (unlit, as a viewer shows the exported GLB), "lambertian" (a light at each
+            camera: shows shape) or "textureless" (shape only).
+        ambient, diffuse: k_a, k_d for the lit modes; brighter ambient than training so dark sides stay readable.
         views_per_batch: views rendered together (memory bound).
     Returns:
         [n_views, resolution, resolution, 3] float32 CPU images in [0, 1], row 0 at the top.
@@ -162,7 +166,8 @@ def render_turntable(vertices: Tensor, faces: Tensor, color_fn: ColorFn, n_views
         sub = Cameras(cams.c2w[sl], cams.fovy[sl], cams.height, cams.width, cams.elevation[sl], cams.azimuth[sl],
                       cams.distance[sl])
         light = sub.position if shading != "albedo" else None
-        out = render_mesh(vertices, faces, color_fn, sub, background=background, light=light, shading=shading,
-                          ambient=ambient, diffuse=diffuse, backend=backend, topology=topology)
+        out = render_mesh(vertices, faces, color_fn, sub, background=background, light_positions=light,
+                          shading=shading, shading_config=ShadingConfig(ambient=ambient, diffuse=diffuse),
+                          backend=backend, topology=topology)
         images.append(out["rgb"].float().clamp(0, 1).cpu())
     return torch.cat(images)

@@ -19,6 +19,7 @@ from ..io import atomic_path
 from ..render.cameras import Cameras, orbit_cameras
 from ..render.mesh_render import clip_positions
 from ..render.raster import antialias, antialias_topology, interpolate, rasterize
+from ..scene.mesh import vertex_normals
 from .bake import bake_texture, sample_texture
 from .uv import MAX_TEXTURE_SIZE, check_mesh, uv_unwrap
 
@@ -51,7 +52,7 @@ class ExportConfig:
     turntable_resolution: int = 256
     """Side of each turntable view, pixels."""
     backend: str = "auto"
-    """Rasterizer for the bake: "auto" (nvdiffrast if usable, else torch), "torch" or "cuda"."""
+    """Rasterizer for the bake and the turntable: "auto" (nvdiffrast if usable, else torch), "torch" or "cuda"."""
 
     def validate(self) -> "ExportConfig":
         check(16 <= int(self.texture_size) <= MAX_TEXTURE_SIZE,
@@ -68,17 +69,12 @@ class ExportConfig:
         return self
 
 
-def _vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
-    """[N, 3] unit area-weighted vertex normals; +Y where a vertex touches only zero-area faces."""
-    tri = vertices[faces]
-    fn = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])  # length = 2 * area: area weighting
-    n = np.zeros_like(vertices, dtype=np.float64)
-    for k in range(3):
-        np.add.at(n, faces[:, k], fn)
-    length = np.linalg.norm(n, axis=1, keepdims=True)
-    # glTF requires unit NORMALs (the validator errs on others), so a degenerate vertex gets +Y
-    n = np.where(length > 1e-12, n / np.maximum(length, 1e-30), np.array([0.0, 1.0, 0.0]))
-    return n.astype(np.float32)
+def _unit_vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """[N, 3] float32 unit area-weighted vertex normals (``scene.mesh.vertex_normals``); +Y for a vertex
+    touching only zero-area faces, since glTF requires unit NORMALs (the validator errs on others)."""
+    n = vertex_normals(torch.from_numpy(vertices).double(), torch.from_numpy(faces))
+    unit = n.norm(dim=-1, keepdim=True) > 0.5
+    return torch.where(unit, n, torch.tensor([0.0, 1.0, 0.0], dtype=n.dtype)).float().numpy()
 
 
 def _set_view_targets(tree: dict) -> None:
@@ -250,7 +246,7 @@ def export_glb(vertices: ArrayLike, faces: ArrayLike, color_fn: Callable[[torch.
     texture = bake_texture(v2, f2, uvs, color_fn, size=cfg.texture_size, padding=cfg.padding,
                            backend=cfg.backend, device=device)
     # normals of the welded mesh, copied to seam duplicates: shading stays smooth across UV seams
-    normals = _vertex_normals(v, f)[vmapping]
+    normals = _unit_vertex_normals(v, f)[vmapping]
     write_glb(path, v2, f2, uvs, texture, normals=normals, metallic=cfg.metallic,
               roughness=cfg.roughness, double_sided=cfg.double_sided)
     if cfg.turntable > 0:

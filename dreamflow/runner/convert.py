@@ -1,0 +1,210 @@
+"""Workflow files -> API prompts, the way ComfyUI's frontend does it (``graphToPrompt``).
+
+Two formats exist:
+
+* **UI** (what "Save" writes, version 0.4): ``nodes`` with ``widgets_values`` (positional values of
+  the node's widgets), ``inputs`` (sockets, and widgets converted to links), and
+  ``links = [[id, from_node, from_slot, to_node, to_slot, type], ...]``.
+* **API** (what "Export (API)" writes and ``/prompt`` takes):
+  ``{"<id>": {"class_type": T, "inputs": {name: value | [from_id, from_slot]}, "_meta": {"title": ...}}}``.
+
+The mapping follows ComfyUI_frontend ``src/utils/executionUtil.ts`` and the widget constructors:
+
+1. every widget input of the definition (required, then optional, in ``INPUT_TYPES`` order) takes the
+   next value of ``widgets_values``; an INT that carries ``control_after_generate`` (flag, or named
+   seed / noise_seed) is followed by that hidden widget's value ("fixed", "randomize", ...), which is
+   consumed but not sent (``options.serialize = false``);
+2. a widget converted to a link still owns its position in ``widgets_values`` (the frontend keeps the
+   widget); the link then overrides the value;
+3. links resolve through Reroute nodes and bypassed nodes (mode 4: the first input of the same type,
+   preferring the same slot index); inputs from muted nodes (mode 2) are dropped; PrimitiveNode
+   values are inlined; Note / MarkdownNote are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Optional, Tuple
+
+from ..errors import DreamFlowError
+from .defs import CONTROL_VALUES, VIRTUAL_NODES, NodeDef, describe
+
+MODE_MUTED = 2   # LGraphEventMode.NEVER
+MODE_BYPASS = 4  # LGraphEventMode.BYPASS
+
+
+def load_workflow_file(path: str) -> dict:
+    """Read a workflow JSON (UI or API format) with one-line errors."""
+    if not os.path.isfile(path):
+        raise DreamFlowError(f"workflow file '{path}' does not exist; give the path of a .json saved by ComfyUI or one in workflows/")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DreamFlowError(f"workflow file '{path}' is not valid JSON (line {e.lineno}: {e.msg}); re-save it from ComfyUI") from None
+    if not isinstance(data, dict):
+        raise DreamFlowError(f"workflow file '{path}' holds a {type(data).__name__}, not a workflow object; re-save it from ComfyUI")
+    return data
+
+
+def is_ui_format(data: dict) -> bool:
+    return isinstance(data.get("nodes"), list)
+
+
+def as_api(data: dict, defs: Dict[str, NodeDef]) -> Tuple[Dict[str, dict], Optional[dict]]:
+    """``(api_prompt, ui_workflow_or_None)`` for a UI workflow, an API prompt or a ``/prompt`` body."""
+    if is_ui_format(data):
+        return ui_to_api(data, defs), data
+    prompt = data.get("prompt") if isinstance(data.get("prompt"), dict) else data
+    if not prompt or not all(isinstance(v, dict) and "class_type" in v for v in prompt.values()):
+        raise DreamFlowError(
+            "the workflow is neither ComfyUI's UI format (a 'nodes' list) nor its API format ({id: {class_type, inputs}}); "
+            "save it from ComfyUI with Save or Export (API)")
+    out = {}
+    for nid, node in prompt.items():
+        node = dict(node)
+        node["inputs"] = dict(node.get("inputs") or {})
+        out[str(nid)] = node
+    extra = data.get("extra_data", {}).get("extra_pnginfo", {}) if isinstance(data.get("extra_data"), dict) else {}
+    return out, extra.get("workflow")
+
+
+def _links_table(workflow: dict) -> Dict[int, Tuple[Any, int, Any, int, str]]:
+    """link id -> (from_node, from_slot, to_node, to_slot, type); accepts array and object links."""
+    table = {}
+    for link in workflow.get("links") or []:
+        if isinstance(link, dict):
+            table[link["id"]] = (link["origin_id"], int(link["origin_slot"]), link["target_id"],
+                                 int(link["target_slot"]), link.get("type", "*"))
+        elif isinstance(link, (list, tuple)) and len(link) >= 6:
+            table[link[0]] = (link[1], int(link[2]), link[3], int(link[4]), link[5])
+        else:
+            raise DreamFlowError(f"workflow link {link!r} is malformed (want [id, from_node, from_slot, to_node, to_slot, type]); re-save the workflow from ComfyUI")
+    return table
+
+
+def ui_to_api(workflow: dict, defs: Dict[str, NodeDef]) -> Dict[str, dict]:
+    """Convert a UI-format workflow to an API prompt (see the module docstring for the rules).
+
+    Raises DreamFlowError (one line, naming the node and the fix) for an unknown node type, a dangling
+    link, a missing or misaligned widget value, subgraphs and group nodes.
+    """
+    if (workflow.get("definitions") or {}).get("subgraphs"):
+        raise DreamFlowError("the workflow uses subgraphs, which the headless runner does not expand; "
+                             "in ComfyUI select the subgraph node and choose 'Unpack Subgraph', then save again")
+    nodes = {}
+    for node in workflow["nodes"]:
+        if "id" not in node or "type" not in node:
+            raise DreamFlowError(f"workflow node {str(node)[:80]} lacks 'id' or 'type'; re-save the workflow from ComfyUI")
+        nodes[node["id"]] = node
+    links = _links_table(workflow)
+
+    def label(node):
+        return describe(node["id"], node["type"], node.get("title"))
+
+    def resolve(link_id, target, input_name, seen=()):
+        """Follow a link to ("link", origin_id, slot), ("value", v) or None (input from a muted node)."""
+        link = links.get(link_id)
+        if link is None:
+            raise DreamFlowError(
+                f"{label(target)} input '{input_name}' uses link {link_id}, which is not in the workflow's links; "
+                f"reconnect the input in ComfyUI (or delete it) and save again")
+        origin_id, slot, _, _, link_type = link
+        origin = nodes.get(origin_id)
+        if origin is None:
+            raise DreamFlowError(
+                f"{label(target)} input '{input_name}' is linked to node {origin_id}, which is not in the workflow "
+                f"(dangling link {link_id}); reconnect the input in ComfyUI and save again")
+        if origin_id in seen:
+            raise DreamFlowError(f"{label(target)} input '{input_name}' loops through Reroute/bypassed nodes {list(seen)}; break the loop")
+        if origin["type"] == "PrimitiveNode":
+            values = origin.get("widgets_values") or []
+            if not values:
+                raise DreamFlowError(f"{label(origin)} feeding {label(target)} '{input_name}' has no value; set it in ComfyUI")
+            return ("value", values[0])
+        passes = origin["type"] == "Reroute" or origin.get("mode") == MODE_BYPASS
+        if origin.get("mode") == MODE_MUTED and not passes:
+            return None
+        if passes:
+            ins = origin.get("inputs") or []
+            if origin["type"] == "Reroute":
+                pick = 0 if ins else None
+            elif slot < len(ins) and ins[slot].get("type") == link_type:
+                pick = slot
+            else:
+                pick = next((i for i, x in enumerate(ins) if x.get("type") == link_type), None)
+            if pick is None or ins[pick].get("link") is None:
+                return None
+            return resolve(ins[pick]["link"], target, input_name, seen + (origin_id,))
+        return ("link", str(origin_id), slot)
+
+    prompt: Dict[str, dict] = {}
+    for node in workflow["nodes"]:
+        ntype, mode = node["type"], node.get("mode", 0)
+        if ntype in VIRTUAL_NODES or mode in (MODE_MUTED, MODE_BYPASS):
+            continue
+        d = defs.get(ntype)
+        if d is None:
+            raise DreamFlowError(
+                f"{label(node)} is not a DreamFlow node nor a display node the runner knows "
+                f"(PreviewImage, Preview3D, PreviewAny, Note, Reroute); delete it or run the workflow inside ComfyUI")
+        inputs: Dict[str, Any] = {}
+        values = node.get("widgets_values")
+        values = [] if values is None else values
+        if isinstance(values, dict):  # some frontends key widget values by name
+            for w in d.widgets():
+                if w.name in values:
+                    inputs[w.name] = values[w.name]
+        else:
+            i = 0
+            for w in d.widgets():
+                if i < len(values):
+                    inputs[w.name] = values[i]
+                i += 1
+                if w.has_control and i < len(values):
+                    if values[i] not in CONTROL_VALUES:
+                        raise DreamFlowError(
+                            f"{label(node)} widget values do not line up with its inputs: after '{w.name}' the "
+                            f"control_after_generate value ({'/'.join(CONTROL_VALUES)}) was expected, found {values[i]!r}; "
+                            f"the node was saved by another version: re-create it in ComfyUI")
+                    i += 1
+            if i < len(values) and not d.display_only:
+                raise DreamFlowError(
+                    f"{label(node)} has {len(values)} widget values but its inputs take {i}; the node was saved by "
+                    f"another DreamFlow version: re-create it in ComfyUI (or fix widgets_values)")
+        for slot in node.get("inputs") or []:
+            name = slot.get("name")
+            if slot.get("link") is None:
+                continue
+            if d.input(name) is None:
+                if d.display_only:
+                    continue
+                raise DreamFlowError(
+                    f"{label(node)} has a link into input '{name}', which {ntype} does not have; "
+                    f"the node was saved by another DreamFlow version: re-create it in ComfyUI")
+            src = resolve(slot["link"], node, name)
+            if src is None:
+                inputs.pop(name, None)
+            elif src[0] == "value":
+                inputs[name] = src[1]
+            else:
+                inputs[name] = [src[1], src[2]]
+        missing = [w.name for w in d.widgets() if w.name not in inputs and w.required and not d.display_only]
+        if missing:
+            n_values = len(values) if isinstance(values, list) else len(values or {})
+            raise DreamFlowError(
+                f"{label(node)} has no value for widget(s) {missing} (widgets_values holds {n_values}); "
+                f"the node was saved by another DreamFlow version: re-create it in ComfyUI or add the values")
+        prompt[str(node["id"])] = {"class_type": ntype, "inputs": inputs,
+                                   "_meta": {"title": node.get("title") or ntype}}
+    # As graphToPrompt: drop inputs whose source node is not in the prompt (muted, virtual)
+    for entry in prompt.values():
+        for name, value in list(entry["inputs"].items()):
+            if _is_link(value) and value[0] not in prompt:
+                del entry["inputs"][name]
+    return prompt
+
+
+def _is_link(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)

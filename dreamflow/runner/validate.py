@@ -1,0 +1,150 @@
+"""Check an API prompt against the node definitions before any heavy work, and apply ``--set`` edits.
+
+The checks follow ComfyUI 0.3.64's ``execution.validate_inputs``: every required input present;
+links point at an existing node's existing output whose type matches (comma-separated union types,
+"*" matches all); widget values convert to their type (INT, FLOAT, STRING, BOOLEAN) and lie within
+``min`` / ``max``; dropdown values are in their list (except lists filled from this machine's files,
+see ``defs.DYNAMIC_LIST``). Every problem is one line naming the node and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, Iterable, List
+
+from ..errors import DreamFlowError
+from .defs import InputDef, NodeDef, describe, types_match
+
+
+def _is_link(value) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[1], int) and not isinstance(value[1], bool)
+
+
+def _label(nid: str, entry: dict) -> str:
+    return describe(nid, entry.get("class_type", "?"), (entry.get("_meta") or {}).get("title"))
+
+
+def coerce(inp: InputDef, value: Any, where: str) -> Any:
+    """Convert a widget value to its declared type and check its range / list; returns the value."""
+    t = inp.type
+    try:
+        if t == "INT":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            value = int(value)
+        elif t == "FLOAT":
+            if isinstance(value, bool):
+                raise ValueError
+            value = float(value)
+        elif t == "BOOLEAN":
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                value = value.lower() == "true"
+            elif not isinstance(value, bool):
+                raise ValueError
+        elif t == "STRING":
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            value = str(value)
+    except (TypeError, ValueError):
+        raise DreamFlowError(f"{where} input '{inp.name}' = {value!r} is not a valid {t}; give a {t.lower()} value") from None
+    if t in ("INT", "FLOAT"):
+        lo, hi = inp.options.get("min"), inp.options.get("max")
+        if lo is not None and value < lo:
+            raise DreamFlowError(f"{where} input '{inp.name}' = {value} is below its minimum {lo}; use a value in [{lo}, {hi}]")
+        if hi is not None and value > hi:
+            raise DreamFlowError(f"{where} input '{inp.name}' = {value} is above its maximum {hi}; use a value in [{lo}, {hi}]")
+    if t == "COMBO":
+        if inp.dynamic:
+            if not isinstance(value, str) or not value.strip():
+                raise DreamFlowError(f"{where} input '{inp.name}' = {value!r} must name a file; pick one of: {', '.join(map(str, inp.choices or [])) or '(none found)'}")
+        elif value not in (inp.choices or []):
+            raise DreamFlowError(f"{where} input '{inp.name}' = {value!r} is not one of: {', '.join(map(str, inp.choices or []))}")
+    return value
+
+
+def validate_prompt(prompt: Dict[str, dict], defs: Dict[str, NodeDef]) -> Dict[str, dict]:
+    """Validate ``prompt`` (API format) and return a copy with widget values converted to their types."""
+    out: Dict[str, dict] = {}
+    for nid, entry in prompt.items():
+        where = _label(nid, entry)
+        d = defs.get(entry.get("class_type"))
+        if d is None:
+            raise DreamFlowError(f"{where} is not a DreamFlow node nor a known display node; delete it or run the workflow inside ComfyUI")
+        inputs = dict(entry.get("inputs") or {})
+        for inp in d.inputs:
+            if inp.name not in inputs:
+                if inp.required:
+                    how = f"connect a {inp.type} output to it" if not inp.is_widget else f"set it (e.g. --set {nid}.{inp.name}=VALUE)"
+                    raise DreamFlowError(f"{where} is missing required input '{inp.name}'; {how}")
+                continue
+            value = inputs[inp.name]
+            if _is_link(value):
+                src_id, slot = str(value[0]), value[1]
+                src = prompt.get(src_id)
+                if src is None:
+                    raise DreamFlowError(f"{where} input '{inp.name}' is linked to node {src_id}, which is not in the workflow; reconnect it")
+                sdef = defs.get(src.get("class_type"))
+                if sdef is None:
+                    continue  # reported when the loop reaches that node
+                if not 0 <= slot < len(sdef.return_types):
+                    raise DreamFlowError(
+                        f"{where} input '{inp.name}' uses output {slot} of {_label(src_id, src)}, which has "
+                        f"{len(sdef.return_types)} output(s); reconnect it")
+                got = sdef.return_types[slot]
+                if not types_match(got, inp.type):
+                    raise DreamFlowError(
+                        f"{where} input '{inp.name}' takes {inp.type} but is linked to a {got} output of "
+                        f"{_label(src_id, src)}; connect a {inp.type} output instead")
+            elif inp.is_widget:
+                inputs[inp.name] = coerce(inp, value, where)
+            else:
+                raise DreamFlowError(f"{where} input '{inp.name}' needs a link from a {inp.type} output, got the value {str(value)[:40]!r}; connect it")
+        out[nid] = {**entry, "inputs": inputs}
+    return out
+
+
+def _parse_value(text: str) -> Any:
+    """``--set`` value: JSON when it parses (numbers, true/false, quoted strings), else the raw text."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def find_nodes(prompt: Dict[str, dict], key: str) -> List[str]:
+    """Node ids addressed by ``key``: an id, else every node whose title or type equals it."""
+    if key in prompt:
+        return [key]
+    return [nid for nid, e in prompt.items()
+            if key in ((e.get("_meta") or {}).get("title"), e.get("class_type"))]
+
+
+def apply_sets(prompt: Dict[str, dict], sets: Iterable[str], defs: Dict[str, NodeDef]) -> List[str]:
+    """Apply ``NODE.INPUT=VALUE`` edits in place (NODE: id, title or type; all matches are edited).
+
+    A widget value replaces a link to that input. Returns one description line per edit.
+    """
+    done = []
+    for item in sets:
+        key, sep, raw = item.partition("=")
+        node_key, dot, name = key.strip().rpartition(".")
+        if not sep or not dot or not node_key or not name:
+            raise DreamFlowError(f"--set '{item}' is not NODE.INPUT=VALUE; e.g. --set DreamFlowNeRFStage.iterations=10 or --set 4.seed=1")
+        ids = find_nodes(prompt, node_key)
+        if not ids:
+            known = ", ".join(f"{nid}:{(e.get('_meta') or {}).get('title') or e.get('class_type')}" for nid, e in prompt.items())
+            raise DreamFlowError(f"--set '{item}': no node has id, title or type '{node_key}'; nodes are: {known}")
+        for nid in ids:
+            entry = prompt[nid]
+            d = defs.get(entry.get("class_type"))
+            inp = d.input(name) if d else None
+            where = _label(nid, entry)
+            if inp is None:
+                names = ", ".join(i.name for i in d.inputs) if d else "?"
+                raise DreamFlowError(f"--set '{item}': {where} has no input '{name}'; its inputs are: {names}")
+            if not inp.is_widget:
+                raise DreamFlowError(f"--set '{item}': {where} input '{name}' is a {inp.type} link, not a value; connect it in the workflow")
+            value = raw if inp.type == "STRING" else _parse_value(raw)
+            entry.setdefault("inputs", {})[name] = coerce(inp, value, where)
+            done.append(f"{where}.{name} = {entry['inputs'][name]!r}")
+    return done

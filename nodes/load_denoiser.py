@@ -1,0 +1,67 @@
+"""DreamFlowLoadDenoiser: a frozen diffusion model (SD 1.x/2.x or the SDXL refiner) for the stages."""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+from .common import CATEGORY, DENOISER, dynamic_list
+
+DTYPES = ("auto", "fp16", "bf16", "fp32")
+DEVICES = ("auto", "cuda", "cpu")
+
+# Loaded denoisers by settings. Weak values: a model lives exactly as long as some node output (ComfyUI's
+# cache, or the headless run) holds it, so two loader nodes with the same settings share one copy within
+# a run, and a model nobody uses any more is freed without our help.
+_loaded: "weakref.WeakValueDictionary[tuple, object]" = weakref.WeakValueDictionary()
+_lock = threading.Lock()
+
+
+def load_shared(model_name: str, dtype: str, device: str, cpu_offload: bool, vae_tiling: bool):
+    """``Denoiser.load`` with sharing: the same settings return the same (already loaded) object."""
+    from dreamflow.denoisers import Denoiser
+
+    key = (model_name, dtype, device, bool(cpu_offload), bool(vae_tiling))
+    with _lock:
+        denoiser = _loaded.get(key)
+        if denoiser is None:
+            denoiser = Denoiser.load(model_name, dtype=dtype, device=device, cpu_offload=bool(cpu_offload),
+                                     vae_tiling=bool(vae_tiling))
+            _loaded[key] = denoiser
+        return denoiser
+
+
+class LoadDenoiser:
+    @classmethod
+    def INPUT_TYPES(cls):
+        from dreamflow.denoisers import list_models
+
+        return {
+            "required": {
+                "model_name": (list_models(), dynamic_list({
+                    "tooltip": "Diffusers folder (models/diffusers) or single-file .safetensors checkpoint "
+                               "(models/checkpoints): SD 1.5 / 2.1 for the NeRF and mesh stages, the SDXL refiner "
+                               "for the refine stage."})),
+                "dtype": (list(DTYPES), {"default": "auto",
+                                         "tooltip": "Weights' precision. auto: fp16 on CUDA, fp32 on CPU; bf16 avoids "
+                                                    "fp16 overflow on recent GPUs."}),
+                "device": (list(DEVICES), {"default": "auto", "tooltip": "auto: CUDA when available, else CPU."}),
+                "cpu_offload": ("BOOLEAN", {"default": False,
+                                            "tooltip": "Keep the text encoders on the CPU and the VAE there between "
+                                                       "uses: less GPU memory, slower updates."}),
+                "vae_tiling": ("BOOLEAN", {"default": False,
+                                           "tooltip": "Encode/decode large images tile by tile (less GPU memory at "
+                                                      "1024 px, slightly slower)."}),
+            }
+        }
+
+    RETURN_TYPES = (DENOISER,)
+    RETURN_NAMES = ("denoiser",)
+    OUTPUT_TOOLTIPS = ("The frozen denoiser (UNet, VAE, text encoders) that guides a DreamFlow stage.",)
+    FUNCTION = "load"
+    CATEGORY = f"{CATEGORY}/loaders"
+    DESCRIPTION = ("Loads a Stable Diffusion 1.x/2.x model or the SDXL refiner for DreamFlow's stages. Loader nodes "
+                   "with the same settings share one loaded copy.")
+
+    def load(self, model_name, dtype, device, cpu_offload, vae_tiling):
+        return (load_shared(model_name, dtype, device, cpu_offload, vae_tiling),)

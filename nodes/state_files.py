@@ -1,0 +1,135 @@
+"""DreamFlowSaveState / DreamFlowLoadState: NeRF and mesh states as .safetensors, to resume, share and
+insert custom stages between DreamFlow's own."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import List, Optional
+
+from dreamflow import hosting
+from dreamflow.errors import DreamFlowError
+
+from .common import CATEGORY, MESH, NERF, dynamic_list, input_directory
+
+OUTPUT_TAG = " [output]"
+INPUT_TAG = " [input]"
+"""ComfyUI's annotated file names (``folder_paths.get_annotated_filepath``): where a listed file lives."""
+
+
+def state_format(path: str) -> Optional[str]:
+    """The ``format`` of a DreamFlow state file's header, or ``None`` for any other file.
+
+    Reads only the safetensors JSON header (8-byte length + JSON), so listing folders stays fast.
+    """
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 1 < n < 100_000_000:
+                return None
+            meta = json.loads(f.read(n)).get("__metadata__") or {}
+        return json.loads(meta["dreamflow"]).get("format")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _state_files(root: str) -> List[str]:
+    found = []
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if name.endswith(".safetensors") and state_format(os.path.join(folder, name)):
+                found.append(os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/"))
+    return sorted(found)
+
+
+def list_state_files() -> List[str]:
+    """State files in the input folder (plain names) and the output folder (names + " [output]")."""
+    return (_state_files(input_directory())
+            + [f + OUTPUT_TAG for f in _state_files(hosting.output_directory())])
+
+
+def resolve_state_file(name: str) -> str:
+    """A listed name -> absolute path, kept inside its folder. Headless, an existing path also works."""
+    if name.endswith(OUTPUT_TAG):
+        root, rel = hosting.output_directory(), name[: -len(OUTPUT_TAG)]
+    else:
+        root, rel = input_directory(), name[: -len(INPUT_TAG)] if name.endswith(INPUT_TAG) else name
+    root = os.path.abspath(root)
+    path = os.path.abspath(os.path.join(root, rel))
+    if os.path.isfile(path) and os.path.commonpath([root, path]) == root:
+        return path
+    if hosting.folder_paths() is None and os.path.isfile(name):
+        return os.path.abspath(name)
+    raise DreamFlowError(f"DreamFlowLoadState: state file '{name}' not found in {root}; save one with DreamFlow Save "
+                         f"State or copy it into the input folder, then pick it from the list")
+
+
+class SaveState:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "filename_prefix": ("STRING", {"default": "dreamflow/state",
+                                               "tooltip": "File name prefix inside the output folder; a counter and "
+                                                          ".safetensors are appended."}),
+            },
+            "optional": {
+                "nerf": (NERF, {"tooltip": "A NeRF state to save (connect this or 'mesh', not both)."}),
+                "mesh": (MESH, {"tooltip": "A mesh state to save (connect this or 'nerf', not both)."}),
+            },
+        }
+
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("state_path",)
+    OUTPUT_TOOLTIPS = ("Path of the saved state relative to the output folder.",)
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    CATEGORY = f"{CATEGORY}/io"
+    DESCRIPTION = ("Saves a NeRF or mesh state (weights, settings, prompt) as .safetensors in the output folder: "
+                   "resume later, share it, or run your own stage on it. Safe to load: no pickle.")
+
+    def save(self, filename_prefix, nerf=None, mesh=None):
+        from dreamflow.io import next_output_path
+
+        if (nerf is None) == (mesh is None):
+            raise DreamFlowError(f"DreamFlowSaveState: connect exactly one of 'nerf' or 'mesh' "
+                                 f"({'both are' if nerf is not None else 'neither is'} connected)")
+        full, rel = next_output_path(filename_prefix, "safetensors")
+        (nerf if nerf is not None else mesh).save(full)
+        return {"ui": {"text": [rel]}, "result": (rel,)}
+
+
+class LoadState:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "state_file": (list_state_files(), dynamic_list({
+                    "tooltip": "A DreamFlow state (.safetensors) in the input folder, or in the output folder "
+                               "(marked [output]) as written by Save State."})),
+            }
+        }
+
+    RETURN_TYPES = (NERF, MESH)
+    RETURN_NAMES = ("nerf", "mesh")
+    OUTPUT_TOOLTIPS = ("The NeRF state, when the file holds one (else empty).",
+                       "The mesh state, when the file holds one (else empty).")
+    FUNCTION = "load"
+    CATEGORY = f"{CATEGORY}/io"
+    DESCRIPTION = ("Loads a NeRF or mesh state saved by Save State; the file decides which output carries it. "
+                   "Connect 'nerf' to a NeRF stage's init or ExtractMesh, 'mesh' to the mesh/refine stages or Save GLB.")
+
+    @classmethod
+    def IS_CHANGED(cls, state_file):
+        # re-run when the file changes on disk (ComfyUI caches outputs while inputs are equal)
+        try:
+            st = os.stat(resolve_state_file(state_file))
+            return f"{st.st_mtime_ns}-{st.st_size}"
+        except DreamFlowError:
+            return state_file
+
+    def load(self, state_file):
+        from dreamflow.state import NeRFState, load_state
+
+        state = load_state(resolve_state_file(state_file))
+        return (state, None) if isinstance(state, NeRFState) else (None, state)

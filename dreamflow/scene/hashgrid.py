@@ -176,9 +176,7 @@ class HashGrid(nn.Module):
         self.register_buffer("scale", torch.from_numpy(layout["scale"]), persistent=False)
         self.levels = level_specs(cfg)
         self.backend = pick("hashgrid", cfg.backend)
-        self._tcnn = None
-        if self.backend == "cuda":
-            self._tcnn = self._make_tcnn()
+        self._tcnn = None  # built on the first CUDA forward (native objects neither copy nor pickle)
         self._encode = torch.compile(hash_grid_torch, dynamic=True) if cfg.compile else hash_grid_torch
 
     def _make_tcnn(self):
@@ -200,9 +198,17 @@ class HashGrid(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x [N, 3] float in [0, 1]. Returns: [N, L * F] float32 (differentiable in x and params)."""
         x = x.float().clamp(0.0, 1.0)
-        if self._tcnn is not None and x.is_cuda:
+        if self.backend == "cuda" and x.is_cuda:
+            if self._tcnn is None:
+                self._tcnn = self._make_tcnn()
             return self._tcnn(x).float()
         return self._encode(x, self.table, self.scale, self.levels)
+
+    def __getstate__(self):
+        # deepcopy / pickle: drop the native tcnn module; the copy rebuilds it around its own params
+        state = self.__dict__.copy()
+        state["_tcnn"] = None
+        return state
 
     def __setattr__(self, name, value):
         # keep the tcnn module (which holds our Parameter) out of state_dict / parameters()

@@ -86,6 +86,8 @@ def optimise(*, stage: str, denoiser, prompt: str, negative_prompt: str, config,
     total = int(config.iterations)
     cam_gen = torch.Generator().manual_seed(int(config.seed))
     guidance = make_guidance(denoiser, config.guidance, total, seed=int(config.seed))
+    # The VAE posterior sample is random too (threestudio samples it): seed it for reproducible runs.
+    vae_gen = torch.Generator(device=device).manual_seed(int(config.seed) + 3)
     if guidance_state:
         guidance.load_state_tensors(guidance_state)
     log: List[dict] = []
@@ -99,7 +101,7 @@ def optimise(*, stage: str, denoiser, prompt: str, negative_prompt: str, config,
             images = rgb.permute(0, 3, 1, 2)
             if config.denoise_resolution != config.resolution:
                 images = F.interpolate(images, size=(config.denoise_resolution,) * 2, mode="bilinear", align_corners=False)
-            latents = denoiser.encode_images(images)
+            latents = denoiser.encode_images(images, generator=vae_gen)
             words = cams.view_words(config.camera)
             embeds = denoiser.encode_prompt([view_prompt(prompt, w) for w in words], negative_prompt)
             out = guidance(latents, embeds, cams.condition(), step)

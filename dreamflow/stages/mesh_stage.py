@@ -114,6 +114,7 @@ def _run_mesh_like(stage: str, kind: str, denoiser, mesh: MeshState, prompt: str
                    config: MeshStageConfig, callbacks: Optional[Callbacks]) -> MeshState:
     from ..denoisers import require_kind
     from ..render.mesh_render import render_mesh
+    from ..render.raster import antialias_topology
 
     config = config.validate()
     prompt = check_prompt(prompt, stage)
@@ -140,13 +141,14 @@ def _run_mesh_like(stage: str, kind: str, denoiser, mesh: MeshState, prompt: str
     optimizer = torch.optim.Adam(groups, betas=tuple(config.betas), eps=config.adam_eps)
     gen = torch.Generator().manual_seed(int(config.seed) + 7)
     faces32 = model.faces.int()
+    topology = antialias_topology(faces32, config.backend)
 
     def render_fn(cams, step):
         mode = pick_mode(config.shading, step, gen)
         lights = random_light(cams, gen, config.shading) if mode != "albedo" else None
         out = render_mesh(model.vertices(), faces32, model.albedo, cams,
-                          background=lambda d: background(d, generator=gen), shading=mode,
-                          light_positions=lights, shading_config=config.shading, backend=config.backend)
+                          background=lambda d: background(d, generator=gen), light_positions=lights, shading=mode,
+                          shading_config=config.shading, backend=config.backend, topology=topology)
         reg = torch.zeros((), device=device)
         if config.optimize_geometry:
             reg = reg + config.lambda_normal_consistency * model.normal_consistency_loss() \

@@ -1,0 +1,209 @@
+"""Stages end to end on tiny models (CPU): NeRFStage, ExtractMesh, MeshStage, SDXLRefine; states; safety."""
+
+import os
+
+import pytest
+import torch
+
+from dreamflow.errors import DivergenceError, DreamFlowError, DreamFlowInterrupted
+from dreamflow.guidance import GuidanceConfig
+from dreamflow.hosting import Callbacks
+from dreamflow.render.volume import VolumeRenderConfig
+from dreamflow.scene.hashgrid import HashGridConfig
+from dreamflow.scene.nerf import NeRFFieldConfig
+from dreamflow.stages import (ExtractConfig, MeshStageConfig, NeRFStageConfig, RefineConfig, extract_mesh_state,
+                              run_mesh_stage, run_nerf_stage, run_refine_stage)
+from dreamflow.state import MeshState, NeRFState
+
+PROMPT = "A corgi standing up drinking boba."
+
+
+def nerf_cfg(**kw):
+    base = dict(iterations=3, views_per_update=2, resolution=24, denoise_resolution=16,
+                nerf=NeRFFieldConfig(grid=HashGridConfig(n_levels=4, log2_hashmap_size=10, base_resolution=8)),
+                render=VolumeRenderConfig(n_samples=12, n_importance=4))
+    base.update(kw)
+    return NeRFStageConfig(**base)
+
+
+def mesh_cfg(cls=MeshStageConfig, **kw):
+    base = dict(iterations=2, views_per_update=2, resolution=24, denoise_resolution=16)
+    base.update(kw)
+    return cls(**base)
+
+
+@pytest.fixture(scope="module")
+def nerf_state(tiny_sd):
+    return run_nerf_stage(tiny_sd, PROMPT, "blurry", nerf_cfg())
+
+
+@pytest.fixture(scope="module")
+def mesh_state(nerf_state):
+    return extract_mesh_state(nerf_state, ExtractConfig(resolution=32))
+
+
+def _tensors(state):
+    return {**{"f." + k: v for k, v in state.field.state_dict().items()},
+            **{"b." + k: v for k, v in state.background.state_dict().items()}}
+
+
+# ---------------------------------------------------------------------------------------------- NeRF stage
+def test_nerf_stage_moves_parameters_and_logs_finite_losses(tiny_sd, nerf_state):
+    from dreamflow.scene.nerf import NeRFField
+    from dreamflow.stages.loop import seeded
+
+    with seeded(0):
+        init = NeRFField(nerf_cfg().nerf)
+    changed = [k for k, v in init.state_dict().items() if not torch.equal(v, nerf_state.field.state_dict()[k])]
+    assert "encoding.params" in changed or any("encoding" in k for k in changed)
+    assert any("network" in k for k in changed)
+    log = nerf_state.guidance_log
+    assert [r["step"] for r in log] == [0, 1, 2]
+    assert all(r["stage"] == "NeRFStage" and torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    assert all(r["t"] == 1.0 and r["t_next"] == pytest.approx(0.2) for r in log)  # 3 updates, 4 per t: one level
+    assert nerf_state.history == ["NeRFStage"] and nerf_state.prompt == PROMPT
+    assert nerf_state.lora, "the scene LoRA is kept for resuming"
+
+
+def test_nerf_state_save_load_round_trip_is_exact(nerf_state, tmp_path):
+    path = str(tmp_path / "n.safetensors")
+    nerf_state.save(path)
+    back = NeRFState.load(path)
+    a, b = _tensors(nerf_state), _tensors(back)
+    assert a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k]) for k in a)
+    assert back.settings == nerf_state.settings and back.guidance_log == nerf_state.guidance_log
+    assert back.prompt == PROMPT and back.negative_prompt == "blurry"
+    assert back.lora.keys() == nerf_state.lora.keys()
+    with pytest.raises(DreamFlowError, match="mesh"):
+        MeshState.load(path)  # a state from another stage
+
+
+def test_same_seed_gives_identical_nerf_and_mesh(tiny_sd, nerf_state):
+    again = run_nerf_stage(tiny_sd, PROMPT, "blurry", nerf_cfg())
+    a, b = _tensors(nerf_state), _tensors(again)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    m1 = extract_mesh_state(nerf_state, ExtractConfig(resolution=32))
+    m2 = extract_mesh_state(again, ExtractConfig(resolution=32))
+    assert torch.equal(m1.vertices, m2.vertices) and torch.equal(m1.faces, m2.faces)
+    other = run_nerf_stage(tiny_sd, PROMPT, "blurry", nerf_cfg(seed=1))
+    assert not torch.equal(other.field.encoding.params, nerf_state.field.encoding.params)
+
+
+@pytest.mark.parametrize("method", ["sds", "vsd"])
+def test_baselines_run_behind_the_same_interface(tiny_sd, method):
+    g = GuidanceConfig(method=method, t_start=0.98, t_end=0.02)
+    s = run_nerf_stage(tiny_sd, PROMPT, "", nerf_cfg(iterations=2, guidance=g))
+    assert len(s.guidance_log) == 2 and all(0.02 <= r["t"] <= 0.98 for r in s.guidance_log)
+    assert bool(s.lora) == (method == "vsd")
+
+
+def test_resume_continues_from_init(tiny_sd, nerf_state):
+    more = run_nerf_stage(tiny_sd, PROMPT, "blurry", nerf_cfg(iterations=1), init=nerf_state)
+    assert more.history == ["NeRFStage", "NeRFStage"] and len(more.guidance_log) == 4
+    assert not torch.equal(more.field.encoding.params, nerf_state.field.encoding.params)
+
+
+# ---------------------------------------------------------------------------------------------- safety
+def test_interrupt_stops_within_one_update(tiny_sd):
+    calls = []
+
+    def stop():
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(DreamFlowInterrupted, match="update 2/"):
+        run_nerf_stage(tiny_sd, PROMPT, "", nerf_cfg(iterations=50), callbacks=Callbacks(should_stop=stop))
+    assert len(calls) == 3
+
+
+def test_non_finite_loss_stops_with_step_and_last_good_state(tiny_sd, monkeypatch):
+    from dreamflow.guidance import apfo
+
+    real = apfo.APFOGuidance.__call__
+
+    def poisoned(self, latents, embeds, camera, step):
+        out = real(self, latents, embeds, camera, step)
+        if step == 1:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(apfo.APFOGuidance, "__call__", poisoned)
+    with pytest.raises(DivergenceError) as e:
+        run_nerf_stage(tiny_sd, PROMPT, "", nerf_cfg(iterations=5))
+    assert e.value.step == 1 and "update 1" in str(e.value)
+    good = e.value.last_good
+    assert isinstance(good, NeRFState) and len(good.guidance_log) == 1
+    assert all(torch.isfinite(v).all() for v in good.field.state_dict().values())
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(iterations=0), "iterations"),
+    (dict(guidance=GuidanceConfig(t_start=0.2, t_end=0.5)), "t_start"),
+    (dict(guidance=GuidanceConfig(method="magic")), "unknown"),
+    (dict(denoise_resolution=20), "multiple of 8"),
+    (dict(views_per_update=0), "views_per_update"),
+])
+def test_bad_settings_are_refused_before_work(tiny_sd, change, match):
+    with pytest.raises(DreamFlowError, match=match) as e:
+        run_nerf_stage(tiny_sd, PROMPT, "", nerf_cfg(**change), callbacks=Callbacks(should_stop=_never_called))
+    assert "\n" not in str(e.value)
+
+
+def _never_called():
+    raise AssertionError("work started before the settings were checked")
+
+
+def test_empty_prompt_and_wrong_denoiser_kind_are_refused(tiny_sd, tiny_refiner, nerf_state):
+    with pytest.raises(DreamFlowError, match="prompt is empty"):
+        run_nerf_stage(tiny_sd, "  ", "", nerf_cfg())
+    with pytest.raises(DreamFlowError, match="refiner|sdxl"):
+        run_nerf_stage(tiny_refiner, PROMPT, "", nerf_cfg())
+    with pytest.raises(DreamFlowError, match="mesh state"):
+        run_mesh_stage(tiny_sd, nerf_state, PROMPT, "", mesh_cfg())
+
+
+# ---------------------------------------------------------------------------------------------- mesh stages
+def test_extract_gives_mesh_state_with_nerf_colours(nerf_state, mesh_state):
+    assert mesh_state.vertices.shape[1] == 3 and mesh_state.faces.shape[1] == 3 and len(mesh_state.faces) > 10
+    assert mesh_state.history == ["NeRFStage", "ExtractMesh"]
+    assert torch.equal(mesh_state.field.encoding.params, nerf_state.field.encoding.params)
+    assert mesh_state.field is not nerf_state.field
+
+
+def test_mesh_stage_changes_geometry_and_colour(tiny_sd, mesh_state, tmp_path):
+    before = mesh_state.field.encoding.params.clone()
+    out = run_mesh_stage(tiny_sd, mesh_state, PROMPT, "", mesh_cfg())
+    assert out.faces.shape == mesh_state.faces.shape and torch.equal(out.faces, mesh_state.faces)
+    moved = (out.vertices - mesh_state.vertices).abs()
+    assert float(moved.max()) > 0 and float(moved.max()) <= MeshStageConfig().mesh.max_offset + 1e-6
+    assert not torch.equal(out.field.encoding.params, mesh_state.field.encoding.params)
+    assert torch.equal(mesh_state.field.encoding.params, before)  # the input state is untouched
+    assert out.history[-1] == "MeshStage" and len(out.guidance_log) == len(mesh_state.guidance_log) + 2
+    path = str(tmp_path / "m.safetensors")
+    out.save(path)
+    back = MeshState.load(path)
+    assert torch.equal(back.vertices, out.vertices.cpu()) and torch.equal(back.faces, out.faces.cpu())
+    assert back.history == out.history
+
+
+def test_refine_changes_colour_only_by_default(tiny_refiner, tiny_sd, mesh_state):
+    out = run_refine_stage(tiny_refiner, mesh_state, PROMPT, "", mesh_cfg(RefineConfig))
+    assert torch.equal(out.vertices, mesh_state.vertices)
+    assert not torch.equal(out.field.encoding.params, mesh_state.field.encoding.params)
+    assert out.history[-1] == "SDXLRefine"
+    geo = run_refine_stage(tiny_refiner, mesh_state, PROMPT, "", mesh_cfg(RefineConfig, optimize_geometry=True))
+    assert not torch.equal(geo.vertices, mesh_state.vertices)
+    with pytest.raises(DreamFlowError, match="sdxl_refiner|refiner"):
+        run_refine_stage(tiny_sd, mesh_state, PROMPT, "", mesh_cfg(RefineConfig))
+
+
+def test_glb_and_turntable_from_mesh_state(mesh_state, tmp_path):
+    import trimesh
+
+    path = mesh_state.export_glb(str(tmp_path / "o.glb"))
+    scene = trimesh.load(path)
+    geom = list(scene.geometry.values())[0] if hasattr(scene, "geometry") else scene
+    assert len(geom.faces) == len(mesh_state.faces)
+    imgs = mesh_state.turntable(n_views=3, resolution=32)
+    assert imgs.shape == (3, 32, 32, 3) and float(imgs.min()) >= 0 and float(imgs.max()) <= 1
+    assert float((imgs < 0.99).float().mean()) > 0.01  # the object is visible on white

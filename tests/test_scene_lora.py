@@ -1,0 +1,160 @@
+"""Scene LoRA (VSD's eps_phi): exact pretrained path, no-op at init, training, state round trip, clean removal.
+
+Each test loads its own tiny denoiser (a few ms) so that no LoRA leaks into the session-wide ``tiny_sd``.
+"Exact" comparisons use torch.equal: with the adapter off (or B = 0 and a zero camera MLP) the forward pass
+performs the same float operations as the frozen UNet (adding an exact 0 changes no bit).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dreamflow.denoisers import Denoiser, SceneDenoiser, SceneLoRAConfig
+from dreamflow.errors import DreamFlowError
+from dreamflow.io import load_state_file, save_state_file
+
+
+@pytest.fixture
+def den(tiny_sd_path):
+    return Denoiser.load(tiny_sd_path, dtype="fp32", device="cpu")
+
+
+def _batch(den, seed=0, b=2):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, 4, 8, 8, generator=g)
+    cam = torch.randn(b, 16, generator=g)
+    return x, cam, den.encode_prompt(["a red cube, front view", "a red cube, side view"][:b])
+
+
+def _train(scene, den, n, seed=0, lr_batch_seed=7):
+    x0, cam, e = _batch(den, lr_batch_seed)
+    g = torch.Generator()
+    losses = []
+    for _ in range(n):
+        g.manual_seed(seed)  # the same t, noise and dropout coin every step: a fixed batch
+        losses.append(scene.train_step(x0, e, cam, t=torch.tensor([0.3, 0.6]), generator=g))
+    return losses
+
+
+def test_adapter_off_is_the_frozen_unet_exactly(den):
+    x, cam, e = _batch(den)
+    t = torch.tensor([0.25, 0.75])
+    before = den.predict_eps(x, t, e, 7.5)
+    before_u = den.unet_output(x, t, e, cond=False)
+    scene = SceneDenoiser(den, SceneLoRAConfig(lr=1e-2))
+    assert torch.equal(den.predict_eps(x, t, e, 7.5), before)
+    _train(scene, den, 3)  # LoRA and camera MLP are now non-zero
+    assert any(p.abs().sum() > 0 for n, p in den.unet.named_parameters() if "lora_B" in n)
+    assert torch.equal(den.predict_eps(x, t, e, 7.5), before)
+    assert torch.equal(den.unet_output(x, t, e, cond=False), before_u)
+    with scene.adapter(True):
+        assert not torch.equal(den.predict_eps(x, t, e, 7.5), before)
+    assert torch.equal(den.predict_eps(x, t, e, 7.5), before)
+    assert len(den.unet.time_embedding._forward_hooks) == 0  # the camera hook exists only inside scene calls
+    scene.remove()
+
+
+def test_scene_model_equals_pretrained_at_init(den):
+    x, cam, e = _batch(den, 1)
+    scene = SceneDenoiser(den)
+    assert all(torch.count_nonzero(p) == 0 for n, p in den.unet.named_parameters() if "lora_B" in n)
+    assert torch.count_nonzero(scene.camera_mlp[2].weight) == 0
+    lora = [p for n, p in den.unet.named_parameters() if "lora_" in n]
+    # rank 4 on to_q/k/v/out of every attention: 2 blocks x (attn1 + attn2) x 4 projections x (A + B)
+    assert len(lora) == 4 * 2 * 4 * 2 and all(p.dtype == torch.float32 and p.requires_grad for p in lora)
+    assert {p.shape[0] for n, p in den.unet.named_parameters() if "lora_A" in n} == {4}
+    for t in (0.1, 0.5, 0.9):
+        assert torch.equal(scene.eps(x, t, e, cam), den.predict_eps(x, t, e, 1.0))
+    assert torch.equal(scene.eps(x, 0.5, e, None), den.predict_eps(x, 0.5, e, 1.0))
+    scene.remove()
+
+
+def test_train_step_lowers_loss_on_a_fixed_batch(den):
+    scene = SceneDenoiser(den, SceneLoRAConfig(lr=1e-3, camera_dropout=0.0), seed=3)
+    losses = _train(scene, den, 20)
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < 0.95 * losses[0]
+    assert scene.steps == 20
+    # the camera now matters for the scene model, and only for it
+    x, cam, e = _batch(den, 2)
+    assert not torch.allclose(scene.eps(x, 0.5, e, cam), scene.eps(x, 0.5, e, -cam))
+    scene.remove()
+
+
+def test_first_loss_is_the_diffusion_loss_of_the_pretrained_model(tiny_sd_v_path):
+    """Brute-force twin of train_step's loss (v-prediction model: the target is v = sqrt(a) eps - sqrt(1-a) x0)."""
+    den = Denoiser.load(tiny_sd_v_path, dtype="fp32", device="cpu")
+    scene = SceneDenoiser(den, SceneLoRAConfig(camera_dropout=0.0))
+    x0, cam, e = _batch(den, 4)
+    t = torch.tensor([0.2, 0.9])
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    a = den.alpha_bar(t).view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    v = a.sqrt() * noise - (1 - a).sqrt() * x0
+    ref = torch.nn.functional.mse_loss(den.unet_output(x_t, t, e), v).item()
+    assert scene.train_step(x0, e, cam, t=t, noise=noise) == pytest.approx(ref, rel=1e-5)
+    scene.remove()
+
+
+def test_remove_restores_the_unet_exactly(den):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    original = {k: v.clone() for k, v in den.unet.state_dict().items()}
+    modules = [type(m).__name__ for m in den.unet.modules()]
+    scene = SceneDenoiser(den, SceneLoRAConfig(lr=1e-2))
+    assert any(isinstance(m, BaseTunerLayer) for m in den.unet.modules())
+    _train(scene, den, 2)
+    scene.remove()
+    after = den.unet.state_dict()
+    assert list(after) == list(original)
+    assert all(torch.equal(after[k], original[k]) for k in original)
+    assert [type(m).__name__ for m in den.unet.modules()] == modules
+    assert not any(p.requires_grad for p in den.unet.parameters())
+    assert len(den.unet.time_embedding._forward_hooks) == 0
+    with pytest.raises(DreamFlowError, match="removed"):
+        scene.eps(*_batch(den)[:1], 0.5, _batch(den)[2], None)
+    # a new scene model can be attached afterwards
+    SceneDenoiser(den).remove()
+
+
+def test_state_tensors_round_trip_through_a_file(den, tiny_sd_path, tmp_path):
+    scene = SceneDenoiser(den, SceneLoRAConfig(lr=1e-2), seed=1)
+    _train(scene, den, 3)
+    state = scene.state_tensors()
+    assert any(k.startswith("lora.") for k in state) and any(k.startswith("camera_mlp.") for k in state)
+    path = save_state_file(str(tmp_path / "scene.safetensors"), state, {"format": "scene_lora", "version": 1})
+    loaded, _ = load_state_file(path, "scene_lora", 1)
+    x, cam, e = _batch(den, 9)
+    want = scene.eps(x, 0.4, e, cam)
+
+    other = Denoiser.load(tiny_sd_path, dtype="fp32", device="cpu")
+    fresh = SceneDenoiser(other, seed=5)
+    e2 = other.encode_prompt(["a red cube, front view", "a red cube, side view"])
+    assert not torch.equal(fresh.eps(x, 0.4, e2, cam), want)
+    fresh.load_state_tensors(loaded)
+    assert torch.equal(fresh.eps(x, 0.4, e2, cam), want)
+    assert all(torch.equal(fresh.state_tensors()[k], state[k]) for k in state)
+
+    wrong = SceneDenoiser(Denoiser.load(tiny_sd_path, dtype="fp32", device="cpu"), SceneLoRAConfig(rank=2))
+    with pytest.raises(DreamFlowError, match="does not match"):
+        wrong.load_state_tensors(loaded)
+    for s in (scene, fresh, wrong):
+        s.remove()
+
+
+def test_refiner_scene_lora_and_config_errors(tiny_refiner_path):
+    den = Denoiser.load(tiny_refiner_path, dtype="fp32", device="cpu")
+    e = den.encode_prompt(["a cube"])
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    scene = SceneDenoiser(den)
+    assert torch.equal(scene.eps(x, 0.5, e, torch.eye(4).flatten()[None]), den.predict_eps(x, 0.5, e, 1.0))
+    with pytest.raises(DreamFlowError, match="camera condition must be"):
+        scene.eps(x, 0.5, e, torch.zeros(1, 12))
+    with pytest.raises(DreamFlowError, match="already carries a scene LoRA"):
+        SceneDenoiser(den)
+    scene.remove()
+    with pytest.raises(DreamFlowError, match="rank 0"):
+        SceneDenoiser(den, SceneLoRAConfig(rank=0))
+    with pytest.raises(DreamFlowError, match="t_range"):
+        SceneLoRAConfig(t_range=(0.5, 0.2)).validate()

@@ -189,7 +189,8 @@ class MeshState(_SceneState):
         """Write a textured GLB (UV atlas + baked colour field) atomically; returns ``path``."""
         from .export import ExportConfig, export_glb
 
-        return export_glb(self.vertices.detach().float().cpu(), self.faces.detach().long().cpu(), self.color_fn(),
+        # vertices stay on their device: the UV bake then rasterizes there (nvdiffrast on CUDA)
+        return export_glb(self.vertices.detach().float(), self.faces.detach().long(), self.color_fn(),
                           path, config or ExportConfig())
 
 

@@ -125,13 +125,16 @@ def _to(m: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.n
     return m.to(device)
 
 
-def _alphas_cumprod(scheduler_config: dict) -> Tensor:
+def alphas_cumprod_from_config(scheduler_config: dict) -> Tensor:
     """``alphas_cumprod`` [T] (float32) exactly as diffusers' DDPMScheduler computes it from the config's betas."""
     from diffusers import DDPMScheduler
 
     allowed = set(inspect.signature(DDPMScheduler.__init__).parameters)
     cfg = {k: v for k, v in scheduler_config.items() if k in allowed}
     return DDPMScheduler(**cfg).alphas_cumprod.to(torch.float32)
+
+
+_alphas_cumprod = alphas_cumprod_from_config  # old private name, used by dreamflow/toy/train.py
 
 
 class Denoiser:
@@ -182,7 +185,7 @@ class Denoiser:
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise DreamFlowError(f"'{self.path}' predicts {self.prediction_type!r}; DreamFlow supports epsilon and "
                                  f"v_prediction models")
-        self.alphas_cumprod = _alphas_cumprod(cfg).to(device)
+        self.alphas_cumprod = alphas_cumprod_from_config(cfg).to(device)
         self.num_train_timesteps = int(self.alphas_cumprod.shape[0])
         self.latent_channels = int(self.vae.config.latent_channels)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)

@@ -55,6 +55,7 @@ class MeshStageConfig:
     denoise_resolution: int = 512
     """Size the renders are encoded at (SD 2.1 base native 512)."""
     seed: int = 0
+    """Seeds cameras, noise, lights and the LoRA (same seed + settings + device -> same result)."""
     guidance: GuidanceConfig = field(default_factory=lambda: GuidanceConfig(method="apfo", t_start=0.5, t_end=0.1))
     """APFO t 0.5 -> 0.1 (paper stage 2)."""
     optimize_geometry: bool = True
@@ -70,7 +71,9 @@ class MeshStageConfig:
     lr_background: float = 1e-3
     """Adam lr of the background MLP (threestudio)."""
     betas: Tuple[float, float] = (0.9, 0.99)
+    """Adam betas (threestudio)."""
     adam_eps: float = 1e-15
+    """Adam eps (threestudio)."""
     lambda_normal_consistency: float = 1e4
     """Weight of 1 - cos between adjacent face normals (threestudio prolificdreamer-geometry: 10000)."""
     lambda_laplacian: float = 1e4
@@ -78,6 +81,7 @@ class MeshStageConfig:
     mesh: MeshModelConfig = field(default_factory=MeshModelConfig)
     """Vertex offsets bounded by max_offset (0.05 world units) through tanh."""
     camera: CameraConfig = field(default_factory=CameraConfig)
+    """Random cameras, as stage 1."""
     shading: ShadingConfig = field(default_factory=lambda: ShadingConfig(ambient_only_steps=0))
     """Lambertian / textureless / albedo mix from the first update (the geometry exists already)."""
     backend: str = "auto"
@@ -100,6 +104,7 @@ class RefineConfig(MeshStageConfig):
     iterations: int = 1000
     """Updates. 1,000 x 2 views = 2,000 view-updates, the reference workload of bench/ (ours)."""
     views_per_update: int = 2
+    """Random views per update (ours; 1024 px renders are 4x the pixels of stage 2)."""
     resolution: int = 1024
     """Render size, px (paper stage 3)."""
     denoise_resolution: int = 1024

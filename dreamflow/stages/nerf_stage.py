@@ -72,10 +72,13 @@ class NeRFStageConfig:
     lambda_orient: float = 0.0
     """Weight of DreamFusion's orientation loss (threestudio prolificdreamer: 0; needs normals)."""
     camera: CameraConfig = field(default_factory=CameraConfig)
+    """Random cameras: distance 1.0-1.5 (x 1/tan(fovy/2)), fovy 40-70, elevation -10..45 (threestudio)."""
     nerf: NeRFFieldConfig = field(default_factory=NeRFFieldConfig)
     """The NeRF field (hash grid 16 x 2, 2^19, base 16, scale 1.4473; threestudio prolificdreamer)."""
     background: BackgroundConfig = field(default_factory=BackgroundConfig)
+    """View-direction MLP background with random solid-colour augmentation (threestudio)."""
     render: VolumeRenderConfig = field(default_factory=VolumeRenderConfig)
+    """Volume rendering: 64 coarse + 64 importance samples per ray (NeRF hierarchical sampling)."""
     shading: ShadingConfig = field(default_factory=lambda: ShadingConfig(albedo_prob=1.0, textureless_prob=0.0))
     """Stage 1 renders albedo only (threestudio prolificdreamer: ``no-material``); raise the lambertian /
     textureless probabilities for DreamFusion-style shading."""

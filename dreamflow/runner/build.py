@@ -167,7 +167,7 @@ def _save(b: WorkflowBuilder, mesh: int, x: float, prefix: str, texture_size: in
 
 def paper_full(defs: Dict[str, NodeDef]) -> dict:
     """The paper's pipeline at its settings: SD 2.1-base NeRF (256 px, t 1 -> 0.2), mesh (512 px,
-    t 0.5 -> 0.1), SDXL refiner (1024 px, t 0.3 -> 0); the defaults of every stage."""
+    t 0.5 -> 0.1), SDXL refiner (1024 px, t 0.3 -> 0, texture only); other settings are the stages' defaults."""
     b = WorkflowBuilder(defs)
     b.note("**DreamFlow: the paper's pipeline** (Lee, Sohn & Shin, ICLR 2024)\n\n"
            f"Needs `{SD21}` (SD 2.1-base) and `{SDXL_REFINER}` in `models/checkpoints`.\n\n"
@@ -175,11 +175,13 @@ def paper_full(defs: Dict[str, NodeDef]) -> dict:
            "stage 3 SDXL refiner (1024 px, t 0.3 -> 0.0), Save GLB. The NeRF is also saved as a state "
            "(output/dreamflow/corgi_nerf_*.safetensors) to resume or share.", (-440, -260), size=(400, 230))
     sd = b.add("DreamFlowLoadDenoiser", (-440, 0), title="SD 2.1-base", model_name=SD21)
-    nerf, mesh = _pipeline(b, sd, 0, {}, {}, {}, PAPER_PROMPT)
+    nerf, mesh = _pipeline(b, sd, 0, dict(resolution=256, t_start=1.0, t_end=0.2), {},
+                           dict(resolution=512, t_start=0.5, t_end=0.1), PAPER_PROMPT)
     state = b.add("DreamFlowSaveState", (0, 1160), filename_prefix="dreamflow/corgi_nerf")
     b.link(nerf, "nerf", state, "nerf")
     refiner = b.add("DreamFlowLoadDenoiser", (880, -260), title="SDXL refiner", model_name=SDXL_REFINER)
-    refine = b.add("DreamFlowSDXLRefine", (1320, 0), prompt=PAPER_PROMPT)
+    refine = b.add("DreamFlowSDXLRefine", (1320, 0), prompt=PAPER_PROMPT, resolution=1024, t_start=0.3, t_end=0.0,
+                   refine_geometry=False)
     b.link(refiner, "denoiser", refine, "refiner")
     b.link(mesh, "mesh", refine, "mesh")
     b.link(refine, "preview", b.add("PreviewImage", (1320, 820), width=400), "images")
@@ -216,6 +218,7 @@ def custom_stages(defs: Dict[str, NodeDef]) -> dict:
     coarse = b.add("DreamFlowNeRFStage", (-440, 420), title="Coarse NeRF (shape)", prompt="A corgi.",
                    iterations=1000, t_start=1.0, t_end=0.5)
     b.link(sd, "denoiser", coarse, "denoiser")
+    b.link(coarse, "preview", b.add("PreviewImage", (-880, 420), width=400), "images")
     state = b.add("DreamFlowSaveState", (-440, 1240), filename_prefix="dreamflow/corgi_coarse")
     b.link(coarse, "nerf", state, "nerf")
     nerf, mesh = _pipeline(b, sd, 0, dict(iterations=1500, t_start=0.5, t_end=0.2), {}, {}, PAPER_PROMPT,

@@ -16,9 +16,10 @@ The mapping follows ComfyUI_frontend ``src/utils/executionUtil.ts`` and the widg
    consumed but not sent (``options.serialize = false``);
 2. a widget converted to a link still owns its position in ``widgets_values`` (the frontend keeps the
    widget); the link then overrides the value;
-3. links resolve through Reroute nodes and bypassed nodes (mode 4: the first input of the same type,
-   preferring the same slot index); inputs from muted nodes (mode 2) are dropped; PrimitiveNode
-   values are inlined; Note / MarkdownNote are skipped.
+3. links resolve through Reroute nodes and bypassed nodes (mode 4: the input at the same index when
+   the types fit, else the first of the target's type); a link that resolves to nothing leaves the
+   widget value; a link from a muted node (mode 2) removes the input (ComfyUI then reports it missing);
+   PrimitiveNode values are inlined; Note / MarkdownNote are skipped.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import os
 from typing import Any, Dict, Optional, Tuple
 
 from ..errors import DreamFlowError
-from .defs import CONTROL_VALUES, VIRTUAL_NODES, NodeDef, describe
+from .defs import CONTROL_VALUES, VIRTUAL_NODES, NodeDef, describe, types_match
 
 MODE_MUTED = 2   # LGraphEventMode.NEVER
 MODE_BYPASS = 4  # LGraphEventMode.BYPASS
@@ -103,47 +104,47 @@ def ui_to_api(workflow: dict, defs: Dict[str, NodeDef]) -> Dict[str, dict]:
     def label(node):
         return describe(node["id"], node["type"], node.get("title"))
 
-    def resolve(link_id, target, input_name, seen=()):
-        """Follow a link to ("link", origin_id, slot), ("value", v) or None (input from a muted node)."""
+    def resolve(link_id, target, input_name, want_type, seen=()):
+        """Follow a link as the frontend's ``ExecutableNodeDTO.resolveInput`` does.
+
+        Returns ("link", origin_id, slot), ("value", v) for a PrimitiveNode, or None when nothing
+        resolves (the input keeps its widget value, if it has one). Links from muted nodes resolve to
+        that node and are dropped afterwards with every link to a node missing from the prompt.
+        """
         link = links.get(link_id)
         if link is None:
             raise DreamFlowError(
                 f"{label(target)} input '{input_name}' uses link {link_id}, which is not in the workflow's links; "
                 f"reconnect the input in ComfyUI (or delete it) and save again")
-        origin_id, slot, _, _, link_type = link
+        origin_id, slot = link[0], link[1]
         origin = nodes.get(origin_id)
         if origin is None:
             raise DreamFlowError(
                 f"{label(target)} input '{input_name}' is linked to node {origin_id}, which is not in the workflow "
                 f"(dangling link {link_id}); reconnect the input in ComfyUI and save again")
         if origin_id in seen:
-            raise DreamFlowError(f"{label(target)} input '{input_name}' loops through Reroute/bypassed nodes {list(seen)}; break the loop")
-        if origin["type"] == "PrimitiveNode":
+            raise DreamFlowError(f"{label(target)} input '{input_name}' loops through nodes {list(seen)}; break the loop")
+        if origin["type"] == "PrimitiveNode":  # its value was copied into the target widget (applyToGraph)
             values = origin.get("widgets_values") or []
             if not values:
                 raise DreamFlowError(f"{label(origin)} feeding {label(target)} '{input_name}' has no value; set it in ComfyUI")
             return ("value", values[0])
-        passes = origin["type"] == "Reroute" or origin.get("mode") == MODE_BYPASS
-        if origin.get("mode") == MODE_MUTED and not passes:
+        ins = origin.get("inputs") or []
+        if origin["type"] == "Reroute":  # virtual: same slot index through
+            pick = slot if slot < len(ins) else None
+        elif origin.get("mode") == MODE_BYPASS:
+            pick = _bypass_slot(origin, slot, want_type)
+        else:
+            return ("link", str(origin_id), slot)
+        if pick is None or ins[pick].get("link") is None:
             return None
-        if passes:
-            ins = origin.get("inputs") or []
-            if origin["type"] == "Reroute":
-                pick = 0 if ins else None
-            elif slot < len(ins) and ins[slot].get("type") == link_type:
-                pick = slot
-            else:
-                pick = next((i for i, x in enumerate(ins) if x.get("type") == link_type), None)
-            if pick is None or ins[pick].get("link") is None:
-                return None
-            return resolve(ins[pick]["link"], target, input_name, seen + (origin_id,))
-        return ("link", str(origin_id), slot)
+        return resolve(ins[pick]["link"], target, input_name, want_type, seen + (origin_id,))
 
     prompt: Dict[str, dict] = {}
     for node in workflow["nodes"]:
         ntype, mode = node["type"], node.get("mode", 0)
         if ntype in VIRTUAL_NODES or mode in (MODE_MUTED, MODE_BYPASS):
-            continue
+            continue  # as graphToPrompt: virtual, muted and bypassed nodes are not sent
         d = defs.get(ntype)
         if d is None:
             raise DreamFlowError(
@@ -183,10 +184,10 @@ def ui_to_api(workflow: dict, defs: Dict[str, NodeDef]) -> Dict[str, dict]:
                 raise DreamFlowError(
                     f"{label(node)} has a link into input '{name}', which {ntype} does not have; "
                     f"the node was saved by another DreamFlow version: re-create it in ComfyUI")
-            src = resolve(slot["link"], node, name)
+            src = resolve(slot["link"], node, name, d.input(name).type)
             if src is None:
-                inputs.pop(name, None)
-            elif src[0] == "value":
+                continue
+            if src[0] == "value":
                 inputs[name] = src[1]
             else:
                 inputs[name] = [src[1], src[2]]
@@ -204,6 +205,23 @@ def ui_to_api(workflow: dict, defs: Dict[str, NodeDef]) -> Dict[str, dict]:
             if _is_link(value) and value[0] not in prompt:
                 del entry["inputs"][name]
     return prompt
+
+
+def _bypass_slot(node: dict, slot: int, want_type: str) -> Optional[int]:
+    """Input of a bypassed node that stands in for its output ``slot`` (frontend ``#getBypassSlotIndex``):
+    the same index when the types fit, else the first input of exactly ``want_type``, else a compatible one."""
+    ins = node.get("inputs") or []
+    outs = node.get("outputs") or []
+    out_type = outs[slot].get("type", "*") if slot < len(outs) else "*"
+    if want_type in ("*", ""):
+        return (slot if len(ins) > slot else 0) if ins else None
+    if slot < len(ins) and types_match(ins[slot].get("type", "*"), out_type) and types_match(ins[slot].get("type", "*"), want_type):
+        return slot
+    exact = [k for k, x in enumerate(ins) if x.get("type") == want_type]
+    if exact:
+        return exact[0]
+    fits = [k for k, x in enumerate(ins) if types_match(x.get("type", "*"), out_type) and types_match(x.get("type", "*"), want_type)]
+    return fits[0] if fits else None
 
 
 def _is_link(value) -> bool:

@@ -57,6 +57,11 @@ class InputDef:
         return self.type in WIDGET_TYPES and not self.options.get("forceInput", False)
 
     @property
+    def takes_value(self) -> bool:
+        """A typed value may be given instead of a link (widgets, and forceInput sockets of widget types)."""
+        return self.type in WIDGET_TYPES
+
+    @property
     def has_control(self) -> bool:
         """The frontend adds a hidden ``control_after_generate`` widget after this one.
 

@@ -74,7 +74,8 @@ def validate_prompt(prompt: Dict[str, dict], defs: Dict[str, NodeDef]) -> Dict[s
         for inp in d.inputs:
             if inp.name not in inputs:
                 if inp.required:
-                    how = f"connect a {inp.type} output to it" if not inp.is_widget else f"set it (e.g. --set {nid}.{inp.name}=VALUE)"
+                    how = (f"set it (e.g. --set {nid}.{inp.name}=VALUE)" if inp.takes_value
+                           else f"connect a {inp.type} output to it")
                     raise DreamFlowError(f"{where} is missing required input '{inp.name}'; {how}")
                 continue
             value = inputs[inp.name]
@@ -95,7 +96,7 @@ def validate_prompt(prompt: Dict[str, dict], defs: Dict[str, NodeDef]) -> Dict[s
                     raise DreamFlowError(
                         f"{where} input '{inp.name}' takes {inp.type} but is linked to a {got} output of "
                         f"{_label(src_id, src)}; connect a {inp.type} output instead")
-            elif inp.is_widget:
+            elif inp.takes_value:
                 inputs[inp.name] = coerce(inp, value, where)
             else:
                 raise DreamFlowError(f"{where} input '{inp.name}' needs a link from a {inp.type} output, got the value {str(value)[:40]!r}; connect it")
@@ -142,8 +143,9 @@ def apply_sets(prompt: Dict[str, dict], sets: Iterable[str], defs: Dict[str, Nod
             if inp is None:
                 names = ", ".join(i.name for i in d.inputs) if d else "?"
                 raise DreamFlowError(f"--set '{item}': {where} has no input '{name}'; its inputs are: {names}")
-            if not inp.is_widget:
-                raise DreamFlowError(f"--set '{item}': {where} input '{name}' is a {inp.type} link, not a value; connect it in the workflow")
+            if not inp.takes_value:
+                raise DreamFlowError(f"--set '{item}': {where} input '{name}' is a {inp.type} link, not a value; "
+                                     f"connect it in the workflow")
             value = raw if inp.type == "STRING" else _parse_value(raw)
             entry.setdefault("inputs", {})[name] = coerce(inp, value, where)
             done.append(f"{where}.{name} = {entry['inputs'][name]!r}")

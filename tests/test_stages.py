@@ -140,7 +140,7 @@ def test_non_finite_loss_stops_with_step_and_last_good_state(tiny_sd, monkeypatc
     (dict(iterations=0), "iterations"),
     (dict(guidance=GuidanceConfig(t_start=0.2, t_end=0.5)), "t_start"),
     (dict(guidance=GuidanceConfig(method="magic")), "unknown"),
-    (dict(denoise_resolution=20), "multiple of 8"),
+    (dict(denoise_resolution=18), "not a multiple of 4"),
     (dict(views_per_update=0), "views_per_update"),
 ])
 def test_bad_settings_are_refused_before_work(tiny_sd, change, match):

@@ -24,7 +24,7 @@ from ..scene.mesh import MeshModel, MeshModelConfig
 from ..state import MeshState, NeRFState
 from .extract import ExtractConfig, extract_mesh
 from .loop import optimise
-from .nerf_stage import check_common, check_prompt
+from .nerf_stage import check_common, check_denoiser, check_prompt
 
 
 def extract_mesh_state(nerf: NeRFState, config: Optional[ExtractConfig] = None) -> MeshState:
@@ -88,7 +88,7 @@ class MeshStageConfig:
     """Rasterizer: "auto" (nvdiffrast on CUDA when installed, else torch), "cuda" or "torch"."""
 
     def validate(self) -> "MeshStageConfig":
-        check_common(self, type(self).__name__.replace("Config", ""))
+        check_common(self, "SDXLRefine" if isinstance(self, RefineConfig) else "MeshStage")
         check(self.optimize_geometry or self.optimize_color, "mesh stage: nothing to optimise; enable optimize_geometry or optimize_color")
         check(self.lambda_normal_consistency >= 0 and self.lambda_laplacian >= 0, "mesh stage: regulariser weights must be >= 0")
         check(self.backend in ("auto", "cuda", "torch"), f"rasterizer backend '{self.backend}' is unknown; use auto, cuda or torch")
@@ -117,13 +117,12 @@ class RefineConfig(MeshStageConfig):
 
 def _run_mesh_like(stage: str, kind: str, denoiser, mesh: MeshState, prompt: str, negative_prompt: str,
                    config: MeshStageConfig, callbacks: Optional[Callbacks]) -> MeshState:
-    from ..denoisers import require_kind
     from ..render.mesh_render import render_mesh
     from ..render.raster import antialias_topology
 
     config = config.validate()
     prompt = check_prompt(prompt, stage)
-    require_kind(denoiser, kind, stage)
+    check_denoiser(denoiser, kind, config, stage)
     if not isinstance(mesh, MeshState):
         raise DreamFlowError(f"{stage} needs a mesh state (from ExtractMesh, MeshStage, SDXLRefine or LoadState), "
                              f"got {type(mesh).__name__}; insert ExtractMesh after NeRFStage")

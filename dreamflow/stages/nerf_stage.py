@@ -22,19 +22,34 @@ from ..state import NeRFState
 from .loop import optimise, seeded
 
 
+def check_denoiser(denoiser, kind: str, config, stage: str) -> None:
+    """The denoiser is of the stage's kind and can take ``config.denoise_resolution``.
+
+    The size must be a multiple of the VAE factor times the UNet's downsampling (SD: 8 x 8 = 64 px), so
+    latents pass the UNet's down/up blocks without resizing.
+    """
+    from ..denoisers import require_kind
+
+    require_kind(denoiser, kind, stage)
+    levels = len(getattr(getattr(denoiser.unet, "config", None), "block_out_channels", (0,)))
+    multiple = int(denoiser.vae_scale_factor) * 2 ** max(levels - 1, 0)
+    r = int(config.denoise_resolution)
+    check(r % multiple == 0, f"{stage}: denoise_resolution={r} is not a multiple of {multiple} px, which "
+          f"'{denoiser.name}' needs (VAE x UNet downsampling); use {max(multiple, round(r / multiple) * multiple)} "
+          f"(native: {denoiser.native_resolution})")
+
+
 def check_prompt(prompt: str, stage: str) -> str:
     check(isinstance(prompt, str) and prompt.strip() != "", f"{stage}: the prompt is empty; describe the object, e.g. 'a corgi standing up drinking boba'")
     return prompt.strip()
 
 
-def check_common(cfg, stage: str, multiple: int = 8) -> None:
+def check_common(cfg, stage: str) -> None:
     """Checks shared by every stage config (raised before any heavy work)."""
     check(int(cfg.iterations) >= 1, f"{stage}: iterations={cfg.iterations} must be >= 1")
     check(int(cfg.views_per_update) >= 1, f"{stage}: views_per_update={cfg.views_per_update} must be >= 1")
     check(int(cfg.resolution) >= 16, f"{stage}: resolution={cfg.resolution} must be >= 16 px")
-    check(int(cfg.denoise_resolution) % multiple == 0 and cfg.denoise_resolution >= multiple,
-          f"{stage}: denoise_resolution={cfg.denoise_resolution} must be a positive multiple of {multiple} "
-          f"(the denoiser's VAE x UNet downsampling); try {max(multiple, round(cfg.denoise_resolution / multiple) * multiple)}")
+    check(int(cfg.denoise_resolution) >= 8, f"{stage}: denoise_resolution={cfg.denoise_resolution} must be >= 8 px")
     for name in [n for n in vars(cfg) if n.startswith("lr_")]:
         check(float(getattr(cfg, name)) >= 0, f"{stage}: {name}={getattr(cfg, name)} must be >= 0")
     cfg.guidance.validate()
@@ -104,11 +119,9 @@ def run_nerf_stage(denoiser, prompt: str, negative_prompt: str = "", config: Opt
     Returns:
         NeRFState on the denoiser's device.
     """
-    from ..denoisers import require_kind
-
     config = (config or NeRFStageConfig()).validate()
     prompt = check_prompt(prompt, "NeRFStage")
-    require_kind(denoiser, "sd", "NeRFStage")
+    check_denoiser(denoiser, "sd", config, "NeRFStage")
     if init is not None and not isinstance(init, NeRFState):
         raise DreamFlowError(f"NeRFStage: init must be a NeRF state, got {type(init).__name__}; connect a NeRFStage or LoadState output")
     device = denoiser.device

@@ -45,3 +45,21 @@ def tiny_refiner(tiny_refiner_path):
     from dreamflow.denoisers import Denoiser
 
     return Denoiser.load(tiny_refiner_path, dtype="fp32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def torch_single_thread():
+    """Run a test module with one intra-op thread, then restore the previous count.
+
+    Tiny models are op-launch bound: a second OpenMP thread only adds barrier waits, and on a busy 2-core box
+    they dominate (measured: tests/test_scene_lora.py 10.5 s with 1 thread vs 73 s with 2 under load average 6).
+    Use with ``pytestmark = pytest.mark.usefixtures("torch_single_thread")``.
+    """
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

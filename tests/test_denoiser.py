@@ -23,6 +23,9 @@ from dreamflow.denoisers.tokenizer import build_clip_bpe, encode_reference
 from dreamflow.errors import DreamFlowError
 
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
 def _copy(src: str, dst) -> str:
     dst = str(dst)
     shutil.copytree(src, dst)

@@ -14,6 +14,8 @@ from dreamflow.denoisers import Denoiser, SceneDenoiser, SceneLoRAConfig
 from dreamflow.errors import DreamFlowError
 from dreamflow.io import load_state_file, save_state_file
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 
 @pytest.fixture
 def den(tiny_sd_path):

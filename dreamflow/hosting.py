@@ -68,6 +68,17 @@ def interrupt_requested() -> bool:
     return _headless_interrupt.is_set()
 
 
+def raise_interrupt(message: str) -> None:
+    """Stop the running stage: ComfyUI's own InterruptProcessingException when hosted (the UI then shows
+    "interrupted", not an error), else :class:`~dreamflow.errors.DreamFlowInterrupted`."""
+    from .errors import DreamFlowInterrupted
+
+    mm = comfy_module("model_management")
+    if mm is not None and hasattr(mm, "throw_exception_if_processing_interrupted"):
+        mm.throw_exception_if_processing_interrupted()
+    raise DreamFlowInterrupted(message)
+
+
 class sigint_as_interrupt:
     """Context manager (headless runner): Ctrl-C sets the interrupt flag instead of killing mid-write."""
 

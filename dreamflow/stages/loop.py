@@ -20,9 +20,9 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from ..errors import DivergenceError, DreamFlowError, DreamFlowInterrupted
+from ..errors import DivergenceError, DreamFlowError
 from ..guidance import make_guidance
-from ..hosting import Callbacks
+from ..hosting import Callbacks, raise_interrupt
 from ..render.cameras import sample_cameras, view_prompt
 
 
@@ -90,12 +90,15 @@ def optimise(*, stage: str, denoiser, prompt: str, negative_prompt: str, config,
     vae_gen = torch.Generator(device=device).manual_seed(int(config.seed) + 3)
     if guidance_state:
         guidance.load_state_tensors(guidance_state)
+    fast = getattr(denoiser, "fast_path", None)
+    if fast is not None:  # opt-in CUDA fast path (Denoiser.enable_fast_path): graphed scene eps, fused LoRA AdamW
+        fast.prepare_guidance(guidance)
     log: List[dict] = []
     pending = []  # (step, loss, log) kept as tensors; converted in batches to avoid host syncs
     try:
         for step in range(total):
             if callbacks.should_stop():
-                raise DreamFlowInterrupted(f"{stage} interrupted at update {step}/{total}; nothing was written")
+                raise_interrupt(f"{stage} interrupted at update {step}/{total}; nothing was written")
             cams = sample_cameras(config.camera, config.views_per_update, config.resolution, generator=cam_gen).to(device)
             rgb, reg = render_fn(cams, step)
             images = rgb.permute(0, 3, 1, 2)
@@ -104,13 +107,16 @@ def optimise(*, stage: str, denoiser, prompt: str, negative_prompt: str, config,
             latents = denoiser.encode_images(images, generator=vae_gen)
             words = cams.view_words(config.camera)
             embeds = denoiser.encode_prompt([view_prompt(prompt, w) for w in words], negative_prompt)
-            out = guidance(latents, embeds, cams.condition(), step)
-            loss = out.loss + reg
-            if not bool(torch.isfinite(loss)):
+            try:
+                out = guidance(latents, embeds, cams.condition(), step)
+                loss = out.loss + reg
+                if not bool(torch.isfinite(loss)):
+                    raise DivergenceError("non-finite loss", step=step)
+            except DivergenceError as e:  # the scene loss, or the LoRA's (which counts its own steps)
                 log.extend(_log_row(s, l, g) for s, l, g in pending)
                 raise DivergenceError(
-                    f"{stage} diverged: non-finite loss at update {step}; the last good state is kept "
-                    f"(lower the learning rates or cfg_scale, or change the seed)", step=step, last_good=snapshot(log))
+                    f"{stage} diverged: non-finite loss at update {step} ({e}); the last good state is kept "
+                    f"(lower the learning rates or cfg_scale, or change the seed)", step=step, last_good=snapshot(log)) from None
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -50,10 +50,8 @@ class APFOGuidance(Guidance):
         t = self._t(t_i, B)
         sigma_i = self.denoiser.sigma(t)
         sigma_next = self.denoiser.sigma(self._t(t_next, B))
+        _, x_t, eps_pretrained = self._noisy_prediction(x, t, embeds)
         with torch.no_grad():
-            eps = self._noise(x)
-            x_t = self.denoiser.add_noise(x.detach(), eps, t)
-            eps_pretrained = self.denoiser.predict_eps(x_t, t, embeds, self.config.cfg_scale).float()
             eps_scene = self.scene.eps(x_t, t, embeds, camera).float()
             delta = (sigma_i - sigma_next).view(B, 1, 1, 1)
             x_hat = x.detach() - delta * (eps_pretrained - eps_scene)

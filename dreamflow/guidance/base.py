@@ -117,6 +117,14 @@ class Guidance:
             return torch.ones_like(t)
         return 1.0 - self.denoiser.alpha_bar(t)
 
+    @torch.no_grad()
+    def _noisy_prediction(self, x: torch.Tensor, t: torch.Tensor, embeds):
+        """Noise ``x`` at ``t`` with a seeded eps; return (eps, x_t, eps_pretrained with CFG), no grad."""
+        eps = self._noise(x)
+        x_t = self.denoiser.add_noise(x.detach(), eps, t)
+        eps_pretrained = self.denoiser.predict_eps(x_t, t, embeds, self.config.cfg_scale).float()
+        return eps, x_t, eps_pretrained
+
     @staticmethod
     def target_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
         """``0.5 * ||x - stopgrad(x_hat)||^2`` summed per view, averaged over views."""

@@ -24,10 +24,8 @@ class SDSGuidance(Guidance):
         x = latents.float()
         B = x.shape[0]
         t = self._random_t(B)
+        eps, x_t, eps_pretrained = self._noisy_prediction(x, t, embeds)
         with torch.no_grad():
-            eps = self._noise(x)
-            x_t = self.denoiser.add_noise(x.detach(), eps, t)
-            eps_pretrained = self.denoiser.predict_eps(x_t, t, embeds, self.config.cfg_scale).float()
             g = self._weight(t).view(B, 1, 1, 1) * (eps_pretrained - eps)
             x_hat = x.detach() - g
         loss = self.target_loss(x, x_hat)

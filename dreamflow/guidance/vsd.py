@@ -24,10 +24,8 @@ class VSDGuidance(Guidance):
         x = latents.float()
         B = x.shape[0]
         t = self._random_t(B)
+        _, x_t, eps_pretrained = self._noisy_prediction(x, t, embeds)
         with torch.no_grad():
-            eps = self._noise(x)
-            x_t = self.denoiser.add_noise(x.detach(), eps, t)
-            eps_pretrained = self.denoiser.predict_eps(x_t, t, embeds, self.config.cfg_scale).float()
             eps_scene = self.scene.eps(x_t, t, embeds, camera).float()
             g = self._weight(t).view(B, 1, 1, 1) * (eps_pretrained - eps_scene)
             x_hat = x.detach() - g

@@ -194,6 +194,8 @@ class Denoiser:
         self.shift_factor = float(self.vae.config.get("shift_factor", None) or 0.0)
         self.force_zeros_for_empty_prompt = bool(self.model_index.get("force_zeros_for_empty_prompt", False))
         self._prompt_cache: Dict[str, Tuple[Tensor, Optional[Tensor]]] = {}
+        #: Opt-in CUDA fast path (CUDA graphs, fused LoRA AdamW; dreamflow/denoisers/fast.py); None = eager.
+        self.fast_path = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -224,6 +226,7 @@ class Denoiser:
 
     def unload(self) -> None:
         """Move every module to the CPU, drop the references and free cached GPU memory."""
+        self.fast_path = None  # captured graphs point at the GPU weights
         for attr in ("unet", "vae", "text_encoder", "text_encoder_2"):
             m = getattr(self, attr, None)
             if m is not None:
@@ -231,6 +234,25 @@ class Denoiser:
             setattr(self, attr, None)
         self._prompt_cache.clear()
         hosting.free_memory()
+
+    def enable_fast_path(self, config=None):
+        """Replay the frozen UNet calls from CUDA graphs and fuse the scene LoRA's AdamW (CUDA only).
+
+        Args:
+            config: a :class:`~dreamflow.denoisers.fast.FastPathConfig` (default: all fast paths on).
+        Returns:
+            the :class:`~dreamflow.denoisers.fast.FastPath` (also ``self.fast_path``; stages use it).
+        Raises:
+            DreamFlowError: the denoiser is not on a CUDA device.
+        """
+        from .fast import FastPath
+
+        self.fast_path = FastPath(self, config)
+        return self.fast_path
+
+    def disable_fast_path(self) -> None:
+        """Back to the eager calls (drops the captured graphs)."""
+        self.fast_path = None
 
     def __repr__(self) -> str:
         return (f"Denoiser(kind={self.kind!r}, name={self.name!r}, prediction_type={self.prediction_type!r}, "
@@ -434,6 +456,15 @@ class Denoiser:
                         added_cond_kwargs=added, return_dict=False)[0]
         return out.to(x_t.dtype)
 
+    def _pretrained_unet(self, x_t: Tensor, t: Tensor, hidden: Tensor, added: Optional[dict]) -> Tensor:
+        """``_run_unet`` for the frozen model's own predictions: replayed by the fast path when it is on and
+        applies (it returns None otherwise, e.g. while a scene LoRA is enabled)."""
+        if self.fast_path is not None:
+            out = self.fast_path.unet(x_t, t, hidden, added)
+            if out is not None:
+                return out
+        return self._run_unet(x_t, t, hidden, added)
+
     def _check_batch(self, x_t: Tensor, embeds: PromptEmbeds) -> None:
         if x_t.ndim != 4 or x_t.shape[1] != self.unet.config.in_channels:
             raise DreamFlowError(f"x_t must be [B, {self.unet.config.in_channels}, h, w] latents, got {tuple(x_t.shape)}")
@@ -455,14 +486,14 @@ class Denoiser:
         self._check_batch(x_t, embeds)
         t = self._t(t, x_t.shape[0])
         if cfg_scale == 1.0:
-            return self.eps_from_output(self._run_unet(x_t, t, embeds.cond, self._added_cond(embeds, True)), x_t, t)
+            return self.eps_from_output(self._pretrained_unet(x_t, t, embeds.cond, self._added_cond(embeds, True)), x_t, t)
         x2, t2 = torch.cat([x_t, x_t]), torch.cat([t, t])
         hidden = torch.cat([embeds.uncond, embeds.cond])
         added = None
         if self.kind == "sdxl_refiner":
             au, ac = self._added_cond(embeds, False), self._added_cond(embeds, True)
             added = {k: torch.cat([au[k], ac[k]]) for k in au}
-        eps_u, eps_c = self.eps_from_output(self._run_unet(x2, t2, hidden, added), x2, t2).chunk(2)
+        eps_u, eps_c = self.eps_from_output(self._pretrained_unet(x2, t2, hidden, added), x2, t2).chunk(2)
         return eps_u + cfg_scale * (eps_c - eps_u)
 
 

@@ -1,0 +1,354 @@
+"""CUDA fast paths for the frozen denoiser calls: CUDA-graph replay and a fused LoRA optimiser (opt-in).
+
+Why: an SD 2.1 UNet call is ~1,500 kernel launches. Run eagerly, Python and the dispatcher spend ~20 ms
+launching them, longer than the H100 needs to run them at the batch sizes of a stage (measured, see
+bench/RESULTS.md). A CUDA graph records the launches once per input shape and replays them with one call.
+
+What is replayed (both are pure functions of their inputs, so a replay computes exactly what the eager
+call computes, with the same kernels on the same inputs):
+
+* the pretrained model's UNet call of :meth:`Denoiser.predict_eps` (the classifier-free-guidance batch of
+  2B, ``[uncond, cond]``), hooked in through ``Denoiser.fast_path``;
+* the scene model's prediction ``SceneDenoiser.eps`` (scene LoRA on, camera MLP, autocast), installed on a
+  guidance's scene model by :meth:`FastPath.prepare_guidance`. LoRA and camera-MLP weights change every
+  update; the graph reads them in place, so replays always see the current values.
+
+The scene LoRA's training step (forward + backward + AdamW) stays eager; its optimiser becomes the fused
+AdamW (one kernel for all LoRA tensors instead of one per tensor and op).
+
+Graph safety: static input buffers live outside the graphs' memory pool and are filled with ``copy_`` (which
+casts exactly like the eager ``.to(dtype)``); outputs are copied out right after each replay, so graphs of
+one denoiser share one memory pool. Nothing inside a captured call synchronises with the host. A call falls
+back to the eager path (same result) whenever a graph would not be the same function: a scene LoRA enabled on
+the UNet, a forward hook on its time embedding, autocast active, inputs that need gradients, a stream capture
+in progress, or non-CUDA tensors. Graphs are recaptured when the UNet's weights move (``unload()``, ``.to``).
+
+Usage::
+
+    denoiser = Denoiser.load("sd21-base", device="cuda")      # float16
+    denoiser.enable_fast_path()                                # FastPathConfig() defaults
+    run_nerf_stage(denoiser, prompt, config=...)               # stages pick it up through stages/loop.py
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, fields
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from ..errors import DreamFlowError, check
+
+log = logging.getLogger("dreamflow")
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class FastPathConfig:
+    """Which fast paths to use (all default on; each keeps the eager path's results up to float rounding)."""
+
+    cuda_graphs: bool = True
+    """Replay the pretrained CFG UNet call from a CUDA graph per input shape (measured on an H100: SD 2.1,
+    8 x 64 x 64 latents, see bench/RESULTS.md)."""
+    graph_scene_eps: bool = True
+    """Replay the scene LoRA's prediction (APFO / VSD) from CUDA graphs too (ours)."""
+    fused_optimizer: bool = True
+    """Use ``torch.optim.AdamW(fused=True)`` for the scene LoRA (same update rule, one kernel)."""
+    warmup_calls: int = 2
+    """Eager calls on a side stream before each capture (lazy cuBLAS / cuDNN set-up must not be captured;
+    PyTorch's CUDA-graph notes use 3, 2 measured enough here)."""
+    max_graphs: int = 8
+    """Captured shapes kept per call site; the least recently used one is dropped beyond this (each holds
+    its output and shares the activation pool)."""
+
+    def validate(self) -> "FastPathConfig":
+        check(self.warmup_calls >= 1, f"fast path warmup_calls={self.warmup_calls} must be >= 1 (2 is usual)")
+        check(self.max_graphs >= 1, f"fast path max_graphs={self.max_graphs} must be >= 1 (8 is usual)")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# A graph of one call at fixed shapes
+# --------------------------------------------------------------------------------------------
+class _Graph:
+    """One captured call ``fn(**inputs) -> Tensor`` with static input buffers.
+
+    Args:
+        fn: the call; must launch the same kernels for any values of inputs of these shapes and dtypes.
+        example: name -> example input (its values are copied into the static buffer).
+        dtypes: name -> dtype of the static buffer when it differs from the input's (``copy_`` then casts
+            exactly as the eager ``.to(dtype)`` does).
+        pool: memory-pool handle shared with the other graphs of the same owner.
+        warmup: eager calls on a side stream before capture.
+    """
+
+    def __init__(self, fn: Callable[..., Tensor], example: Dict[str, Tensor], dtypes: Dict[str, torch.dtype],
+                 pool, warmup: int):
+        self.static = {k: v.detach().to(dtypes.get(k, v.dtype), copy=True) for k, v in example.items()}
+        device = next(iter(self.static.values())).device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(warmup):
+                fn(**self.static)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(self.graph, pool=pool):
+            self.out = fn(**self.static)
+
+    def __call__(self, inputs: Dict[str, Tensor]) -> Tensor:
+        for k, v in inputs.items():
+            self.static[k].copy_(v)
+        self.graph.replay()
+        return self.out
+
+
+def _signature(inputs: Dict[str, Optional[Tensor]]) -> Tuple:
+    return tuple((k, None) if v is None else (k, tuple(v.shape), v.dtype) for k, v in sorted(inputs.items()))
+
+
+class _GraphCache:
+    """Graphs of one call site keyed by input shapes / dtypes (LRU, ``max_graphs`` entries)."""
+
+    def __init__(self, max_graphs: int):
+        self.graphs: "OrderedDict[Tuple, _Graph]" = OrderedDict()
+        self.max_graphs = max_graphs
+        self.failed: set = set()
+        self.captures = 0
+        self.replays = 0
+
+    def run(self, key: Tuple, build: Callable[[], _Graph], inputs: Dict[str, Tensor]) -> Optional[Tensor]:
+        """The replayed output for ``inputs`` (capturing on first sight of ``key``); None if capture failed."""
+        if key in self.failed:
+            return None
+        g = self.graphs.get(key)
+        if g is None:
+            try:
+                g = build()
+            except Exception as e:  # a kernel that cannot be captured: stay eager for this shape
+                self.failed.add(key)
+                log.warning("dreamflow: CUDA graph capture failed (%s: %s); this call stays eager",
+                            type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+                return None
+            self.graphs[key] = g
+            self.captures += 1
+            while len(self.graphs) > self.max_graphs:
+                self.graphs.popitem(last=False)
+        else:
+            self.graphs.move_to_end(key)
+        self.replays += 1
+        return g(inputs)
+
+    def clear(self) -> None:
+        self.graphs.clear()
+        self.failed.clear()
+
+
+# --------------------------------------------------------------------------------------------
+# When is a graph the same function as the eager call?
+# --------------------------------------------------------------------------------------------
+class _LoRAWatch:
+    """Tells whether any peft adapter of a UNet is enabled (then its output is not the pretrained one).
+
+    peft wraps target layers in ``BaseTunerLayer`` modules; the (parent, name, layer) triples are cached and
+    re-scanned when the adapter names change or a cached layer is no longer in its place (an adapter removed
+    and added again builds new layer objects).
+    """
+
+    def __init__(self, unet: torch.nn.Module):
+        self.unet = unet
+        self._key: Optional[Tuple] = None
+        self._layers: List[Tuple[torch.nn.Module, str, torch.nn.Module]] = []
+
+    def _scan(self) -> None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self._layers = []
+        for parent in self.unet.modules():
+            for name, child in parent.named_children():
+                if isinstance(child, BaseTunerLayer):
+                    self._layers.append((parent, name, child))
+
+    def any_enabled(self) -> bool:
+        config = getattr(self.unet, "peft_config", None)
+        if not config:
+            return False
+        key = tuple(sorted(config))
+        if key != self._key or not all(getattr(p, n, None) is layer for p, n, layer in self._layers):
+            self._scan()
+            self._key = key
+        return any(not layer.disable_adapters for _, _, layer in self._layers)
+
+
+def _needs_grad(tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _graphable(tensors) -> bool:
+    """Common preconditions: CUDA tensors, no autocast, no gradients wanted, no capture in progress."""
+    if not all(t is None or t.is_cuda for t in tensors):
+        return False
+    if torch.is_autocast_enabled("cuda") or _needs_grad(tensors):
+        return False
+    return not torch.cuda.is_current_stream_capturing()
+
+
+# --------------------------------------------------------------------------------------------
+# The fast path of one denoiser
+# --------------------------------------------------------------------------------------------
+class FastPath:
+    """CUDA fast path of one :class:`~dreamflow.denoisers.Denoiser` (create with ``Denoiser.enable_fast_path``).
+
+    Attributes:
+        config: the :class:`FastPathConfig`.
+        stats(): captures / replays / eager fallbacks so far (benchmarks and tests read it).
+    """
+
+    def __init__(self, denoiser, config: Optional[FastPathConfig] = None):
+        self.config = (config or FastPathConfig()).validate()
+        if denoiser.device.type != "cuda" or not torch.cuda.is_available():
+            raise DreamFlowError(f"the fast path (CUDA graphs, fused AdamW) needs a CUDA denoiser, but "
+                                 f"'{denoiser.name}' runs on {denoiser.device}; load it with device='cuda' or "
+                                 f"leave the fast path off")
+        self.denoiser = denoiser
+        self.pool = torch.cuda.graph_pool_handle()
+        self._unet_graphs = _GraphCache(self.config.max_graphs)
+        self._caches: "weakref.WeakSet[_GraphCache]" = weakref.WeakSet([self._unet_graphs])
+        self._lora = _LoRAWatch(denoiser.unet)
+        self._weights = self._weights_key()
+        self.fallbacks = 0
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _weights_key(self) -> Tuple:
+        unet = self.denoiser.unet
+        if unet is None:
+            return (None,)
+        w_in, w_out = unet.conv_in.weight, unet.conv_out.weight
+        return id(unet), w_in.data_ptr(), w_out.data_ptr(), w_in.device, w_in.dtype
+
+    def _weights_unchanged(self) -> bool:
+        key = self._weights_key()
+        if key != self._weights:  # moved, cast or replaced: captured addresses are stale
+            self.clear()
+            self._lora = _LoRAWatch(self.denoiser.unet)
+            self._weights = key
+        return key[0] is not None and key[3].type == "cuda"
+
+    def stats(self) -> Dict[str, int]:
+        return {"unet_captures": self._unet_graphs.captures, "unet_replays": self._unet_graphs.replays,
+                "fallbacks": self.fallbacks}
+
+    def clear(self) -> None:
+        """Drop every captured graph, the scene models' too (they are recaptured on the next call)."""
+        for cache in list(self._caches):
+            cache.clear()
+
+    # ------------------------------------------------------------------ pretrained UNet
+    def unet(self, x_t: Tensor, t: Tensor, hidden: Tensor, added: Optional[dict]) -> Optional[Tensor]:
+        """The pretrained UNet output for ``Denoiser._run_unet``'s arguments, replayed; None = run eagerly.
+
+        Args:
+            x_t: [N, C, h, w] latents (any float dtype); t: [N] float32 continuous time in [0, 1];
+            hidden: [N, 77, D]; added: refiner ``{"text_embeds": [N, P], "time_ids": [N, 5]}`` or None.
+        Returns:
+            [N, C, h, w] in ``x_t.dtype`` (a fresh tensor), or None when the eager call must run.
+        """
+        d = self.denoiser
+        if not self.config.cuda_graphs:
+            return None
+        added = added or {}
+        tensors = [x_t, t, hidden, *added.values()]
+        if (not _graphable(tensors) or not self._weights_unchanged() or t.dtype != torch.float32
+                or hidden.shape[-1] != d.unet.config.cross_attention_dim or self._lora.any_enabled()
+                or d.unet.time_embedding._forward_hooks or d.unet.time_embedding._forward_pre_hooks):
+            self.fallbacks += 1
+            return None
+        inputs = {"x": x_t, "t": t, "hidden": hidden, **added}
+        # Static buffers in the dtypes the eager call casts to (Denoiser._run_unet / _added_cond); t stays float32.
+        dtypes = {k: d.dtype for k in inputs if k != "t"}
+        unet, T = d.unet, d.num_train_timesteps
+
+        def call(x, t, hidden, **extra):
+            return unet(x, t * (T - 1), encoder_hidden_states=hidden, added_cond_kwargs=extra or None,
+                        return_dict=False)[0]
+
+        out = self._unet_graphs.run(_signature(inputs), lambda: _Graph(call, inputs, dtypes, self.pool,
+                                                                            self.config.warmup_calls), inputs)
+        if out is None:
+            self.fallbacks += 1
+            return None
+        return out.to(x_t.dtype, copy=True)
+
+    # ------------------------------------------------------------------ guidance
+    def prepare_guidance(self, guidance) -> None:
+        """Speed up a guidance's scene LoRA (APFO / VSD): graphed ``eps``, fused AdamW. No-op for SDS."""
+        scene = getattr(guidance, "scene", None)
+        if scene is None:
+            return
+        if self.config.fused_optimizer:
+            use_fused_adamw(scene)
+        if self.config.graph_scene_eps and not isinstance(scene.__dict__.get("eps"), GraphedSceneEps):
+            # An instance attribute shadows SceneDenoiser.eps for this scene model only; the guidance
+            # calls scene.eps(...) as before. Removed with the scene model at the end of the stage.
+            scene.eps = GraphedSceneEps(scene, self)
+
+
+def use_fused_adamw(scene) -> bool:
+    """Replace a fresh scene-LoRA AdamW by ``AdamW(fused=True)`` with the same hyper-parameters.
+
+    Returns True if replaced (False: not AdamW, already stepped, or parameters not all on CUDA).
+    """
+    opt = scene.optimizer
+    params = scene.parameters_to_train()
+    if (type(opt) is not torch.optim.AdamW or opt.state or opt.defaults.get("fused")
+            or not all(p.is_cuda and p.dtype in (torch.float16, torch.bfloat16, torch.float32) for p in params)):
+        return False
+    d = opt.defaults
+    scene.optimizer = torch.optim.AdamW(params, lr=d["lr"], betas=d["betas"], eps=d["eps"],
+                                        weight_decay=d["weight_decay"], amsgrad=d["amsgrad"], fused=True)
+    return True
+
+
+class GraphedSceneEps:
+    """``SceneDenoiser.eps`` replayed from CUDA graphs (same signature and result; falls back to eager).
+
+    The capture records the whole call: camera MLP, the hook that adds its embedding to the UNet's time
+    embedding, the LoRA-enabled UNet under autocast, and the v -> eps conversion.
+    """
+
+    def __init__(self, scene, fast: FastPath):
+        self.scene = scene
+        self.fast = fast
+        self.eager = type(scene).eps.__get__(scene)  # the class's method, bound (not this wrapper)
+        self.graphs = _GraphCache(fast.config.max_graphs)
+        fast._caches.add(self.graphs)
+        self.fallbacks = 0
+
+    def __call__(self, x_t: Tensor, t, embeds, camera: Optional[Tensor]) -> Tensor:
+        from .denoiser import PromptEmbeds
+
+        scene, d = self.scene, self.scene.denoiser
+        t = d._t(t, x_t.shape[0]) if not torch.is_tensor(t) or t.ndim == 0 else t
+        emb = {f.name: getattr(embeds, f.name) for f in fields(embeds) if getattr(embeds, f.name) is not None}
+        tensors = [x_t, t, camera, *emb.values()]
+        if getattr(scene, "_removed", False) or not _graphable(tensors) or not self.fast._weights_unchanged():
+            self.fallbacks += 1
+            return self.eager(x_t, t, embeds, camera)
+        inputs = {"x": x_t, "t": t, **{"e_" + k: v for k, v in emb.items()}}
+        if camera is not None:
+            inputs["camera"] = camera
+        eager = self.eager
+
+        def call(x, t, camera=None, **e):
+            return eager(x, t, PromptEmbeds(**{k[2:]: v for k, v in e.items()}), camera)
+
+        out = self.graphs.run(_signature(inputs), lambda: _Graph(call, inputs, {}, self.fast.pool,
+                                                                  self.fast.config.warmup_calls), inputs)
+        if out is None:
+            self.fallbacks += 1
+            return self.eager(x_t, t, embeds, camera)
+        return out.clone()

@@ -1,0 +1,237 @@
+"""The CUDA fast path (dreamflow/denoisers/fast.py) against the eager path, and bench/bench_gpu.py end to end.
+
+CPU: the guards that decide when a graph is the same function as the eager call (scene LoRA enabled, hooks),
+the error on a CPU denoiser, and the benchmark's smoke mode (real stage code on tiny models).
+
+GPU (``-m gpu``, skipped without CUDA): graphed calls vs eager calls on tiny float16 models. A replay runs the
+kernels the eager call runs on the same inputs, so results agree to float16 rounding; tolerances below are
+||fast - eager|| / ||eager|| <= 1e-3 for single calls and 1e-2 for APFO targets after LoRA steps, where fused
+AdamW (vs foreach) rounds differently in the last bit of the float32 LoRA weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from dreamflow.denoisers import Denoiser, SceneDenoiser
+from dreamflow.denoisers.fast import FastPathConfig, _LoRAWatch, _signature, use_fused_adamw
+from dreamflow.errors import DreamFlowError
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+CUDA = torch.cuda.is_available()
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+# ---------------------------------------------------------------------------------------------- CPU
+def test_fast_path_needs_cuda_and_valid_config(tiny_sd_path):
+    den = Denoiser.load(tiny_sd_path, dtype="fp32", device="cpu")
+    with pytest.raises(DreamFlowError, match="needs a CUDA denoiser") as e:
+        den.enable_fast_path()
+    assert "\n" not in str(e.value) and den.fast_path is None
+    with pytest.raises(DreamFlowError, match="warmup_calls"):
+        FastPathConfig(warmup_calls=0).validate()
+    with pytest.raises(DreamFlowError, match="max_graphs"):
+        FastPathConfig(max_graphs=0).validate()
+
+
+def test_lora_watch_follows_the_scene_adapter(tiny_sd_path):
+    """The guard must see an enabled scene LoRA, also after the adapter is removed and added again (new layer
+    objects at the same places, same adapter name)."""
+    den = Denoiser.load(tiny_sd_path, dtype="fp32", device="cpu")
+    watch = _LoRAWatch(den.unet)
+    assert not watch.any_enabled()
+    scene = SceneDenoiser(den)
+    assert not watch.any_enabled()  # added, but off outside scene calls
+    with scene.adapter(True):
+        assert watch.any_enabled()
+    assert not watch.any_enabled()
+    scene.remove()
+    assert not watch.any_enabled()
+    again = SceneDenoiser(den)
+    with again.adapter(True):
+        assert watch.any_enabled()  # the stale cache of the first adapter's layers was not trusted
+    again.remove()
+
+
+def test_graph_keys_separate_shapes_and_dtypes():
+    a = {"x": torch.zeros(2, 4, 8, 8), "t": torch.zeros(2)}
+    assert _signature(a) == _signature({"t": torch.ones(2), "x": torch.ones(2, 4, 8, 8)})
+    assert _signature(a) != _signature({"x": torch.zeros(4, 4, 8, 8), "t": torch.zeros(4)})
+    assert _signature(a) != _signature({"x": torch.zeros(2, 4, 8, 8, dtype=torch.float16), "t": torch.zeros(2)})
+    assert _signature({**a, "camera": None}) != _signature({**a, "camera": torch.zeros(2, 16)})
+
+
+def test_fused_adamw_is_not_forced_on_cpu(tiny_sd_path):
+    den = Denoiser.load(tiny_sd_path, dtype="fp32", device="cpu")
+    scene = SceneDenoiser(den)
+    opt = scene.optimizer
+    assert use_fused_adamw(scene) is False and scene.optimizer is opt
+    scene.remove()
+
+
+def test_random_denoiser_builds_from_a_config_folder(tiny_sd_path, tmp_path):
+    """bench_gpu.random_denoiser on a config-only copy of the tiny pipeline (no weights): the architecture of the
+    folder, random weights, a working CFG prediction."""
+    import shutil
+
+    sys.path.insert(0, BENCH)
+    import bench_gpu
+
+    cfg = tmp_path / "cfg"
+    for sub in ("unet", "vae", "text_encoder", "scheduler", "tokenizer"):
+        (cfg / sub).mkdir(parents=True)
+        for f in os.listdir(os.path.join(tiny_sd_path, sub)):
+            if f.endswith(".json"):
+                shutil.copy(os.path.join(tiny_sd_path, sub, f), cfg / sub / f)
+    shutil.copy(os.path.join(tiny_sd_path, "model_index.json"), cfg / "model_index.json")
+    den = bench_gpu.random_denoiser(str(cfg), torch.device("cpu"), torch.float32)
+    ref = Denoiser.load(tiny_sd_path, dtype="fp32", device="cpu")
+    assert {k: tuple(v.shape) for k, v in den.unet.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in ref.unet.state_dict().items()}
+    e = den.encode_prompt(["a red cube", "a blue cube"])
+    eps = den.predict_eps(torch.randn(2, 4, 8, 8), torch.tensor([0.3, 0.7]), e, 7.5)
+    assert eps.shape == (2, 4, 8, 8) and torch.isfinite(eps).all()
+
+
+def test_bench_smoke_runs_the_real_stage_and_projects(tmp_path):
+    """bench_gpu --smoke: the NeRF stage on the tiny model (CPU), JSON with consistent timings / projections."""
+    sys.path.insert(0, BENCH)
+    import bench_gpu
+
+    res = bench_gpu.main(["--smoke", "--stages", "nerf", "--no-pieces", "--iters", "1", "--out", str(tmp_path)])
+    with open(tmp_path / "bench_gpu.json") as f:
+        saved = json.load(f)
+    run = saved["stages"]["nerf"]["eager"]
+    assert saved["errors"] == [] and res["stages"]["nerf"]["eager"]["ms_per_update"] == run["ms_per_update"]
+    assert run["ms_per_update"] > 0 and run["views_per_update"] == 2 and run["finite_losses"]
+    assert run["views_per_s"] == pytest.approx(2 / (run["ms_per_update"] / 1e3))
+    # reference: 10,000 view-updates / 2 views; default schedule: 2,500 updates (NeRFStageConfig)
+    assert run["reference_s"] == pytest.approx(10_000 / 2 * run["ms_per_update"] / 1e3)
+    assert run["default_s"] == pytest.approx(2_500 * run["ms_per_update"] / 1e3)
+    assert saved["matmul_peak"]["tflops"] > 0
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+def _cuda(path):
+    return Denoiser.load(path, dtype="fp16", device="cuda")
+
+
+def _inputs(den, b, seed, hw=8):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(b, 4, hw, hw, device="cuda", generator=g)
+    t = torch.rand(b, device="cuda", generator=g) * 0.9 + 0.05
+    e = den.encode_prompt([f"a red cube, {w} view" for w in ("front", "side", "back", "overhead")][:b], "blurry")
+    return x, t, e
+
+
+@pytest.mark.parametrize("which", ["tiny_sd_path", "tiny_sd_v_path", "tiny_refiner_path"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_graphed_cfg_prediction_matches_eager(which, request):
+    den = _cuda(request.getfixturevalue(which))
+    cases = [_inputs(den, b, seed) for b, seed in ((2, 0), (2, 1), (3, 2), (2, 3))]  # 2 shapes, fresh values
+    with torch.no_grad():
+        eager = [den.predict_eps(x, t, e, 7.5) for x, t, e in cases]
+        fast = den.enable_fast_path()
+        graphed = [den.predict_eps(x, t, e, 7.5) for x, t, e in cases]
+        cond_only = den.predict_eps(*cases[0], 1.0)
+        den.disable_fast_path()
+        cond_ref = den.predict_eps(*cases[0], 1.0)
+    for a, b in zip(graphed, eager):
+        assert a.dtype == b.dtype == torch.float32 and rel(a, b) <= 1e-3
+    assert rel(cond_only, cond_ref) <= 1e-3
+    s = fast.stats()
+    assert s["unet_captures"] == 3 and s["unet_replays"] == 5 and s["fallbacks"] == 0  # B=2, B=3, cond-only B=2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_enabled_scene_lora_falls_back_to_eager(tiny_sd_path):
+    den = _cuda(tiny_sd_path)
+    x, t, e = _inputs(den, 2, 0)
+    scene = SceneDenoiser(den)
+    with torch.no_grad():
+        for n, p in den.unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)  # a trained LoRA changes the UNet's output
+        pre = den.predict_eps(x, t, e, 7.5)
+        with scene.adapter(True):
+            lora_eager = den.predict_eps(x, t, e, 7.5)
+        fast = den.enable_fast_path()
+        pre_fast = den.predict_eps(x, t, e, 7.5)  # captured with the adapter off
+        with scene.adapter(True):
+            lora_fast = den.predict_eps(x, t, e, 7.5)  # must not replay the adapter-off graph
+    assert rel(lora_eager, pre) > 1e-2
+    assert rel(pre_fast, pre) <= 1e-3 and rel(lora_fast, lora_eager) <= 1e-3
+    assert fast.stats()["fallbacks"] >= 1
+    scene.remove()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_apfo_targets_fast_match_eager_over_lora_steps(tiny_sd_path):
+    """Graphed pretrained + scene predictions and fused AdamW give the eager targets x_hat, step after step,
+    while the LoRA trains (the scene graphs read its weights in place)."""
+    from dreamflow.denoisers.fast import GraphedSceneEps
+    from dreamflow.guidance import GuidanceConfig, make_guidance
+
+    den = _cuda(tiny_sd_path)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    latents = torch.randn(2, 4, 8, 8, device="cuda", generator=g)
+    cam = torch.randn(2, 16, device="cuda", generator=g)
+    e = den.encode_prompt(["a red cube, front view", "a red cube, side view"])
+    cfg = GuidanceConfig(method="apfo", t_start=0.9, t_end=0.1, updates_per_t=1)
+    cfg.lora.lr = 1e-2  # large steps, so that stale LoRA weights in a graph would show
+
+    def run(fast: bool):
+        den.disable_fast_path()
+        guidance = make_guidance(den, cfg, total_updates=4, seed=0)
+        if fast:
+            den.enable_fast_path().prepare_guidance(guidance)
+            assert isinstance(guidance.scene.eps, GraphedSceneEps)
+            assert guidance.scene.optimizer.defaults["fused"] is True
+        targets = [guidance(latents, e, cam, step).target for step in range(4)]
+        lora_moved = any(p.abs().sum() > 0 for n, p in den.unet.named_parameters() if "lora_B" in n)
+        replays = guidance.scene.eps.graphs.replays if fast else 0
+        guidance.close()
+        return targets, lora_moved, replays
+
+    eager, moved, _ = run(False)
+    fast, _, replays = run(True)
+    assert moved and replays == 4
+    for step, (a, b) in enumerate(zip(fast, eager)):
+        assert rel(a, b) <= 1e-2, f"update {step}"
+    den.disable_fast_path()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_nerf_stage_with_fast_path_matches_eager_first_update(tiny_sd_path):
+    from dreamflow.render.volume import VolumeRenderConfig
+    from dreamflow.scene.hashgrid import HashGridConfig
+    from dreamflow.scene.nerf import NeRFFieldConfig
+    from dreamflow.stages import NeRFStageConfig, run_nerf_stage
+
+    den = _cuda(tiny_sd_path)
+    cfg = NeRFStageConfig(iterations=3, views_per_update=2, resolution=24, denoise_resolution=16,
+                          nerf=NeRFFieldConfig(grid=HashGridConfig(n_levels=4, log2_hashmap_size=10, base_resolution=8)),
+                          render=VolumeRenderConfig(n_samples=12, n_importance=4))
+    eager = run_nerf_stage(den, "a red cube", "", cfg).guidance_log
+    fast = den.enable_fast_path()
+    quick = run_nerf_stage(den, "a red cube", "", cfg).guidance_log
+    assert fast.stats()["unet_replays"] == 3
+    # update 0 sees identical parameters; later ones differ by atomics in the render backward (both paths)
+    assert quick[0]["loss"] == pytest.approx(eager[0]["loss"], rel=1e-3)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in quick)
+    den.disable_fast_path()

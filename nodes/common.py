@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from typing import Any, Dict, Iterator
 
 from dreamflow import hosting
-from dreamflow.errors import DreamFlowError, DreamFlowInterrupted, check
+from dreamflow.errors import DreamFlowError, check
 from dreamflow.runner.defs import DYNAMIC_LIST
 
 # Custom types carried between nodes. Namespaced so they never meet core types (MESH, MODEL, ...).
@@ -165,20 +165,24 @@ def to_image(images) -> "Any":
 
 
 @contextmanager
-def engine_call() -> Iterator[None]:
-    """Run one engine call the way ComfyUI expects: a user interrupt becomes ComfyUI's own interrupt
-    (reported as "interrupted", not as an error); memory the call cached is released afterwards."""
+def engine_call(free: bool = True) -> Iterator[None]:
+    """Run engine work the way ComfyUI needs it.
+
+    ComfyUI executes every node under ``torch.inference_mode()``; the stages optimise (autograd), and
+    tensors made in inference mode (weights, states) could never take part in autograd later. So engine
+    work runs with inference mode off and gradients on, as ComfyUI's own training node does. With
+    ``free``, memory the call cached is released afterwards, also when it fails or is interrupted
+    (interrupts are raised by the engine: ComfyUI's own exception when hosted, see
+    ``dreamflow.hosting.raise_interrupt``).
+    """
+    import torch
+
     try:
-        yield
-    except DreamFlowInterrupted:
-        mm = hosting.comfy_module("model_management")
-        if mm is not None and hasattr(mm, "InterruptProcessingException"):
-            # clears ComfyUI's flag so the next prompt is not interrupted at once
-            mm.throw_exception_if_processing_interrupted()
-            raise mm.InterruptProcessingException() from None
-        raise
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
     finally:
-        hosting.free_memory()
+        if free:
+            hosting.free_memory()
 
 
 def input_directory() -> str:

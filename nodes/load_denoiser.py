@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import weakref
 
-from .common import CATEGORY, DENOISER, dynamic_list
+from .common import CATEGORY, DENOISER, dynamic_list, engine_call
 
 DTYPES = ("auto", "fp16", "bf16", "fp32")
 DEVICES = ("auto", "cuda", "cpu")
@@ -25,8 +25,9 @@ def load_shared(model_name: str, dtype: str, device: str, cpu_offload: bool, vae
     with _lock:
         denoiser = _loaded.get(key)
         if denoiser is None:
-            denoiser = Denoiser.load(model_name, dtype=dtype, device=device, cpu_offload=bool(cpu_offload),
-                                     vae_tiling=bool(vae_tiling))
+            with engine_call(free=False):  # weights made outside inference mode, usable by autograd later
+                denoiser = Denoiser.load(model_name, dtype=dtype, device=device, cpu_offload=bool(cpu_offload),
+                                         vae_tiling=bool(vae_tiling))
             _loaded[key] = denoiser
         return denoiser
 

@@ -10,7 +10,7 @@ from typing import List, Optional
 from dreamflow import hosting
 from dreamflow.errors import DreamFlowError
 
-from .common import CATEGORY, MESH, NERF, dynamic_list, input_directory
+from .common import CATEGORY, MESH, NERF, dynamic_list, engine_call, input_directory
 
 OUTPUT_TAG = " [output]"
 INPUT_TAG = " [input]"
@@ -131,5 +131,6 @@ class LoadState:
     def load(self, state_file):
         from dreamflow.state import NeRFState, load_state
 
-        state = load_state(resolve_state_file(state_file))
+        with engine_call(free=False):  # tensors made outside inference mode: the stages train them further
+            state = load_state(resolve_state_file(state_file))
         return (state, None) if isinstance(state, NeRFState) else (None, state)

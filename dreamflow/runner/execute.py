@@ -1,7 +1,8 @@
 """Execute a validated API prompt of DreamFlow nodes in dependency order, without ComfyUI.
 
 Mirrors what ComfyUI's executor does for our nodes: instantiate the class, call ``FUNCTION`` with the
-inputs (links replaced by the upstream outputs), accept a tuple or ``{"result": ..., "ui": ...}``.
+inputs (links replaced by the upstream outputs) under ``torch.inference_mode()`` (as ComfyUI 0.3.64's
+``execution.py``), accept a tuple or ``{"result": ..., "ui": ...}``.
 Display-only core nodes (PreviewImage, Preview3D, ...) are skipped: their results have no terminal
 form. Interrupts (Ctrl-C via :class:`dreamflow.hosting.sigint_as_interrupt`) stop between nodes and
 inside stages within one update.
@@ -12,6 +13,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
+
+import torch
 
 from .. import hosting
 from ..errors import DreamFlowError, DreamFlowInterrupted
@@ -99,7 +102,9 @@ def run_prompt(prompt: Dict[str, dict], defs: Dict[str, NodeDef], *, workflow: O
             log(f"[{k}/{len(runnable)}] {where}")
             t0 = time.perf_counter()
             try:
-                ret = getattr(d.cls(), d.cls.FUNCTION)(**kwargs)
+                # as ComfyUI's executor: nodes run in inference mode (nodes that train must switch it off)
+                with torch.inference_mode():
+                    ret = getattr(d.cls(), d.cls.FUNCTION)(**kwargs)
             except DreamFlowError as e:
                 raise DreamFlowError(f"{where}: {e}") from e
             result.seconds[nid] = time.perf_counter() - t0

@@ -1,0 +1,193 @@
+"""The pack inside a real ComfyUI server (skipped unless ``COMFYUI_DIR`` points at a ComfyUI checkout).
+
+    COMFYUI_DIR=/path/to/ComfyUI COMFYUI_PYTHON=/path/to/its/venv/bin/python pytest tests/test_comfyui_live.py
+
+The server runs with ``--cpu --base-directory <tmp>``: models, custom_nodes, input, output and user data live
+in a temporary folder (this repository is symlinked into its custom_nodes, a tiny SD model into its
+models/diffusers), so the checkout itself is never touched. Checks: /object_info lists every node with the
+definitions the pack declares; a tiny workflow (the draft workflow converted to API format by our runner)
+queued through /prompt finishes and writes a GLB; a bad setting fails with our one-line message; /interrupt
+stops a running stage as ComfyUI's own interrupt. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import pytest
+
+from dreamflow.runner import apply_sets, node_defs, ui_to_api, validate_prompt
+from dreamflow.runner.defs import load_node_pack, pack_root
+
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+pytestmark = [pytest.mark.comfyui,
+              pytest.mark.skipif(not (COMFYUI_DIR and os.path.isfile(os.path.join(COMFYUI_DIR, "main.py"))),
+                                 reason="set COMFYUI_DIR to a ComfyUI checkout (and COMFYUI_PYTHON to its python)")]
+
+START_TIMEOUT = 240.0   # s: imports of torch + ComfyUI + the pack on a slow CPU machine
+RUN_TIMEOUT = 420.0     # s: tiny stages on CPU (2 updates each at 16 px)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, base: str):
+        self.base, self.port = base, _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(os.path.join(base, "server.log"), "w+")
+        python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+        self.proc = subprocess.Popen(
+            [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--base-directory", base,
+             "--disable-auto-launch"], cwd=COMFYUI_DIR, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, body: dict):
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                raw = r.read()
+                return json.loads(raw) if raw else {}
+        except urllib.error.HTTPError as e:
+            raise AssertionError(f"POST {path} -> {e.code}: {e.read().decode()[:2000]}") from None
+
+    def wait_ready(self):
+        t0 = time.time()
+        while time.time() - t0 < START_TIMEOUT:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"ComfyUI exited ({self.proc.returncode}):\n{self.tail()}")
+            try:
+                return self.get("/object_info")
+            except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
+                time.sleep(1)
+        raise AssertionError(f"ComfyUI did not answer within {START_TIMEOUT:.0f} s:\n{self.tail()}")
+
+    def run(self, prompt: dict, timeout: float = RUN_TIMEOUT, on_start=None) -> dict:
+        """Queue ``prompt`` and poll /history until it is done; returns its history entry."""
+        pid = self.post("/prompt", {"prompt": prompt, "client_id": str(uuid.uuid4()),
+                                    "extra_data": {"extra_pnginfo": {}}})["prompt_id"]
+        t0, started = time.time(), False
+        while time.time() - t0 < timeout:
+            hist = self.get(f"/history/{pid}")
+            if pid in hist and hist[pid].get("status", {}).get("completed") is not None:
+                if hist[pid]["status"].get("status_str") in ("success", "error"):
+                    return hist[pid]
+            if on_start and not started and self.get("/queue")["queue_running"]:
+                started = True
+                on_start()
+            time.sleep(1)
+        raise AssertionError(f"prompt {pid} not done within {timeout:.0f} s:\n{self.tail()}")
+
+    def tail(self, n: int = 4000) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()[-n:]
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from dreamflow.denoisers.tiny import build_tiny_sd
+
+    base = str(tmp_path_factory.mktemp("comfy_base"))
+    os.makedirs(os.path.join(base, "custom_nodes"))
+    os.symlink(pack_root(), os.path.join(base, "custom_nodes", "comfyui-dreamflow"))
+    build_tiny_sd(os.path.join(base, "models", "diffusers", "tiny-sd"), seed=0)
+    srv = Server(base)
+    try:
+        srv.object_info = srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+TINY = {"DreamFlowLoadDenoiser.model_name": "tiny-sd", "DreamFlowLoadDenoiser.device": "cpu",
+        "DreamFlowLoadDenoiser.dtype": "fp32",
+        "DreamFlowNeRFStage.iterations": 2, "DreamFlowNeRFStage.resolution": 16, "DreamFlowNeRFStage.views_per_update": 1,
+        "DreamFlowNeRFStage.denoise_resolution": 16, "DreamFlowNeRFStage.preview_views": 2,
+        "DreamFlowNeRFStage.preview_resolution": 16, "DreamFlowExtractMesh.resolution": 24,
+        "DreamFlowExtractMesh.preview_views": 2, "DreamFlowExtractMesh.preview_resolution": 16,
+        "DreamFlowMeshStage.iterations": 2, "DreamFlowMeshStage.resolution": 16, "DreamFlowMeshStage.views_per_update": 1,
+        "DreamFlowMeshStage.denoise_resolution": 16, "DreamFlowMeshStage.preview_views": 2,
+        "DreamFlowMeshStage.preview_resolution": 16, "DreamFlowSaveGLB.texture_size": 64}
+
+
+def tiny_prompt(**more) -> dict:
+    """The draft workflow as API prompt (our converter), shrunk to the tiny model; ``_meta`` kept (ignored)."""
+    defs = node_defs()
+    with open(os.path.join(pack_root(), "workflows", "dreamflow_draft.json"), encoding="utf-8") as f:
+        prompt = ui_to_api(json.load(f), defs)
+    apply_sets(prompt, [f"{k}={v}" for k, v in {**TINY, **more}.items()], defs)
+    return validate_prompt(prompt, defs)
+
+
+def test_object_info_lists_every_node(server):
+    pack = load_node_pack()
+    info = server.object_info
+    for node_id, cls in pack.NODE_CLASS_MAPPINGS.items():
+        assert node_id in info, f"{node_id} missing from /object_info:\n{server.tail()}"
+        entry = info[node_id]
+        assert entry["display_name"] == pack.NODE_DISPLAY_NAME_MAPPINGS[node_id]
+        assert entry["category"] == cls.CATEGORY and entry["description"] == cls.DESCRIPTION
+        assert entry["output"] == list(cls.RETURN_TYPES) and entry["output_name"] == list(cls.RETURN_NAMES)
+        assert entry["output_node"] == bool(getattr(cls, "OUTPUT_NODE", False))
+        assert list(entry["input"]["required"]) == list(cls.INPUT_TYPES()["required"])
+    assert "tiny-sd" in info["DreamFlowLoadDenoiser"]["input"]["required"]["model_name"][0]
+    assert "Preview3D" in info and "PreviewImage" in info
+
+
+def test_tiny_workflow_runs_through_prompt_and_history(server):
+    import trimesh
+
+    prompt = tiny_prompt()
+    entry = server.run(prompt)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000] + server.tail()
+    (save_id,) = [k for k, v in prompt.items() if v["class_type"] == "DreamFlowSaveGLB"]
+    (rec,) = entry["outputs"][save_id]["3d"]
+    assert rec["type"] == "output" and rec["filename"].endswith(".glb")
+    path = os.path.join(server.base, "output", rec["subfolder"], rec["filename"])
+    (geom,) = trimesh.load(path).geometry.values()
+    assert len(geom.faces) > 50
+    previews = [k for k, v in prompt.items() if v["class_type"] == "PreviewImage"]
+    assert all(len(entry["outputs"][k]["images"]) == 2 for k in previews)  # 2 turntable views each
+
+
+def test_bad_setting_fails_with_our_one_line_message(server):
+    entry = server.run(tiny_prompt(**{"DreamFlowNeRFStage.t_start": 0.2, "DreamFlowNeRFStage.t_end": 0.5}), timeout=120)
+    assert entry["status"]["status_str"] == "error"
+    errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert errors and errors[0]["node_type"] == "DreamFlowNeRFStage"
+    assert "must be greater than t_end" in errors[0]["exception_message"]
+    assert "\n" not in errors[0]["exception_message"].strip()
+
+
+def test_interrupt_stops_a_running_stage(server):
+    prompt = tiny_prompt(**{"DreamFlowNeRFStage.iterations": 5000, "DreamFlowNeRFStage.seed": 1})
+    t0 = time.time()
+    entry = server.run(prompt, timeout=180, on_start=lambda: (time.sleep(3), server.post("/interrupt", {})))
+    kinds = [m[0] for m in entry["status"]["messages"]]
+    assert "execution_interrupted" in kinds and "execution_error" not in kinds, kinds
+    assert time.time() - t0 < 180

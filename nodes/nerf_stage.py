@@ -36,6 +36,15 @@ class NeRFStage:
                                                "sparsity loss against floaters (threestudio prolificdreamer: 10)."),
                 "lambda_orient": float_input(c, "lambda_orient", 0.0, 1e4, 0.1, "Weight of DreamFusion's "
                                              "orientation loss (normals facing the camera; 0: off, cheaper)."),
+                "grid_levels": int_input(c, "nerf.grid.n_levels", 1, 32, "Hash-grid resolution levels (threestudio: "
+                                         "16; fewer levels: coarser detail, faster updates)."),
+                "grid_log2_size": int_input(c, "nerf.grid.log2_hashmap_size", 10, 24, "log2 of the hash-table "
+                                            "entries per level (threestudio: 19; smaller: faster on CPU, more "
+                                            "collisions)."),
+                "n_samples": int_input(c, "render.n_samples", 2, 1024, "Coarse samples per ray of the volume "
+                                       "renderer (NeRF: 64)."),
+                "n_importance": int_input(c, "render.n_importance", 0, 1024, "Fine samples per ray drawn from the "
+                                          "coarse weights (0: coarse only)."),
                 **preview_inputs(),
             },
             "optional": {
@@ -56,10 +65,13 @@ class NeRFStage:
 
     def run(self, denoiser, prompt, negative_prompt, seed, iterations, resolution, denoise_resolution,
             views_per_update, method, cfg_scale, t_start, t_end, updates_per_t, lr_grid, lr_mlp, lr_lora,
-            lambda_sparsity, lambda_orient, preview_views, preview_resolution, init=None):
+            lambda_sparsity, lambda_orient, grid_levels, grid_log2_size, n_samples, n_importance, preview_views,
+            preview_resolution, init=None):
         config = make_config(NeRFStageConfig, seed=seed, iterations=iterations, resolution=resolution,
                              denoise_resolution=denoise_resolution, views_per_update=views_per_update,
                              lr_grid=lr_grid, lr_mlp=lr_mlp, lambda_sparsity=lambda_sparsity, lambda_orient=lambda_orient,
+                             **{"nerf.grid.n_levels": grid_levels, "nerf.grid.log2_hashmap_size": grid_log2_size,
+                                "render.n_samples": n_samples, "render.n_importance": n_importance},
                              **guidance_changes(method, cfg_scale, t_start, t_end, updates_per_t, lr_lora))
         with engine_call():
             state = run_nerf_stage(denoiser, prompt, negative_prompt, config,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import posixpath
 
-from dreamflow.export import ExportConfig
+from dreamflow.export import ExportConfig, turntable_path
 
 from .common import CATEGORY, MESH, check_state, engine_call, int_input, make_config
 
@@ -23,6 +24,11 @@ class SaveGLB:
                                                           ".glb are appended (dreamflow/object_00001_.glb)."}),
                 "texture_size": int_input(c, "texture_size", 64, 8192, "Width = height of the baked base-colour "
                                           "texture, texels.", step=64),
+                "turntable_views": int_input(c, "turntable", 0, 360, "Views of a turntable of the saved, textured "
+                                             "mesh, written beside the GLB as <name>_turntable.png and shown on this "
+                                             "node (0: none)."),
+                "turntable_resolution": int_input(c, "turntable_resolution", 16, 4096, "Side of each turntable "
+                                                  "view, pixels.", step=16),
             }
         }
 
@@ -35,15 +41,20 @@ class SaveGLB:
     DESCRIPTION = ("Saves the mesh as a binary glTF (.glb): UV atlas, baked base-colour texture, PBR material; "
                    "+Y up, facing +Z. The file is written atomically (never half a file).")
 
-    def save(self, mesh, filename_prefix, texture_size):
+    def save(self, mesh, filename_prefix, texture_size, turntable_views, turntable_resolution):
         from dreamflow.io import next_output_path
         from dreamflow.state import MeshState
 
-        config = make_config(ExportConfig, texture_size=texture_size)
+        config = make_config(ExportConfig, texture_size=texture_size, turntable=turntable_views,
+                             turntable_resolution=turntable_resolution)
         check_state(mesh, MeshState, NODE, "mesh", "connect a stage's 'mesh' output (a NeRF must go through "
                                                    "ExtractMesh first)")
         full, rel = next_output_path(filename_prefix, "glb")
         with engine_call():
             mesh.export_glb(full, config)
         subfolder, filename = posixpath.split(rel)
-        return {"ui": {"3d": [{"filename": filename, "subfolder": subfolder, "type": "output"}]}, "result": (rel,)}
+        ui = {"3d": [{"filename": filename, "subfolder": subfolder, "type": "output"}]}
+        if turntable_views > 0:
+            ui["images"] = [{"filename": os.path.basename(turntable_path(full)), "subfolder": subfolder,
+                             "type": "output"}]
+        return {"ui": ui, "result": (rel,)}

@@ -392,17 +392,23 @@ def test_save_glb_writes_numbered_loadable_files(folders):
     out, _ = folders
     mesh = tiny_mesh()
     node = NODES["DreamFlowSaveGLB"]()
-    r1 = node.save(mesh, "dreamflow/cube", 64)
-    r2 = node.save(mesh, "dreamflow/cube", 64)
+    r1 = node.save(mesh, "dreamflow/cube", 64, 0, 64)
+    r2 = node.save(mesh, "dreamflow/cube", 64, 2, 32)
     assert r1["result"] == ("dreamflow/cube_00001_.glb",) and r2["result"] == ("dreamflow/cube_00002_.glb",)
-    assert r1["ui"]["3d"] == [{"filename": "cube_00001_.glb", "subfolder": "dreamflow", "type": "output"}]
+    assert r1["ui"] == {"3d": [{"filename": "cube_00001_.glb", "subfolder": "dreamflow", "type": "output"}]}
+    (png,) = r2["ui"]["images"]  # the textured turntable, shown on the node
+    assert png["subfolder"] == "dreamflow" and png["type"] == "output"
+    from PIL import Image
+
+    with Image.open(out / "dreamflow" / png["filename"]) as im:
+        assert im.size == (2 * 32, 32)  # one row of 2 views
     scene = trimesh.load(str(out / "dreamflow" / "cube_00001_.glb"))
     geom = list(scene.geometry.values())[0]
     assert len(geom.faces) == 12 and geom.visual.material.baseColorTexture.size == (64, 64)
     with pytest.raises(DreamFlowError, match="'..'"):
-        node.save(mesh, "../escape", 64)
+        node.save(mesh, "../escape", 64, 0, 64)
     with pytest.raises(DreamFlowError, match="MeshState"):
-        node.save(tiny_nerf(), "dreamflow/cube", 64)
+        node.save(tiny_nerf(), "dreamflow/cube", 64, 0, 64)
 
 
 def test_state_round_trip_through_save_and_load_nodes(folders):

@@ -108,6 +108,49 @@ def test_custom_stages_workflow_chains_two_nerf_stages():
     assert saved["inputs"]["nerf"] == [coarse_id, 0]
 
 
+def test_toy_workflow_runs_the_demo_settings(monkeypatch):
+    """``python -m dreamflow demo`` runs workflows/dreamflow_toy_demo.json when it exists, else calls the stages
+    with ``demo.stage_configs``: both routes must build the same stage configs."""
+    import importlib
+
+    from dreamflow import config as cfgio
+    from dreamflow.demo import DemoConfig, stage_configs
+    from dreamflow.runner.defs import PACK_MODULE
+
+    calls = {}
+
+    class Result:
+        def turntable(self, n, r):
+            import torch
+
+            return torch.zeros(n, r, r, 3)
+
+    def recorder(name, config_at):
+        def fn(*args, **kwargs):
+            calls[name] = args[config_at]
+            return Result()
+        return fn
+
+    for module, fn, at in (("nerf_stage", "run_nerf_stage", 3), ("extract_mesh", "extract_mesh_state", 1),
+                           ("mesh_stage", "run_mesh_stage", 4)):
+        monkeypatch.setattr(importlib.import_module(f"{PACK_MODULE}.nodes.{module}"), fn, recorder(fn, at))
+    prompt = validate_prompt(ui_to_api(load("dreamflow_toy_demo.json"), DEFS), DEFS)
+    (loader,) = by_type(prompt, "DreamFlowLoadDenoiser").values()
+    assert loader["inputs"]["model_name"] == DemoConfig().model == "dreamflow-toy"
+    # no model and no export here: only the stage configs are compared
+    monkeypatch.setattr(importlib.import_module(f"{PACK_MODULE}.nodes.load_denoiser"), "load_shared", lambda *a: object())
+    for nid in [k for k, v in prompt.items() if v["class_type"] in ("DreamFlowSaveGLB", "Preview3D")]:
+        del prompt[nid]
+    nerf_cfg, extract_cfg, mesh_cfg = stage_configs(DemoConfig())
+    run_prompt(prompt, DEFS, log=lambda s: None)
+    assert cfgio.to_dict(calls["run_nerf_stage"]) == cfgio.to_dict(nerf_cfg)
+    assert cfgio.to_dict(calls["extract_mesh_state"]) == cfgio.to_dict(extract_cfg)
+    assert cfgio.to_dict(calls["run_mesh_stage"]) == cfgio.to_dict(mesh_cfg)
+    (save,) = by_type(validate_prompt(ui_to_api(load("dreamflow_toy_demo.json"), DEFS), DEFS), "DreamFlowSaveGLB").values()
+    assert (save["inputs"]["texture_size"], save["inputs"]["turntable_views"], save["inputs"]["turntable_resolution"]) == \
+        (DemoConfig().texture_size, DemoConfig().turntable_views, DemoConfig().turntable_resolution)
+
+
 def test_draft_workflow_is_small():
     prompt = validate_prompt(ui_to_api(load("dreamflow_draft.json"), DEFS), DEFS)
     assert not by_type(prompt, "DreamFlowSDXLRefine")
@@ -329,6 +372,8 @@ def test_cycles_errors_and_interrupts():
     cyc = {"1": {"class_type": "Sink", "inputs": {"value": ["2", 0]}}, "2": {"class_type": "Source", "inputs": {"n": ["1", 0]}}}
     with pytest.raises(DreamFlowError, match=r"cycle through nodes \['1', '2'\]"):
         topological_order(cyc)
+    with pytest.raises(DreamFlowError, match=r"node 1 is linked to node\(s\) \['9'\], which are not in the workflow"):
+        topological_order({"1": {"class_type": "Sink", "inputs": {"value": ["9", 0]}}})
     bad = chain_prompt()
     bad["2"]["inputs"]["noise_seed"] = 101
     with pytest.raises(DreamFlowError, match="above its maximum 100"):

@@ -8,7 +8,7 @@ frontend (1.27, bundled with ComfyUI 0.3.64) saves: nodes list sockets and *link
 only (its ``compressWidgetInputSlots``), ``widgets_values`` hold every widget value in order.
 
 To add a workflow: write a function building it with :class:`WorkflowBuilder` and add it to
-:data:`WORKFLOWS` (e.g. ``"dreamflow_toy_demo.json": toy_demo`` using denoiser "dreamflow-toy").
+:data:`WORKFLOWS`.
 """
 
 from __future__ import annotations
@@ -228,10 +228,42 @@ def custom_stages(defs: Dict[str, NodeDef]) -> dict:
     return b.to_json("custom_stages")
 
 
+def toy_demo(defs: Dict[str, NodeDef]) -> dict:
+    """The offline demo on the shipped toy prior ``dreamflow-toy``: the settings of
+    :class:`dreamflow.demo.DemoConfig` (``python -m dreamflow demo`` runs this file when it exists)."""
+    from ..demo import DemoConfig
+
+    c = DemoConfig()
+    prompt = "a red cube"
+    b = WorkflowBuilder(defs)
+    b.note("**DreamFlow toy demo**: the shipped toy prior `dreamflow-toy` (64 px, 7 shapes x 6 colours; no "
+           "download) runs the whole pipeline on a CPU in minutes. Prompts: 'a <colour> <shape>', e.g. "
+           "'a green cone'. Same settings as `python -m dreamflow demo`.", (-440, -220), size=(400, 180))
+    sd = b.add("DreamFlowLoadDenoiser", (-440, 0), title="Toy prior", model_name=c.model)
+    small = dict(preview_views=4, preview_resolution=64)
+    _, mesh = _pipeline(
+        b, sd, 0,
+        nerf_values=dict(seed=c.seed, iterations=c.nerf_iterations, views_per_update=c.nerf_views,
+                         resolution=c.nerf_resolution, denoise_resolution=64, cfg_scale=c.cfg_scale, t_start=1.0,
+                         t_end=0.2, grid_levels=c.hash_levels, grid_log2_size=c.hash_log2_size,
+                         n_samples=c.n_samples, n_importance=c.n_importance, **small),
+        extract_values=dict(resolution=c.extract_resolution, face_budget=c.face_budget, **small),
+        mesh_values=dict(seed=c.seed, iterations=c.mesh_iterations, views_per_update=c.nerf_views,
+                         resolution=c.mesh_resolution, denoise_resolution=64, cfg_scale=c.cfg_scale, t_start=0.5,
+                         t_end=0.1, **small),
+        prompt=prompt)
+    save = b.add("DreamFlowSaveGLB", (1320, 0), filename_prefix="dreamflow/toy", texture_size=c.texture_size,
+                 turntable_views=c.turntable_views, turntable_resolution=c.turntable_resolution)
+    b.link(mesh, "mesh", save, "mesh")
+    b.link(save, "glb_path", b.add("Preview3D", (1320, 420), width=500), "model_file")
+    return b.to_json("toy_demo")
+
+
 WORKFLOWS: Dict[str, Callable[[Dict[str, NodeDef]], dict]] = {
     "dreamflow_paper_full.json": paper_full,
     "dreamflow_draft.json": draft,
     "dreamflow_custom_stages.json": custom_stages,
+    "dreamflow_toy_demo.json": toy_demo,
 }
 
 

@@ -51,6 +51,10 @@ def topological_order(prompt: Dict[str, dict]) -> List[str]:
         return (0, int(nid), "") if nid.isdigit() else (1, 0, nid)
 
     deps = {nid: {str(v[0]) for v in (e.get("inputs") or {}).values() if _is_link(v)} for nid, e in prompt.items()}
+    for nid, d in deps.items():
+        if d - set(prompt):
+            raise DreamFlowError(f"node {nid} is linked to node(s) {sorted(d - set(prompt))}, which are not in the "
+                                 f"workflow; reconnect its inputs")
     order, done = [], set()
     ready = sorted((n for n, d in deps.items() if not d), key=key)
     while ready:

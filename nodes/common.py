@@ -1,5 +1,5 @@
-"""What every DreamFlow node shares: custom types, widget specs read from engine configs, the
-stage-call wrapper (progress, interrupt, memory), folders, and checks of linked inputs.
+"""What every DreamFlow node shares: custom types, widget specs read from engine configs, the wrapper
+of engine calls (autograd inside ComfyUI's inference mode, memory), folders, and a state-type check.
 
 Nodes stay thin: widgets map to config fields, one engine call does the work. Widget defaults are read
 from the engine's config dataclasses, so the defaults users see are the engine's (paper) defaults.
@@ -13,6 +13,7 @@ from typing import Any, Dict, Iterator
 
 from dreamflow import hosting
 from dreamflow.errors import DreamFlowError, check
+from dreamflow.guidance import METHODS  # the dropdown's order: DreamFlow's APFO first
 from dreamflow.runner.defs import DYNAMIC_LIST
 
 # Custom types carried between nodes. Namespaced so they never meet core types (MESH, MODEL, ...).
@@ -20,8 +21,6 @@ DENOISER = "DREAMFLOW_DENOISER"
 NERF = "DREAMFLOW_NERF"
 MESH = "DREAMFLOW_MESH"
 CATEGORY = "DreamFlow"
-METHODS = ("apfo", "sds", "vsd")
-"""Guidance methods, in the order the dropdown shows them (DreamFlow's APFO first)."""
 
 SEED_MAX = 0xFFFFFFFFFFFFFFFF  # ComfyUI's KSampler seed range
 
@@ -160,7 +159,8 @@ def to_image(images) -> "Any":
     images = torch.as_tensor(images).detach()
     if images.dim() == 3:
         images = images[None]
-    check(images.dim() == 4 and images.shape[-1] == 3, f"preview images have shape {tuple(images.shape)}, expected [V, H, W, 3]")
+    check(images.dim() == 4 and images.shape[-1] == 3,
+          f"preview images have shape {tuple(images.shape)}, expected [V, H, W, 3]")
     return images.to("cpu", torch.float32).clamp(0, 1).contiguous()
 
 

@@ -29,7 +29,7 @@ import os
 from typing import Any, Dict, Optional, Tuple
 
 from ..errors import DreamFlowError
-from .defs import CONTROL_VALUES, VIRTUAL_NODES, NodeDef, describe, types_match
+from .defs import CONTROL_VALUES, VIRTUAL_NODES, NodeDef, describe, is_link, types_match
 
 MODE_MUTED = 2   # LGraphEventMode.NEVER
 MODE_BYPASS = 4  # LGraphEventMode.BYPASS
@@ -202,7 +202,7 @@ def ui_to_api(workflow: dict, defs: Dict[str, NodeDef]) -> Dict[str, dict]:
     # As graphToPrompt: drop inputs whose source node is not in the prompt (muted, virtual)
     for entry in prompt.values():
         for name, value in list(entry["inputs"].items()):
-            if _is_link(value) and value[0] not in prompt:
+            if is_link(value) and value[0] not in prompt:
                 del entry["inputs"][name]
     return prompt
 
@@ -223,6 +223,3 @@ def _bypass_slot(node: dict, slot: int, want_type: str) -> Optional[int]:
     fits = [k for k, x in enumerate(ins) if types_match(x.get("type", "*"), out_type) and types_match(x.get("type", "*"), want_type)]
     return fits[0] if fits else None
 
-
-def _is_link(value) -> bool:
-    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)

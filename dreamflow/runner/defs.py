@@ -170,6 +170,12 @@ def node_defs(mappings: Optional[Dict[str, type]] = None) -> Dict[str, NodeDef]:
     return defs
 
 
+def is_link(value) -> bool:
+    """An API-prompt input that is a link ``[from_node_id, from_slot]`` rather than a value."""
+    return (isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[1], int)
+            and not isinstance(value[1], bool))
+
+
 def types_match(received: str, expected: str) -> bool:
     """ComfyUI's link type rule (``comfy_execution/validation.py``, non-strict): "*" or any overlap of
     the comma-separated type sets."""

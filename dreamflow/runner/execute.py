@@ -18,7 +18,7 @@ import torch
 
 from .. import hosting
 from ..errors import DreamFlowError, DreamFlowInterrupted
-from .defs import NodeDef, describe
+from .defs import NodeDef, describe, is_link
 
 
 @dataclass
@@ -40,9 +40,6 @@ class RunResult:
     skipped: List[str] = field(default_factory=list)
 
 
-def _is_link(value) -> bool:
-    return isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[1], int) and not isinstance(value[1], bool)
-
 
 def topological_order(prompt: Dict[str, dict]) -> List[str]:
     """Ids so that every node comes after the nodes it links from; ties in id order (stable logs)."""
@@ -50,7 +47,7 @@ def topological_order(prompt: Dict[str, dict]) -> List[str]:
     def key(nid: str):
         return (0, int(nid), "") if nid.isdigit() else (1, 0, nid)
 
-    deps = {nid: {str(v[0]) for v in (e.get("inputs") or {}).values() if _is_link(v)} for nid, e in prompt.items()}
+    deps = {nid: {str(v[0]) for v in (e.get("inputs") or {}).values() if is_link(v)} for nid, e in prompt.items()}
     for nid, d in deps.items():
         if d - set(prompt):
             raise DreamFlowError(f"node {nid} is linked to node(s) {sorted(d - set(prompt))}, which are not in the "
@@ -99,7 +96,7 @@ def run_prompt(prompt: Dict[str, dict], defs: Dict[str, NodeDef], *, workflow: O
             for name, value in (entry.get("inputs") or {}).items():
                 if d.input(name) is None:
                     continue  # ComfyUI ignores inputs a node does not declare
-                kwargs[name] = outputs[str(value[0])][value[1]] if _is_link(value) else value
+                kwargs[name] = outputs[str(value[0])][value[1]] if is_link(value) else value
             for name, kind in d.hidden.items():
                 kwargs[name] = {"PROMPT": prompt, "UNIQUE_ID": nid,
                                 "EXTRA_PNGINFO": {"workflow": workflow} if workflow else {}}.get(kind)

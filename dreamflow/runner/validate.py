@@ -13,11 +13,8 @@ import json
 from typing import Any, Dict, Iterable, List
 
 from ..errors import DreamFlowError
-from .defs import InputDef, NodeDef, describe, types_match
+from .defs import InputDef, NodeDef, describe, is_link, types_match
 
-
-def _is_link(value) -> bool:
-    return isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[1], int) and not isinstance(value[1], bool)
 
 
 def _label(nid: str, entry: dict) -> str:
@@ -79,7 +76,7 @@ def validate_prompt(prompt: Dict[str, dict], defs: Dict[str, NodeDef]) -> Dict[s
                     raise DreamFlowError(f"{where} is missing required input '{inp.name}'; {how}")
                 continue
             value = inputs[inp.name]
-            if _is_link(value):
+            if is_link(value):
                 src_id, slot = str(value[0]), value[1]
                 src = prompt.get(src_id)
                 if src is None:

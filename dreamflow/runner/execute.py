@@ -40,7 +40,6 @@ class RunResult:
     skipped: List[str] = field(default_factory=list)
 
 
-
 def topological_order(prompt: Dict[str, dict]) -> List[str]:
     """Ids so that every node comes after the nodes it links from; ties in id order (stable logs)."""
 

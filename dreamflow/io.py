@@ -47,6 +47,24 @@ def _looks_like_safetensors(path: str) -> bool:
     return 0 < n < os.path.getsize(path)
 
 
+def read_state_header(path: str):
+    """The JSON header of a DreamFlow state file, or ``None`` for any other file.
+
+    Reads only the safetensors header (8-byte length + JSON), never the tensors: cheap enough to list
+    folders of states.
+    """
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 1 < n < 100_000_000:
+                return None
+            meta = json.loads(f.read(n)).get("__metadata__") or {}
+        header = json.loads(meta[_HEADER_KEY])
+        return header if isinstance(header, dict) else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 @contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """Yield a temporary path beside ``path``; on success rename it to ``path``, else delete it."""

@@ -3,12 +3,12 @@ insert custom stages between DreamFlow's own."""
 
 from __future__ import annotations
 
-import json
 import os
 from typing import List, Optional
 
 from dreamflow import hosting
 from dreamflow.errors import DreamFlowError
+from dreamflow.io import read_state_header
 
 from .common import CATEGORY, MESH, NERF, dynamic_list, engine_call, input_directory
 
@@ -18,19 +18,9 @@ INPUT_TAG = " [input]"
 
 
 def state_format(path: str) -> Optional[str]:
-    """The ``format`` of a DreamFlow state file's header, or ``None`` for any other file.
-
-    Reads only the safetensors JSON header (8-byte length + JSON), so listing folders stays fast.
-    """
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 1 < n < 100_000_000:
-                return None
-            meta = json.loads(f.read(n)).get("__metadata__") or {}
-        return json.loads(meta["dreamflow"]).get("format")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
+    """The ``format`` of a DreamFlow state file's header, or ``None`` for any other file (header only)."""
+    header = read_state_header(path)
+    return header.get("format") if header else None
 
 
 def _state_files(root: str) -> List[str]:

@@ -207,3 +207,10 @@ def test_glb_and_turntable_from_mesh_state(mesh_state, tmp_path):
     imgs = mesh_state.turntable(n_views=3, resolution=32)
     assert imgs.shape == (3, 32, 32, 3) and float(imgs.min()) >= 0 and float(imgs.max()) <= 1
     assert float((imgs < 0.99).float().mean()) > 0.01  # the object is visible on white
+
+
+def test_stages_train_under_a_host_inference_mode(tiny_sd, tiny_sd_path):
+    """ComfyUI runs nodes under torch.inference_mode(): the stage must still optimise."""
+    with torch.inference_mode():
+        s = run_nerf_stage(tiny_sd, PROMPT, "", nerf_cfg(iterations=1))
+    assert len(s.guidance_log) == 1 and not s.field.encoding.params.is_inference()

@@ -63,6 +63,19 @@ def oom_message(stage: str, config) -> str:
             f"try views_per_update={max(1, v // 2)}, resolution={max(64, r // 2)}, or LoadDenoiser cpu_offload / vae_tiling")
 
 
+def autograd_on(fn):
+    """Decorator: run a stage with autograd on, whatever the host does (ComfyUI executes nodes under
+    ``torch.inference_mode()``, where modules built and optimised by a stage could not be trained)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode(False), torch.enable_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def optimise(*, stage: str, denoiser, prompt: str, negative_prompt: str, config,
              render_fn: Callable, optimizer: torch.optim.Optimizer, snapshot: Callable[[List[dict]], object],
              callbacks: Optional[Callbacks] = None, guidance_state: Optional[Dict[str, torch.Tensor]] = None,

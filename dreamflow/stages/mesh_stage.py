@@ -23,7 +23,7 @@ from ..render.shading import ShadingConfig, pick_mode, random_light
 from ..scene.mesh import MeshModel, MeshModelConfig
 from ..state import MeshState, NeRFState
 from .extract import ExtractConfig, extract_mesh
-from .loop import optimise
+from .loop import autograd_on, optimise
 from .nerf_stage import check_common, check_denoiser, check_prompt
 
 
@@ -115,6 +115,7 @@ class RefineConfig(MeshStageConfig):
     """Stage 3 refines colour only by default (paper); enable to also move vertices."""
 
 
+@autograd_on
 def _run_mesh_like(stage: str, kind: str, denoiser, mesh: MeshState, prompt: str, negative_prompt: str,
                    config: MeshStageConfig, callbacks: Optional[Callbacks]) -> MeshState:
     from ..render.mesh_render import render_mesh

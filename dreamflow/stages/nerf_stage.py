@@ -19,7 +19,7 @@ from ..render.shading import ShadingConfig, pick_mode, random_light
 from ..render.volume import VolumeRenderConfig, orientation_loss, render_volume, sparsity_loss
 from ..scene.nerf import Background, BackgroundConfig, NeRFField, NeRFFieldConfig
 from ..state import NeRFState
-from .loop import optimise, seeded
+from .loop import autograd_on, optimise, seeded
 
 
 def check_denoiser(denoiser, kind: str, config, stage: str) -> None:
@@ -106,6 +106,7 @@ class NeRFStageConfig:
         return self
 
 
+@autograd_on
 def run_nerf_stage(denoiser, prompt: str, negative_prompt: str = "", config: Optional[NeRFStageConfig] = None,
                    callbacks: Optional[Callbacks] = None, init: Optional[NeRFState] = None) -> NeRFState:
     """Optimise a NeRF so its renders follow the denoiser's probability flow for ``prompt``.

@@ -1,0 +1,8 @@
+"""The toy world and its shipped prior ``models/dreamflow-toy`` (an offline default and a quality benchmark).
+
+* ``world``: 7 shapes x 6 colours as meshes, rendered by ``render/mesh_render.py`` from the stages' cameras;
+  captions with view words; prompt parsing.
+* ``prior``: the prior's diffusers layout (a small Stable Diffusion, 64 px) and weight installation.
+* ``train``: rendering a bank of views, VAE / UNet / classifier training, sampling (``bench/toy_train.py``).
+* ``classifier``: the shape x colour judge of ``bench/toy_quality.py`` (R-precision).
+"""

@@ -26,6 +26,7 @@ hash grid; ``+nvdiffrast`` = ``backend="auto"``; ``fast`` = everything: nvdiffra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -188,7 +189,7 @@ def unet_pieces(d, views: int, latent: int, image: int, peak_tflops: float, iter
     """CFG UNet call (eager / graph), scene eps (eager / graph), LoRA step (foreach / fused), VAE fwd+bwd."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from dreamflow.denoisers.fast import FastPathConfig, GraphedSceneEps, use_fused_adamw
+    from dreamflow.denoisers.fast import FastPathConfig, GraphedSceneEps, GraphedSceneOutput, use_fused_adamw
     from dreamflow.denoisers.scene import SceneDenoiser
 
     dev = d.device
@@ -251,6 +252,10 @@ def unet_pieces(d, views: int, latent: int, image: int, peak_tflops: float, iter
             r["fused_adamw"] = use_fused_adamw(scene)
             r["lora_step_fused_ms"] = median_ms(lambda: scene.train_step(x, embeds, cam, t=t, generator=gen), dev,
                                                 max(3, iters // 2))
+            scene.output = GraphedSceneOutput(scene, fp)
+            r["lora_step_graph_fused_ms"] = median_ms(lambda: scene.train_step(x, embeds, cam, t=t, generator=gen),
+                                                      dev, max(3, iters // 2))
+            r["lora_step_graph_replays"] = scene.output.graphs.replays
             d.disable_fast_path()
     finally:
         scene.remove()
@@ -323,8 +328,10 @@ def sphere_state(device: torch.device, smoke: bool, compile_grid: bool):
 
 
 def run_stage(stage: str, d, variant: Dict[str, object], device: torch.device, smoke: bool, warmup: int,
-              iters: int) -> Dict[str, object]:
-    """Run the real stage for warmup + iters updates; time the last ``iters`` (host clock after a sync)."""
+              iters: int, acc: Optional[Dict[str, float]] = None) -> Dict[str, object]:
+    """Run the real stage for warmup + iters updates; time the last ``iters`` (host clock after a sync).
+
+    With ``acc`` (a dict), the pieces of the timed updates are attributed too (:func:`breakdown`)."""
     from dreamflow.stages import run_mesh_stage, run_nerf_stage, run_refine_stage
 
     total = warmup + iters
@@ -335,6 +342,8 @@ def run_stage(stage: str, d, variant: Dict[str, object], device: torch.device, s
         if step in (1, warmup, total):
             sync(device)
             marks[step] = time.perf_counter()
+        if step == warmup and acc is not None:
+            acc.clear()
 
     cb = Callbacks(progress=progress, should_stop=lambda: False, preview_every=0)
     if variant.get("fast"):
@@ -346,24 +355,67 @@ def run_stage(stage: str, d, variant: Dict[str, object], device: torch.device, s
     peak_reset(device)
     sync(device)
     t0 = time.perf_counter()
-    if stage == "nerf":
-        state = run_nerf_stage(d, PROMPT, "", cfg, callbacks=cb)
-    elif stage == "mesh":
-        state = run_mesh_stage(d, mesh, PROMPT, "", cfg, callbacks=cb)
-    else:
-        state = run_refine_stage(d, mesh, PROMPT, "", cfg, callbacks=cb)
+    with (breakdown(d, device, acc) if acc is not None else contextlib.nullcontext()):
+        if stage == "nerf":
+            state = run_nerf_stage(d, PROMPT, "", cfg, callbacks=cb)
+        elif stage == "mesh":
+            state = run_mesh_stage(d, mesh, PROMPT, "", cfg, callbacks=cb)
+        else:
+            state = run_refine_stage(d, mesh, PROMPT, "", cfg, callbacks=cb)
     ms = (marks[total] - marks[warmup]) * 1e3 / iters
     out = {"ms_per_update": ms, "views_per_update": cfg.views_per_update, "resolution": cfg.resolution,
            "denoise_resolution": cfg.denoise_resolution, "views_per_s": cfg.views_per_update / (ms * 1e-3),
            "first_update_s": marks[1] - t0, "warmup_s": marks[warmup] - t0, "peak_vram_gib": peak_gib(device),
            "finite_losses": all(math.isfinite(r["loss"]) for r in state.guidance_log),
            "timed_updates": iters}
+    if acc is not None:
+        ms_of = {k: v * 1e3 / iters for k, v in acc.items()}
+        ms_of["scene eps + rest of guidance"] = ms_of.get("guidance", 0.0) - ms_of.get("cfg unet", 0.0) - ms_of.get("lora step", 0.0)
+        ms_of["backward + optimiser + rest"] = ms - sum(ms_of.get(k, 0.0) for k in ("render", "vae encode", "guidance"))
+        out["breakdown_ms"] = ms_of
     if d.fast_path is not None:
         out["fast_path_stats"] = d.fast_path.stats()
     d.disable_fast_path()
     del state, mesh
     free(device)
     return out
+
+
+@contextlib.contextmanager
+def breakdown(d, device: torch.device, acc: Dict[str, float]):
+    """Attribute update time to its pieces: wraps the renderer, the VAE encode, the guidance call, the CFG
+    prediction and the LoRA step with synchronised host timers (the syncs perturb: attribution only)."""
+    import dreamflow.render.mesh_render as mesh_render
+    import dreamflow.stages.nerf_stage as nerf_stage
+    from dreamflow.denoisers.scene import SceneDenoiser
+    from dreamflow.guidance.apfo import APFOGuidance
+
+    def wrap(name, fn):
+        def timed(*a, **k):
+            sync(device)
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                sync(device)
+                acc[name] = acc.get(name, 0.0) + time.perf_counter() - t0
+        return timed
+
+    patches = [(nerf_stage, "render_volume", "render"), (mesh_render, "render_mesh", "render"),
+               (SceneDenoiser, "train_step", "lora step"), (APFOGuidance, "__call__", "guidance"),
+               (d, "encode_images", "vae encode"), (d, "predict_eps", "cfg unet")]
+    # (object, attribute, value to restore; None = delete the instance attribute again)
+    saved = [(obj, attr, None if obj is d else obj.__dict__[attr]) for obj, attr, _ in patches]
+    for obj, attr, name in patches:
+        setattr(obj, attr, wrap(name, getattr(obj, attr)))
+    try:
+        yield acc
+    finally:
+        for obj, attr, old in saved:
+            if old is None:
+                delattr(obj, attr)
+            else:
+                setattr(obj, attr, old)
 
 
 def projections(stage: str, ms: float, views: int) -> Dict[str, float]:
@@ -385,6 +437,9 @@ VARIANTS = {
 }
 
 
+VARIANTS_BY_STAGE = {stage: dict(runs) for stage, runs in VARIANTS.items()}
+
+
 def card_name(device: torch.device) -> str:
     if device.type != "cuda":
         return "cpu"
@@ -404,7 +459,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     ap.add_argument("--warmup", type=int, default=None, help="untimed updates first (default 3; smoke 1)")
     ap.add_argument("--iters", type=int, default=None, help="timed updates (default 10; smoke 2)")
     ap.add_argument("--no-pieces", action="store_true", help="skip the per-piece UNet / LoRA / VAE timings")
-    ap.add_argument("--options", action="store_true", help="also measure offload / checkpointing on the refiner")
+    ap.add_argument("--options", action="store_true", help="also measure VAE checkpointing / bf16 on the refiner")
+    ap.add_argument("--breakdown", action="store_true", help="also attribute update time to its pieces (synced)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip what is left after this many seconds")
     args = ap.parse_args(argv)
 
@@ -420,7 +476,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         "card": card_name(device), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([os.path.basename(sys.executable), "bench/bench_gpu.py"] + (argv or sys.argv[1:])),
         "torch": torch.__version__, "cuda": torch.version.cuda, "smoke": smoke, "warmup": warmup, "iters": iters,
-        "stages": {}, "pieces": {}, "options": {}, "errors": [], "skipped": []}
+        "stages": {}, "pieces": {}, "options": {}, "breakdown": {}, "errors": [], "skipped": []}
 
     def save():
         with open(path, "w") as f:
@@ -466,40 +522,53 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
             return tiny_denoiser(kind, os.path.join(tmp, f"{kind}-{len(kw)}"), device, **kw)
         return random_denoiser("sd21-base" if kind == "sd" else "sdxl-refiner", device, dtype, **kw)
 
-    wanted = args.variants
-    for kind, stages in (("sd", [s for s in args.stages if s in ("nerf", "mesh")]),
-                         ("sdxl_refiner", [s for s in args.stages if s == "refine"])):
-        if not stages:
+    # Phases keep the most important numbers first (a budget stop loses only extras) and one denoiser on the
+    # card at a time (peak VRAM per stage is then what that stage needs).
+    plan = [("sd", True, [("nerf", "eager"), ("nerf", "fast"), ("mesh", "eager"), ("mesh", "fast"),
+                          ("nerf", "bd:fast"), ("mesh", "bd:fast"), ("mesh", "bd:eager")]),
+            ("sdxl_refiner", True, [("refine", "eager"), ("refine", "fast"), ("refine", "bd:fast"),
+                                    ("refine", "bd:eager"), ("refine", "+nvdiffrast"), ("refine", "options")]),
+            ("sd", False, [("nerf", "+grid"), ("mesh", "+nvdiffrast")])]
+    for kind, pieces, tasks in plan:
+        tasks = [(s, n) for s, n in tasks if s in args.stages and (n != "options" or args.options)
+                 and (not n.startswith("bd:") or args.breakdown)
+                 and (not args.variants or n.split(":")[-1] in args.variants or n == "options")]
+        if smoke:  # CUDA-only switches otherwise
+            tasks = [(s, n) for s, n in tasks if n.split(":")[-1] in ("eager", "options")]
+        if not tasks:
             continue
         free(device)
         d = guarded(f"build {kind}", lambda: load(kind))
         if d is None:
             continue
-        res["pieces"].setdefault(kind, {})["params_m"] = {
-            "unet": n_params(d.unet) / 1e6, "vae": n_params(d.vae) / 1e6,
-            "text": n_params(d.text_encoder, d.text_encoder_2) / 1e6}
-        res["pieces"][kind]["weights_gib"] = gib(torch.cuda.memory_allocated(device)) if device.type == "cuda" else None
-        if not args.no_pieces:
-            _, views, px = default_schedule(stages[0])
+        info = res["pieces"].setdefault(kind, {})
+        info["params_m"] = {"unet": n_params(d.unet) / 1e6, "vae": n_params(d.vae) / 1e6,
+                            "text": n_params(d.text_encoder, d.text_encoder_2) / 1e6}
+        info["weights_gib"] = gib(torch.cuda.memory_allocated(device)) if device.type == "cuda" else None
+        if pieces and not args.no_pieces:
+            _, views, _ = default_schedule(tasks[0][0])
             image = 16 if smoke else (512 if kind == "sd" else 1024)
             latent = image // d.vae_scale_factor
             out = guarded(f"pieces {kind}", lambda: unet_pieces(d, views, latent, image, peak_tflops, 3 if smoke else 10))
             if out:
-                res["pieces"][kind].update(out)
-        for stage in stages:
-            for name, variant in VARIANTS[stage]:
-                if wanted and name not in wanted:
-                    continue
-                if smoke and (variant.get("fast") or variant.get("compile") or variant.get("nvdiffrast")):
-                    continue  # CUDA-only switches (smoke checks the eager code path)
-                out = guarded(f"stage {stage} {name}", lambda: run_stage(stage, d, variant, device, smoke, warmup, iters))
+                info.update(out)
+        for stage, name in tasks:
+            if name == "options":
+                options_refiner(d, res, guarded, device, smoke, warmup, iters, load)
+                continue
+            if name.startswith("bd:"):
+                variant = VARIANTS_BY_STAGE[stage][name[3:]]
+                out = guarded(f"breakdown {stage} {name[3:]}", lambda: run_stage(
+                    stage, d, variant, device, smoke, 1, 3, acc={}))
                 if out:
-                    out.update(projections(stage, out["ms_per_update"], out["views_per_update"]))
-                    res["stages"].setdefault(stage, {})[name] = out
-        if args.options and kind == "sdxl_refiner":
-            options_refiner(d, res, guarded, device, smoke, warmup, iters, load)
-        if d is not None:
-            d.unload()
+                    res["breakdown"].setdefault(stage, {})[name[3:]] = out
+                continue
+            variant = VARIANTS_BY_STAGE[stage][name]
+            out = guarded(f"stage {stage} {name}", lambda: run_stage(stage, d, variant, device, smoke, warmup, iters))
+            if out:
+                out.update(projections(stage, out["ms_per_update"], out["views_per_update"]))
+                res["stages"].setdefault(stage, {})[name] = out
+        d.unload()
         del d
         free(device)
 
@@ -511,37 +580,41 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
 
 
 def options_refiner(d, res, guarded, device, smoke, warmup, iters, load) -> None:
-    """Memory options for smaller cards, measured on stage 3 (the largest): gradient checkpointing of the UNet
-    (the LoRA step) and of the VAE encoder (the render gradient), and text encoder / VAE offload."""
-    variant = {"nvdiffrast": True, "compile": True, "fast": True}
+    """Memory options for smaller cards, measured on stage 3 (the largest): the VAE in bfloat16 instead of
+    float32 (the SDXL VAE's force_upcast), alone and with gradient checkpointing of the VAE encoder (the render
+    gradient flows through it).
+    Not measured: UNet checkpointing for the LoRA step (SceneDenoiser.train_step runs backward after leaving
+    its scene-call context, so a recomputation would see a different network) and ``cpu_offload`` (the
+    Denoiser moves the VAE back to the CPU after encoding, before the stage's backward needs it)."""
+    variant = {"nvdiffrast": True, "compile": True, "fast": True} if device.type == "cuda" else {}
 
-    def ckpt():
-        d.unet.enable_gradient_checkpointing()
-        d.vae.enable_gradient_checkpointing()
+    def vae_bf16(checkpointing: bool):
+        g = torch.Generator(device=device).manual_seed(0)
+        px = 16 if smoke else 1024
+        img = torch.rand(1, 3, px, px, device=device, generator=g)
+        with torch.no_grad():
+            z32 = d.encode_images(img, sample=False)
+        old = d.vae_dtype
+        d.vae.to(torch.bfloat16)
+        d.vae_dtype = torch.bfloat16
+        if checkpointing:
+            d.vae.enable_gradient_checkpointing()
         try:
-            return run_stage("refine", d, variant, device, smoke, warmup, iters)
+            with torch.no_grad():
+                err = rel_err(d.encode_images(img, sample=False), z32)
+            out = run_stage("refine", d, variant, device, smoke, warmup, iters)
+            out["latent_rel_err_vs_fp32"] = err
+            return out
         finally:
-            d.unet.disable_gradient_checkpointing()
             d.vae.disable_gradient_checkpointing()
+            d.vae.to(torch.float32)
+            d.vae_dtype = old
 
-    out = guarded("option refine checkpointing", ckpt)
-    if out:
-        out.update(projections("refine", out["ms_per_update"], out["views_per_update"]))
-        res["options"]["refine fast + grad checkpointing (UNet, VAE)"] = out
-
-    def offload():
-        d.unload()
-        free(device)
-        d2 = load("sdxl_refiner", cpu_offload=True)
-        try:
-            return run_stage("refine", d2, variant, device, smoke, warmup, iters)
-        finally:
-            d2.unload()
-
-    out = guarded("option refine cpu_offload", offload)
-    if out:
-        out.update(projections("refine", out["ms_per_update"], out["views_per_update"]))
-        res["options"]["refine fast + cpu_offload (text encoder, VAE)"] = out
+    for name, ckpt in (("fast+vae-bf16", False), ("fast+vae-bf16+ckpt", True)):
+        out = guarded(f"option {name}", lambda: vae_bf16(ckpt))
+        if out:
+            out.update(projections("refine", out["ms_per_update"], out["views_per_update"]))
+            res["options"][name] = out
 
 
 def summarise(res: Dict[str, object]) -> None:
@@ -555,16 +628,18 @@ def summarise(res: Dict[str, object]) -> None:
         best[stage] = name
         total_ref += runs[name]["reference_s"]
         total_def += runs[name]["default_s"]
-        worst_vram = max(worst_vram, runs[name]["peak_vram_gib"])
+        v = runs[name]["peak_vram_gib"]
+        worst_vram = max(worst_vram, v) if math.isfinite(v) and math.isfinite(worst_vram) else float("nan")
     complete = len(best) == 3
+    vram_known = bool(best) and math.isfinite(worst_vram)
     fractions = [p.get("cfg_best_fraction_of_peak") for p in res["pieces"].values() if isinstance(p, dict)]
     fractions = [f for f in fractions if f is not None]
     res["summary"] = {
         "variant_used": best, "reference_total_min": total_ref / 60 if complete else None,
-        "default_total_min": total_def / 60 if complete else None, "peak_vram_gib": worst_vram if best else None,
+        "default_total_min": total_def / 60 if complete else None, "peak_vram_gib": worst_vram if vram_known else None,
         "targets": {
             f"reference workload <= {TARGET_MINUTES:g} min": (total_ref / 60 <= TARGET_MINUTES) if complete else None,
-            f"peak VRAM <= {TARGET_VRAM_GB:g} GB": (worst_vram * 2 ** 30 / 1e9 <= TARGET_VRAM_GB) if best else None,
+            f"peak VRAM <= {TARGET_VRAM_GB:g} GB": (worst_vram * 2 ** 30 / 1e9 <= TARGET_VRAM_GB) if vram_known else None,
             f"UNet >= {TARGET_PEAK_FRACTION:.0%} of fp16 peak": (min(fractions) >= TARGET_PEAK_FRACTION) if fractions else None,
         }}
 
@@ -583,15 +658,25 @@ def print_table(res: Dict[str, object]) -> None:
               + f"; best {p['cfg_best_fraction_of_peak']:.0%} of peak")
         print(f"   scene eps eager {p.get('scene_eps_eager_ms', float('nan')):.1f} ms / graph "
               f"{p.get('scene_eps_graph_ms', float('nan')):.1f} ms; LoRA step foreach "
-              f"{p.get('lora_step_foreach_ms', float('nan')):.1f} ms / fused {p.get('lora_step_fused_ms', float('nan')):.1f} ms;"
+              f"{p.get('lora_step_foreach_ms', float('nan')):.1f} ms / fused {p.get('lora_step_fused_ms', float('nan')):.1f}"
+              f" ms / graph+fused {p.get('lora_step_graph_fused_ms', float('nan')):.1f} ms;"
               f" VAE fwd+bwd {p.get('vae_fwd_bwd_ms', float('nan')):.1f} ms ({p.get('vae_dtype')})")
-    print(f"\n{'stage':<7} {'variant':<12} {'ms/upd':>8} {'views/s':>8} {'peak GiB':>9} {'ref min':>8} {'dflt min':>8} {'1st upd s':>9}")
+    print(f"\n{'stage':<7} {'variant':<20} {'ms/upd':>8} {'views/s':>8} {'peak GiB':>9} {'ref min':>8} {'dflt min':>8} {'1st upd s':>9}")
     rows = [(s, n, r) for s, runs in res["stages"].items() for n, r in runs.items()]
-    rows += [("option", n[:12], r) for n, r in res["options"].items()]
+    rows += [("option", n[:20], r) for n, r in res["options"].items()]
     for s, n, r in rows:
-        print(f"{s:<7} {n:<12} {r['ms_per_update']:>8.1f} {r['views_per_s']:>8.1f} {r['peak_vram_gib']:>9.2f} "
+        print(f"{s:<7} {n:<20} {r['ms_per_update']:>8.1f} {r['views_per_s']:>8.1f} {r['peak_vram_gib']:>9.2f} "
               f"{r['reference_s'] / 60 if 'reference_s' in r else float('nan'):>8.2f} "
               f"{r['default_s'] / 60 if 'default_s' in r else float('nan'):>8.2f} {r['first_update_s']:>9.1f}")
+    if res["breakdown"]:
+        keys = ["render", "vae encode", "cfg unet", "scene eps + rest of guidance", "lora step",
+                "backward + optimiser + rest"]
+        print("\nper-update breakdown, ms (synced timers, 3 updates: attribution only)")
+        print(f"{'stage':<7} {'variant':<8} {'total':>7} " + " ".join(f"{k.split(' ')[0][:9]:>9}" for k in keys))
+        for stage, runs in res["breakdown"].items():
+            for name, r in runs.items():
+                b = r["breakdown_ms"]
+                print(f"{stage:<7} {name:<8} {r['ms_per_update']:>7.1f} " + " ".join(f"{b.get(k, 0.0):>9.1f}" for k in keys))
     sm = res.get("summary", {})
     print(f"\ntotal (variant per stage {sm.get('variant_used')}): reference {sm.get('reference_total_min')} min, "
           f"default {sm.get('default_total_min')} min, peak VRAM {sm.get('peak_vram_gib')} GiB")

@@ -183,7 +183,7 @@ def test_enabled_scene_lora_falls_back_to_eager(tiny_sd_path):
 def test_apfo_targets_fast_match_eager_over_lora_steps(tiny_sd_path):
     """Graphed pretrained + scene predictions and fused AdamW give the eager targets x_hat, step after step,
     while the LoRA trains (the scene graphs read its weights in place)."""
-    from dreamflow.denoisers.fast import GraphedSceneEps
+    from dreamflow.denoisers.fast import GraphedSceneEps, GraphedSceneOutput
     from dreamflow.guidance import GuidanceConfig, make_guidance
 
     den = _cuda(tiny_sd_path)
@@ -200,19 +200,56 @@ def test_apfo_targets_fast_match_eager_over_lora_steps(tiny_sd_path):
         if fast:
             den.enable_fast_path().prepare_guidance(guidance)
             assert isinstance(guidance.scene.eps, GraphedSceneEps)
+            assert isinstance(guidance.scene.output, GraphedSceneOutput)
             assert guidance.scene.optimizer.defaults["fused"] is True
         targets = [guidance(latents, e, cam, step).target for step in range(4)]
         lora_moved = any(p.abs().sum() > 0 for n, p in den.unet.named_parameters() if "lora_B" in n)
-        replays = guidance.scene.eps.graphs.replays if fast else 0
+        replays = (guidance.scene.eps.graphs.replays, guidance.scene.output.graphs.replays) if fast else 0
         guidance.close()
         return targets, lora_moved, replays
 
     eager, moved, _ = run(False)
     fast, _, replays = run(True)
-    assert moved and replays == 4
+    assert moved and replays == (4, 4)  # scene eps and the LoRA training forward/backward, once per update
     for step, (a, b) in enumerate(zip(fast, eager)):
         assert rel(a, b) <= 1e-2, f"update {step}"
     den.disable_fast_path()
+
+
+@pytest.mark.parametrize("which", ["tiny_sd_v_path", "tiny_refiner_path"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_graphed_lora_training_step_matches_eager(which, request):
+    """SceneDenoiser.train_step with its forward/backward replayed from graphs: the same losses and the same
+    LoRA / camera-MLP weights after several steps as the eager step (same optimiser, same seeds)."""
+    from dreamflow.denoisers.fast import GraphedSceneOutput
+
+    den = _cuda(request.getfixturevalue(which))
+    x0, _, e = _inputs(den, 2, 7)
+    cam = torch.randn(2, 16, device="cuda", generator=torch.Generator(device="cuda").manual_seed(8))
+
+    def train(graphed: bool):
+        from dreamflow.denoisers import SceneLoRAConfig
+
+        scene = SceneDenoiser(den, SceneLoRAConfig(lr=1e-2, camera_dropout=0.5), seed=3)
+        if graphed:
+            scene.output = GraphedSceneOutput(scene, den.enable_fast_path())
+        g = torch.Generator(device="cuda").manual_seed(11)
+        losses = [scene.train_step(x0, e, cam, generator=g) for _ in range(5)]  # dropout coin: both cameras
+        with torch.no_grad():
+            eps = scene.eps(x0, torch.full((2,), 0.5, device="cuda"), e, cam)
+        weights = {k: v.clone() for k, v in scene.state_tensors().items()}
+        replays = scene.output.graphs.replays if graphed else 0
+        scene.remove()
+        den.disable_fast_path()
+        return losses, weights, eps, replays
+
+    l_e, w_e, eps_e, _ = train(False)
+    l_f, w_f, eps_f, replays = train(True)
+    assert replays == 5
+    assert l_f == pytest.approx(l_e, rel=1e-4) and len(set(l_e)) > 1
+    assert all(rel(w_f[k], w_e[k]) <= 1e-4 for k in w_e if w_e[k].norm() > 0)
+    assert rel(eps_f, eps_e) <= 1e-3
 
 
 @pytest.mark.gpu

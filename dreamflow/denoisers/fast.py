@@ -56,8 +56,11 @@ class FastPathConfig:
     8 x 64 x 64 latents, see bench/RESULTS.md)."""
     graph_scene_eps: bool = True
     """Replay the scene LoRA's prediction (APFO / VSD) from CUDA graphs too (ours)."""
+    graph_lora_step: bool = True
+    """Replay the forward and backward of the scene LoRA's training step from CUDA graphs (the step's
+    randomness, loss, finiteness check and optimiser step stay eager, in SceneDenoiser.train_step)."""
     fused_optimizer: bool = True
-    """Use ``torch.optim.AdamW(fused=True)`` for the scene LoRA (same update rule, one kernel)."""
+    """Use ``torch.optim.AdamW(fused=True)`` for the scene LoRA (same update rule, one kernel for all tensors)."""
     warmup_calls: int = 2
     """Eager calls on a side stream before each capture (lazy cuBLAS / cuDNN set-up must not be captured;
     PyTorch's CUDA-graph notes use 3, 2 measured enough here)."""
@@ -121,8 +124,8 @@ class _GraphCache:
         self.captures = 0
         self.replays = 0
 
-    def run(self, key: Tuple, build: Callable[[], _Graph], inputs: Dict[str, Tensor]) -> Optional[Tensor]:
-        """The replayed output for ``inputs`` (capturing on first sight of ``key``); None if capture failed."""
+    def get(self, key: Tuple, build: Callable[[], object]):
+        """The graph for ``key`` (built on first sight); None if building it failed (that shape stays eager)."""
         if key in self.failed:
             return None
         g = self.graphs.get(key)
@@ -141,7 +144,12 @@ class _GraphCache:
         else:
             self.graphs.move_to_end(key)
         self.replays += 1
-        return g(inputs)
+        return g
+
+    def run(self, key: Tuple, build: Callable[[], _Graph], inputs: Dict[str, Tensor]) -> Optional[Tensor]:
+        """The replayed output for ``inputs`` (capturing on first sight of ``key``); None if capture failed."""
+        g = self.get(key, build)
+        return None if g is None else g(inputs)
 
     def clear(self) -> None:
         self.graphs.clear()
@@ -291,10 +299,12 @@ class FastPath:
             return
         if self.config.fused_optimizer:
             use_fused_adamw(scene)
+        # Instance attributes shadow SceneDenoiser.eps / .output for this scene model only; the guidance and
+        # SceneDenoiser.train_step call them as before. They go with the scene model at the end of the stage.
         if self.config.graph_scene_eps and not isinstance(scene.__dict__.get("eps"), GraphedSceneEps):
-            # An instance attribute shadows SceneDenoiser.eps for this scene model only; the guidance
-            # calls scene.eps(...) as before. Removed with the scene model at the end of the stage.
             scene.eps = GraphedSceneEps(scene, self)
+        if self.config.graph_lora_step and not isinstance(scene.__dict__.get("output"), GraphedSceneOutput):
+            scene.output = GraphedSceneOutput(scene, self)
 
 
 def use_fused_adamw(scene) -> bool:
@@ -352,3 +362,99 @@ class GraphedSceneEps:
             self.fallbacks += 1
             return self.eager(x_t, t, embeds, camera)
         return out.clone()
+
+
+# --------------------------------------------------------------------------------------------
+# The scene LoRA's training forward + backward
+# --------------------------------------------------------------------------------------------
+class _TrainGraphs:
+    """Forward and backward graphs of one differentiable call at fixed shapes (``make_graphed_callables``'
+    recipe): the forward graph recomputes ``out`` and the tensors autograd saved; the backward graph turns
+    ``grad_out`` into the gradients of ``params``. A forward replay must precede each backward replay.
+    """
+
+    def __init__(self, fn: Callable[..., Tensor], example: Dict[str, Tensor], params: List[Tensor], pool,
+                 warmup: int):
+        self.static = {k: v.detach().clone() for k, v in example.items()}
+        self.params = params
+        device = params[0].device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side), torch.enable_grad():
+            for _ in range(warmup):  # autograd.grad leaves .grad untouched
+                out = fn(**self.static)
+                torch.autograd.grad(out, params, grad_outputs=torch.ones_like(out), allow_unused=True)
+            del out
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.fwd, self.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.enable_grad(), torch.cuda.graph(self.fwd, pool=pool):
+            self.out = fn(**self.static)
+        self.grad_out = torch.empty_like(self.out)
+        with torch.cuda.graph(self.bwd, pool=pool):
+            self.grads = torch.autograd.grad(self.out, params, grad_outputs=self.grad_out, allow_unused=True)
+
+
+class _Replay(torch.autograd.Function):
+    """Autograd node whose forward / backward replay a :class:`_TrainGraphs` (inputs already copied in)."""
+
+    @staticmethod
+    def forward(ctx, graphs: _TrainGraphs, *params):
+        ctx.graphs = graphs
+        graphs.fwd.replay()
+        return graphs.out.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        g = ctx.graphs
+        g.grad_out.copy_(grad)
+        g.bwd.replay()
+        return (None,) + tuple(None if x is None else x.detach() for x in g.grads)
+
+
+class GraphedSceneOutput:
+    """``SceneDenoiser.output`` with autograd (the LoRA training step) replayed from CUDA graphs.
+
+    Same signature and results as the eager call: forward = camera MLP, hook, LoRA-enabled UNet under
+    autocast; backward = gradients of the LoRA and camera-MLP weights (none for the inputs, which the
+    training step detaches). Without autograd (``scene.eps`` under ``no_grad``) it calls the eager method.
+    The graphs use their own memory pool: the saved activations live between a forward and its backward.
+    """
+
+    def __init__(self, scene, fast: FastPath):
+        self.scene = scene
+        self.fast = fast
+        self.eager = type(scene).output.__get__(scene)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs = _GraphCache(fast.config.max_graphs)
+        fast._caches.add(self.graphs)
+        self.fallbacks = 0
+
+    def __call__(self, x_t: Tensor, t, embeds, camera: Optional[Tensor]) -> Tensor:
+        from .denoiser import PromptEmbeds
+
+        scene, d = self.scene, self.scene.denoiser
+        if not torch.is_grad_enabled():
+            return self.eager(x_t, t, embeds, camera)
+        t = d._t(t, x_t.shape[0]) if not torch.is_tensor(t) or t.ndim == 0 else t
+        emb = {f.name: getattr(embeds, f.name) for f in fields(embeds) if getattr(embeds, f.name) is not None}
+        tensors = [x_t, t, camera, *emb.values()]
+        params = [] if getattr(scene, "_removed", False) else [p for p in scene.parameters_to_train() if p.requires_grad]
+        if not params or not _graphable(tensors) or not self.fast._weights_unchanged():
+            self.fallbacks += 1
+            return self.eager(x_t, t, embeds, camera)
+        inputs = {"x": x_t, "t": t, **{"e_" + k: v for k, v in emb.items()}}
+        if camera is not None:
+            inputs["camera"] = camera
+        eager = self.eager
+
+        def call(x, t, camera=None, **e):
+            return eager(x, t, PromptEmbeds(**{k[2:]: v for k, v in e.items()}), camera)
+
+        key = _signature(inputs) + (tuple(id(p) for p in params),)
+        g = self.graphs.get(key, lambda: _TrainGraphs(call, inputs, params, self.pool, self.fast.config.warmup_calls))
+        if g is None:
+            self.fallbacks += 1
+            return self.eager(x_t, t, embeds, camera)
+        for k, v in inputs.items():
+            g.static[k].copy_(v)
+        return _Replay.apply(g, *params)

@@ -1,24 +1,28 @@
-"""CUDA fast paths for the frozen denoiser calls: CUDA-graph replay and a fused LoRA optimiser (opt-in).
+"""CUDA fast paths for the denoiser calls of a stage: CUDA-graph replay and a fused LoRA optimiser (opt-in).
 
-Why: an SD 2.1 UNet call is ~1,500 kernel launches. Run eagerly, Python and the dispatcher spend ~20 ms
-launching them, longer than the H100 needs to run them at the batch sizes of a stage (measured, see
-bench/RESULTS.md). A CUDA graph records the launches once per input shape and replays them with one call.
+Why: an SD 2.1 UNet call is ~1,500 kernel launches, and the peft-wrapped scene model adds several per attention
+projection. Run eagerly, Python and the dispatcher spend longer launching them than an H100 needs to run them at
+a stage's batch sizes. Measured on an H100 (bench/RESULTS.md): SD 2.1 CFG call 35-47 ms eager vs 26 ms replayed,
+scene-LoRA prediction 95-110 vs 23 ms, LoRA training step 170-185 vs 56 ms. A CUDA graph records the launches
+once per input shape and replays them with one call.
 
-What is replayed (both are pure functions of their inputs, so a replay computes exactly what the eager
-call computes, with the same kernels on the same inputs):
+What is replayed (pure functions of their inputs and of weights read in place, so a replay computes what the
+eager call computes, with the same kernels on the same inputs; measured bit-identical):
 
 * the pretrained model's UNet call of :meth:`Denoiser.predict_eps` (the classifier-free-guidance batch of
   2B, ``[uncond, cond]``), hooked in through ``Denoiser.fast_path``;
-* the scene model's prediction ``SceneDenoiser.eps`` (scene LoRA on, camera MLP, autocast), installed on a
-  guidance's scene model by :meth:`FastPath.prepare_guidance`. LoRA and camera-MLP weights change every
-  update; the graph reads them in place, so replays always see the current values.
+* the scene model's prediction ``SceneDenoiser.eps`` (scene LoRA on, camera MLP, autocast);
+* the forward and backward of ``SceneDenoiser.output`` inside ``SceneDenoiser.train_step`` (as
+  ``torch.cuda.make_graphed_callables`` does); the step's random draws, loss, finiteness check and optimiser
+  step stay eager in ``train_step``, whose optimiser becomes the fused AdamW.
 
-The scene LoRA's training step (forward + backward + AdamW) stays eager; its optimiser becomes the fused
-AdamW (one kernel for all LoRA tensors instead of one per tensor and op).
+The last two are installed on a guidance's scene model by :meth:`FastPath.prepare_guidance` (stages/loop.py
+calls it). LoRA and camera-MLP weights change every update; the graphs read them in place.
 
 Graph safety: static input buffers live outside the graphs' memory pool and are filled with ``copy_`` (which
-casts exactly like the eager ``.to(dtype)``); outputs are copied out right after each replay, so graphs of
-one denoiser share one memory pool. Nothing inside a captured call synchronises with the host. A call falls
+casts exactly like the eager ``.to(dtype)``); outputs are copied out right after each replay, so the no-grad
+graphs of one denoiser share one memory pool (the training graphs have their own: saved activations live
+from a forward replay to its backward). Nothing inside a captured call synchronises with the host. A call falls
 back to the eager path (same result) whenever a graph would not be the same function: a scene LoRA enabled on
 the UNet, a forward hook on its time embedding, autocast active, inputs that need gradients, a stream capture
 in progress, or non-CUDA tensors. Graphs are recaptured when the UNet's weights move (``unload()``, ``.to``).

@@ -350,7 +350,9 @@ def test_torch_backend_matches_nvdiffrast():
     same = rt[..., 3] == rc[..., 3]
     assert same.float().mean() > 0.995  # fill-rule differences on edges only
     both = same & (rt[..., 3] > 0)
-    assert (rt[both][:, :3] - rc[both][:, :3]).abs().max() < 1e-4
+    # nvdiffrast snaps vertices to a fixed-point subpixel grid before computing barycentrics; on an H100
+    # that moved u, v, z/w by up to 2e-4 against our float32 edge functions (bench/RESULTS.md, raster run).
+    assert (rt[both][:, :3] - rc[both][:, :3]).abs().max() < 5e-4
     attr = v.cuda()
     it = interpolate(attr, rt, f, backend="torch")
     ic = interpolate(attr, rt, f, backend="cuda")

@@ -209,8 +209,9 @@ class Denoiser:
             dtype: "auto" (float16 on CUDA, float32 on CPU), "fp16", "bf16", "fp32" or a torch.dtype.
             device: "auto" (CUDA if available, else CPU) or a torch device.
             cpu_offload: keep the text encoders on the CPU (float32) and move the VAE to the GPU only while it
-                encodes/decodes. Saves ~0.25 GB (SD 1.5) to ~1.6 GB (refiner) of GPU memory; costs a VAE
-                transfer (~170 MB in float16, a few ms over PCIe 4) per encode/decode call and CPU text encoding
+                is used (a whole stage, see ``vae_resident``, or one encode/decode call outside stages). Saves
+                ~0.25 GB (SD 1.5) to ~1.6 GB (refiner) of GPU memory; costs a VAE transfer (~170 MB in float16,
+                a few ms over PCIe 4) per stage or call, and CPU text encoding
                 of each new prompt (cached).
             vae_slicing: decode/encode a batch one image at a time (less memory, same result).
             vae_tiling: encode/decode large images in overlapping tiles (less memory; seams are blended).
@@ -316,7 +317,7 @@ class Denoiser:
     # ------------------------------------------------------------------ VAE
     @contextmanager
     def _vae_on_device(self) -> Iterator[None]:
-        if not self.cpu_offload:
+        if not self.cpu_offload or getattr(self, "_vae_pinned", 0):
             yield
             return
         self.vae.to(self.device)
@@ -324,6 +325,26 @@ class Denoiser:
             yield
         finally:
             self.vae.to(self._vae_home)
+
+    @contextmanager
+    def vae_resident(self) -> Iterator[None]:
+        """Keep the VAE on the device for the whole block (one stage update: encode *and* its backward).
+
+        With ``cpu_offload`` the VAE otherwise goes back to the CPU right after ``encode_images``, and the
+        backward pass through the encoder would then find its weights on the wrong device.
+        """
+        if not self.cpu_offload:
+            yield
+            return
+        self._vae_pinned = getattr(self, "_vae_pinned", 0) + 1
+        if self._vae_pinned == 1:
+            self.vae.to(self.device)
+        try:
+            yield
+        finally:
+            self._vae_pinned -= 1
+            if self._vae_pinned == 0:
+                self.vae.to(self._vae_home)
 
     def _check_image_size(self, h: int, w: int, what: str) -> None:
         f = self.vae_scale_factor

@@ -108,46 +108,50 @@ def optimise(*, stage: str, denoiser, prompt: str, negative_prompt: str, config,
         fast.prepare_guidance(guidance)
     log: List[dict] = []
     pending = []  # (step, loss, log) kept as tensors; converted in batches to avoid host syncs
-    try:
-        for step in range(total):
-            if callbacks.should_stop():
-                raise_interrupt(f"{stage} interrupted at update {step}/{total}; nothing was written")
-            cams = sample_cameras(config.camera, config.views_per_update, config.resolution, generator=cam_gen).to(device)
-            rgb, reg = render_fn(cams, step)
-            images = rgb.permute(0, 3, 1, 2)
-            if config.denoise_resolution != config.resolution:
-                images = F.interpolate(images, size=(config.denoise_resolution,) * 2, mode="bilinear", align_corners=False)
-            latents = denoiser.encode_images(images, generator=vae_gen)
-            words = cams.view_words(config.camera)
-            embeds = denoiser.encode_prompt([view_prompt(prompt, w) for w in words], negative_prompt)
-            try:
-                out = guidance(latents, embeds, cams.condition(), step)
-                loss = out.loss + reg
-                if not bool(torch.isfinite(loss)):
-                    raise DivergenceError("non-finite loss", step=step)
-            except DivergenceError as e:  # the scene loss, or the LoRA's (which counts its own steps)
-                log.extend(_log_row(s, l, g) for s, l, g in pending)
-                raise DivergenceError(
-                    f"{stage} diverged: non-finite loss at update {step} ({e}); the last good state is kept "
-                    f"(lower the learning rates or cfg_scale, or change the seed)", step=step, last_good=snapshot(log)) from None
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if on_step is not None:
-                on_step(step)
-            pending.append((step, loss.detach(), out.log))
-            if len(pending) >= 50 or step == total - 1:
-                log.extend(_log_row(s, l, g) for s, l, g in pending)
-                pending.clear()
-                if callbacks.log is not None:
-                    callbacks.log(log[-1])
-            if callbacks.progress is not None:
-                every = callbacks.preview_every
-                preview = to_pil(rgb[0]) if every and (step % every == 0 or step == total - 1) else None
-                callbacks.progress(step + 1, total, preview)
-    except torch.cuda.OutOfMemoryError:
-        raise DreamFlowError(oom_message(stage, config)) from None
-    finally:
-        state = guidance.state_tensors()
-        guidance.close()
+    # With cpu_offload the VAE stays on the device while the stage runs (encode and its backward), and
+    # returns to the CPU after it.
+    resident = denoiser.vae_resident()
+    with resident:
+        try:
+            for step in range(total):
+                if callbacks.should_stop():
+                    raise_interrupt(f"{stage} interrupted at update {step}/{total}; nothing was written")
+                cams = sample_cameras(config.camera, config.views_per_update, config.resolution, generator=cam_gen).to(device)
+                rgb, reg = render_fn(cams, step)
+                images = rgb.permute(0, 3, 1, 2)
+                if config.denoise_resolution != config.resolution:
+                    images = F.interpolate(images, size=(config.denoise_resolution,) * 2, mode="bilinear", align_corners=False)
+                latents = denoiser.encode_images(images, generator=vae_gen)
+                words = cams.view_words(config.camera)
+                embeds = denoiser.encode_prompt([view_prompt(prompt, w) for w in words], negative_prompt)
+                try:
+                    out = guidance(latents, embeds, cams.condition(), step)
+                    loss = out.loss + reg
+                    if not bool(torch.isfinite(loss)):
+                        raise DivergenceError("non-finite loss", step=step)
+                except DivergenceError as e:  # the scene loss, or the LoRA's (which counts its own steps)
+                    log.extend(_log_row(s, l, g) for s, l, g in pending)
+                    raise DivergenceError(
+                        f"{stage} diverged: non-finite loss at update {step} ({e}); the last good state is kept "
+                        f"(lower the learning rates or cfg_scale, or change the seed)", step=step, last_good=snapshot(log)) from None
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if on_step is not None:
+                    on_step(step)
+                pending.append((step, loss.detach(), out.log))
+                if len(pending) >= 50 or step == total - 1:
+                    log.extend(_log_row(s, l, g) for s, l, g in pending)
+                    pending.clear()
+                    if callbacks.log is not None:
+                        callbacks.log(log[-1])
+                if callbacks.progress is not None:
+                    every = callbacks.preview_every
+                    preview = to_pil(rgb[0]) if every and (step % every == 0 or step == total - 1) else None
+                    callbacks.progress(step + 1, total, preview)
+        except torch.cuda.OutOfMemoryError:
+            raise DreamFlowError(oom_message(stage, config)) from None
+        finally:
+            state = guidance.state_tensors()
+            guidance.close()
     return LoopResult(log=log, guidance_state=state)

@@ -35,6 +35,9 @@ DEMO_WORKFLOW = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
 class DemoConfig:
     """Demo settings, chosen to finish in <= 5 min on 2 CPU cores (measured: bench/TOY_TRAINING.md)."""
 
+    threads: int = 1
+    """torch CPU threads. 1: the demo's small tensors gain little from more, and threads of a busy machine
+    contend (measured: 3.4 s per NeRF update with 2 threads beside another job, 1.0-1.4 s with 1)."""
     model: str = "dreamflow-toy"
     """Denoiser name (the shipped toy prior, 64 px native)."""
     seed: int = 0
@@ -124,18 +127,38 @@ def run_direct(prompt: str, cfg: DemoConfig, output_dir: str, log=print) -> str:
     return glb
 
 
+def workflow_sets(prompt: str, cfg: DemoConfig) -> List[str]:
+    """``--set`` edits that make the toy workflow run exactly :class:`DemoConfig` (route 1 == route 2)."""
+    values = {
+        "DreamFlowNeRFStage": dict(prompt=prompt, seed=cfg.seed, iterations=cfg.nerf_iterations,
+                                   resolution=cfg.nerf_resolution, denoise_resolution=64,
+                                   views_per_update=cfg.nerf_views, method="apfo", cfg_scale=cfg.cfg_scale,
+                                   t_start=1.0, t_end=0.2, lr_grid=cfg.lr_grid, lr_mlp=cfg.lr_mlp,
+                                   grid_levels=cfg.hash_levels, grid_log2_size=cfg.hash_log2_size,
+                                   n_samples=cfg.n_samples, n_importance=cfg.n_importance),
+        "DreamFlowExtractMesh": dict(resolution=cfg.extract_resolution, face_budget=cfg.face_budget),
+        "DreamFlowMeshStage": dict(prompt=prompt, seed=cfg.seed, iterations=cfg.mesh_iterations,
+                                   resolution=cfg.mesh_resolution, denoise_resolution=64,
+                                   views_per_update=cfg.nerf_views, method="apfo", cfg_scale=cfg.cfg_scale,
+                                   t_start=0.5, t_end=0.1),
+        "DreamFlowSaveGLB": dict(texture_size=cfg.texture_size, turntable_views=cfg.turntable_views,
+                                 turntable_resolution=cfg.turntable_resolution),
+    }
+    return [f"{node}.{k}={v}" for node, kv in values.items() for k, v in kv.items()]
+
+
 def run_workflow(prompt: str, cfg: DemoConfig, output_dir: str, workflow: str = DEMO_WORKFLOW, log=print) -> str:
     """Route 1: the toy workflow through the headless runner; returns the GLB path it saved."""
     from . import hosting
     from .runner.cli import prepare, saved_files
     from .runner.execute import run_prompt
 
-    sets = [f"DreamFlowNeRFStage.prompt={prompt}", f"DreamFlowMeshStage.prompt={prompt}",
-            f"DreamFlowNeRFStage.seed={cfg.seed}", f"DreamFlowMeshStage.seed={cfg.seed}"]
+    sets = workflow_sets(prompt, cfg)
     old = os.environ.get("DREAMFLOW_OUTPUT")
     os.environ["DREAMFLOW_OUTPUT"] = os.path.abspath(output_dir)
     try:
-        api, ui, defs = prepare(workflow, sets, log=log)
+        api, ui, defs = prepare(workflow, sets, log=lambda line: None)  # our own settings: no line per --set
+        log(f"workflow {os.path.relpath(workflow)} with the demo settings (dreamflow.demo.DemoConfig)")
         with hosting.sigint_as_interrupt():
             result = run_prompt(api, defs, workflow=ui, log=log)
         files = saved_files(result.ui, hosting.output_directory())
@@ -174,6 +197,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from . import hosting
 
     output_dir = os.path.abspath(args.output or hosting.output_directory())
+    import torch
+
+    torch.set_num_threads(max(1, int(os.environ.get("DREAMFLOW_THREADS", cfg.threads))))
     t0 = time.time()
     try:
         shape, colour = parse_prompt(args.prompt)

@@ -245,7 +245,7 @@ def toy_demo(defs: Dict[str, NodeDef]) -> dict:
         b, sd, 0,
         nerf_values=dict(seed=c.seed, iterations=c.nerf_iterations, views_per_update=c.nerf_views,
                          resolution=c.nerf_resolution, denoise_resolution=64, cfg_scale=c.cfg_scale, t_start=1.0,
-                         t_end=0.2, grid_levels=c.hash_levels, grid_log2_size=c.hash_log2_size,
+                         t_end=0.2, lr_grid=c.lr_grid, lr_mlp=c.lr_mlp, grid_levels=c.hash_levels, grid_log2_size=c.hash_log2_size,
                          n_samples=c.n_samples, n_importance=c.n_importance, **small),
         extract_values=dict(resolution=c.extract_resolution, face_budget=c.face_budget, **small),
         mesh_values=dict(seed=c.seed, iterations=c.mesh_iterations, views_per_update=c.nerf_views,

@@ -459,3 +459,35 @@ def test_draft_workflow_end_to_end_writes_a_glb(tiny_sd_path, tmp_path):
     (geom,) = scene.geometry.values()
     assert len(geom.faces) > 50 and geom.visual.uv.shape == (len(geom.vertices), 2)
     assert geom.visual.material.baseColorTexture.size == (64, 64)
+
+
+@pytest.mark.e2e
+def test_ctrl_c_mid_stage_stops_and_leaves_no_output_file(tiny_sd_path, tmp_path):
+    """Ctrl-C during the NeRF stage of a headless run: exit 130 within an update or so, nothing written."""
+    import signal
+    import time
+
+    sets = {**TINY, "DreamFlowLoadDenoiser.model_name": tiny_sd_path, "DreamFlowNeRFStage.iterations": 100000}
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "dreamflow", "run", "workflows/dreamflow_draft.json", "--output",
+                             str(out), *(a for k, v in sets.items() for a in ("--set", f"{k}={v}"))],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": REPO, "PYTHONUNBUFFERED": "1"})
+    seen = ""
+    deadline = time.time() + 200
+    while "DreamFlowNeRFStage" not in seen and time.time() < deadline:  # the runner names each node it starts
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen += line
+    assert "DreamFlowNeRFStage" in seen, seen[-2000:]
+    time.sleep(3)  # well inside the 100,000-update stage
+    proc.send_signal(signal.SIGINT)
+    try:
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, (seen + rest)[-2000:]
+    assert "interrupted" in rest.lower()
+    written = [os.path.join(d, f) for d, _, files in os.walk(out) for f in files] if out.exists() else []
+    assert written == []

@@ -134,7 +134,6 @@ def alphas_cumprod_from_config(scheduler_config: dict) -> Tensor:
     return DDPMScheduler(**cfg).alphas_cumprod.to(torch.float32)
 
 
-_alphas_cumprod = alphas_cumprod_from_config  # old private name, used by dreamflow/toy/train.py
 
 
 class Denoiser:

@@ -211,9 +211,9 @@ def latent_scale(vae, images: Tensor, batch: int = 256) -> float:
 # --------------------------------------------------------------------------------------------
 def alphas_cumprod(scheduler_config: dict) -> Tensor:
     """[T] float32 from a scheduler config (exactly diffusers' DDPMScheduler)."""
-    from ..denoisers.denoiser import _alphas_cumprod
+    from ..denoisers.denoiser import alphas_cumprod_from_config
 
-    return _alphas_cumprod(scheduler_config)
+    return alphas_cumprod_from_config(scheduler_config)
 
 
 @dataclass

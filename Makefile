@@ -26,7 +26,7 @@ setup: $(VENV)/.stamp $(TOOLS)/node_modules/gltf-validator/package.json
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
-demo: setup
+demo: $(VENV)/.stamp
 	$(PY) -m dreamflow demo --prompt "$(PROMPT)"
 
 bench-cpu: setup

@@ -315,7 +315,7 @@ def sphere_state(device: torch.device, smoke: bool, compile_grid: bool):
     from dreamflow.scene.hashgrid import HashGridConfig
     from dreamflow.scene.mesh import uv_sphere
     from dreamflow.scene.nerf import Background, BackgroundConfig, NeRFField, NeRFFieldConfig
-    from dreamflow.stages.loop import seeded
+    from dreamflow.seeding import seeded
     from dreamflow.state import MeshState
 
     v, f = uv_sphere(8, 16) if smoke else uv_sphere(126, 200)

@@ -7,17 +7,12 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from typing import List, Optional
 
 
 def demo(argv: List[str]) -> int:
-    """Forward ``argv`` to ``dreamflow.demo.main`` (written separately) when that module exists."""
-    if importlib.util.find_spec("dreamflow.demo") is None:
-        print("dreamflow: error: the demo is not part of this version (no dreamflow/demo.py); "
-              "use `python -m dreamflow run workflows/<file>.json` instead", file=sys.stderr)
-        return 2
+    """Forward ``argv`` to :func:`dreamflow.demo.main`."""
     from . import demo as demo_module
 
     return int(demo_module.main(argv) or 0)

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from .errors import DreamFlowError
+from .errors import DreamFlowError, DreamFlowInterrupted
 
 #: The toy workflow the node engineer ships (route 1 of the module docstring).
 DEMO_WORKFLOW = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows",
@@ -211,6 +211,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except DreamFlowError as e:
         print(f"dreamflow: error: {e}", file=sys.stderr)
         return 2
+    except (DreamFlowInterrupted, KeyboardInterrupt):
+        print("dreamflow: interrupted; nothing was written", file=sys.stderr)
+        return 130
     print(f"demo: '{prompt}' ({colour} {shape}) done in {time.time() - t0:.0f} s")
     print(glb)
     return 0

@@ -154,7 +154,8 @@ class MeshState(_SceneState):
             if key not in tensors:
                 raise DreamFlowError(f"mesh state '{path}' has no '{key}' tensor; the file is damaged")
         v, f = tensors["vertices"], tensors["faces"]
-        if v.dim() != 2 or v.shape[1] != 3 or f.dim() != 2 or f.shape[1] != 3 or (f.numel() and int(f.max()) >= v.shape[0]):
+        if v.dim() != 2 or v.shape[1] != 3 or f.dim() != 2 or f.shape[1] != 3 or \
+                (f.numel() and (int(f.max()) >= v.shape[0] or int(f.min()) < 0)):
             raise DreamFlowError(f"mesh state '{path}' has inconsistent vertices {tuple(v.shape)} / faces {tuple(f.shape)}")
         state = cls(**cls._rebuild(tensors, header, path), vertices=v.float(), faces=f.long())
         return state.to(device)
@@ -194,12 +195,36 @@ class MeshState(_SceneState):
                           path, config or ExportConfig())
 
 
+class NoState:
+    """What Load State's other output carries: the file holds the other kind of state.
+
+    Using it anywhere a state is needed raises its message (one line, naming the right output), where a
+    plain ``None`` would silently mean "not connected" (e.g. a NeRF stage would start from scratch).
+    """
+
+    def __init__(self, message: str):
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"NoState({self.message!r})"
+
+
+def require_state(value, cls, where: str, fix: str):
+    """``value`` if it is a ``cls`` state, else a one-line DreamFlowError (NoState: its own message)."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, NoState):
+        raise DreamFlowError(f"{where}: {value.message}")
+    noun = {"NeRFState": "NeRF state", "MeshState": "mesh state"}.get(cls.__name__, cls.__name__)
+    got = "nothing" if value is None else f"a {type(value).__name__}"
+    raise DreamFlowError(f"{where} needs a {noun} ({cls.__name__}) but got {got}; {fix}")
+
+
 def load_state(path: str, device="cpu"):
-    """Load a NeRF or mesh state by its header (for the LoadState node)."""
-    for cls in (MeshState, NeRFState):
-        try:
-            return cls.load(path, device)
-        except DreamFlowError as e:
-            if "state is needed here" not in str(e):
-                raise
-    raise DreamFlowError(f"'{path}' is neither a NeRF nor a mesh state")
+    """Load a NeRF or mesh state by its header's format (for the Load State node); one read of the file."""
+    from .io import read_state_header
+
+    header = read_state_header(path)
+    if header is not None and header.get("format") == MESH_FORMAT:
+        return MeshState.load(path, device)
+    return NeRFState.load(path, device)  # also explains every other case (pickle, missing, foreign)

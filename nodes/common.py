@@ -146,10 +146,9 @@ def make_config(cls, **changes):
 
 def check_state(value, cls, node: str, input_name: str, fix: str):
     """A linked state of the right stage (a NeRF where a NeRF is needed, a mesh where a mesh is)."""
-    if not isinstance(value, cls):
-        got = "nothing" if value is None else f"a {type(value).__name__}"
-        raise DreamFlowError(f"{node}: input '{input_name}' needs a {cls.__name__} but got {got}; {fix}")
-    return value
+    from dreamflow.state import require_state
+
+    return require_state(value, cls, f"{node}: input '{input_name}'", fix)
 
 
 def to_image(images) -> "Any":

@@ -81,6 +81,9 @@ class SaveState:
     def save(self, filename_prefix, nerf=None, mesh=None):
         from dreamflow.io import next_output_path
 
+        from dreamflow.state import NoState
+
+        nerf, mesh = (None if isinstance(x, NoState) else x for x in (nerf, mesh))
         if (nerf is None) == (mesh is None):
             raise DreamFlowError(f"DreamFlowSaveState: connect exactly one of 'nerf' or 'mesh' "
                                  f"({'both are' if nerf is not None else 'neither is'} connected)")
@@ -102,8 +105,8 @@ class LoadState:
 
     RETURN_TYPES = (NERF, MESH)
     RETURN_NAMES = ("nerf", "mesh")
-    OUTPUT_TOOLTIPS = ("The NeRF state, when the file holds one (else empty).",
-                       "The mesh state, when the file holds one (else empty).")
+    OUTPUT_TOOLTIPS = ("The NeRF state, when the file holds one (else using it is an error that says so).",
+                       "The mesh state, when the file holds one (else using it is an error that says so).")
     FUNCTION = "load"
     CATEGORY = f"{CATEGORY}/io"
     DESCRIPTION = ("Loads a NeRF or mesh state saved by Save State; the file decides which output carries it. "
@@ -119,8 +122,10 @@ class LoadState:
             return state_file
 
     def load(self, state_file):
-        from dreamflow.state import NeRFState, load_state
+        from dreamflow.state import NeRFState, NoState, load_state
 
         with engine_call(free=False):  # tensors made outside inference mode: the stages train them further
             state = load_state(resolve_state_file(state_file))
-        return (state, None) if isinstance(state, NeRFState) else (None, state)
+        if isinstance(state, NeRFState):
+            return state, NoState(f"'{state_file}' holds a NeRF state; use Load State's 'nerf' output")
+        return NoState(f"'{state_file}' holds a mesh state; use Load State's 'mesh' output"), state

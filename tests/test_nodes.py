@@ -412,6 +412,8 @@ def test_save_glb_writes_numbered_loadable_files(folders):
 
 
 def test_state_round_trip_through_save_and_load_nodes(folders):
+    from dreamflow.state import NoState
+
     out, inp = folders
     nerf, mesh = tiny_nerf(), tiny_mesh()
     save, load = NODES["DreamFlowSaveState"](), NODES["DreamFlowLoadState"]
@@ -427,12 +429,15 @@ def test_state_round_trip_through_save_and_load_nodes(folders):
     choices = load.INPUT_TYPES()["required"]["state_file"][0]
     assert choices == ["shared.safetensors", f"{nerf_rel} [output]", f"{mesh_rel} [output]"]
     n_out, m_none = load().load(f"{nerf_rel} [output]")
-    assert m_none is None and n_out.prompt == "a red cube"
+    assert isinstance(m_none, NoState) and n_out.prompt == "a red cube"
+    # the unfilled output is no silent None: using it says which output to use
+    with pytest.raises(DreamFlowError, match="holds a NeRF state; use Load State's 'nerf' output"):
+        NODES["DreamFlowSaveGLB"]().save(m_none, "dreamflow/x", 64, 0, 64)
     x = torch.rand(64, 3) * 2 - 1
     assert torch.equal(n_out.field.density(x), nerf.field.density(x))
     n_none, m_out = load().load(f"{mesh_rel} [output]")
-    assert n_none is None and torch.equal(m_out.faces, mesh.faces) and torch.equal(m_out.vertices, mesh.vertices)
-    assert load().load("shared.safetensors")[1] is None
+    assert isinstance(n_none, NoState) and torch.equal(m_out.faces, mesh.faces) and torch.equal(m_out.vertices, mesh.vertices)
+    assert isinstance(load().load("shared.safetensors")[1], NoState)
     assert load.IS_CHANGED("shared.safetensors") != load.IS_CHANGED(f"{nerf_rel} [output]")
     with pytest.raises(DreamFlowError, match="not found"):
         load().load("../output/" + nerf_rel)

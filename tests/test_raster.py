@@ -357,3 +357,17 @@ def test_torch_backend_matches_nvdiffrast():
     it = interpolate(attr, rt, f, backend="torch")
     ic = interpolate(attr, rt, f, backend="cuda")
     assert (it - ic).abs().max() < 1e-5
+
+
+def test_z_test_orders_depths_of_both_signs():
+    """Fragments with z/w < 0 and > 0 over one pixel: the nearer (smaller z/w) wins."""
+    near = torch.tensor([[-1.0, -1.0, -0.5, 1.0], [3.0, -1.0, -0.5, 1.0], [-1.0, 3.0, -0.5, 1.0]])
+    far = near.clone()
+    far[:, 2] = 0.5
+    for order in ((far, near), (near, far)):
+        pos = torch.cat(order)
+        tri = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32)
+        rast = rasterize(pos, tri, (4, 4), backend="torch")
+        winner = 1 if order[0] is near else 2  # triangle id + 1 of the near one
+        assert bool((rast[..., 3] == winner).all())
+        assert torch.allclose(rast[..., 2], torch.full_like(rast[..., 2], -0.5))

@@ -160,3 +160,13 @@ def test_refiner_scene_lora_and_config_errors(tiny_refiner_path):
         SceneDenoiser(den, SceneLoRAConfig(rank=0))
     with pytest.raises(DreamFlowError, match="t_range"):
         SceneLoRAConfig(t_range=(0.5, 0.2)).validate()
+
+
+def test_failed_adapter_leaves_the_unet_usable(tiny_sd):
+    from dreamflow.denoisers import SceneDenoiser, SceneLoRAConfig
+    from dreamflow.errors import DreamFlowError
+
+    with pytest.raises(DreamFlowError, match="target_modules"):
+        SceneDenoiser(tiny_sd, SceneLoRAConfig(target_modules=("no_such_layer",)))
+    scene = SceneDenoiser(tiny_sd)  # a later, valid LoRA still goes on
+    scene.remove()

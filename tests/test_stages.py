@@ -1,7 +1,5 @@
 """Stages end to end on tiny models (CPU): NeRFStage, ExtractMesh, MeshStage, SDXLRefine; states; safety."""
 
-import os
-
 import pytest
 import torch
 
@@ -50,7 +48,7 @@ def _tensors(state):
 # ---------------------------------------------------------------------------------------------- NeRF stage
 def test_nerf_stage_moves_parameters_and_logs_finite_losses(tiny_sd, nerf_state):
     from dreamflow.scene.nerf import NeRFField
-    from dreamflow.stages.loop import seeded
+    from dreamflow.seeding import seeded
 
     with seeded(0):
         init = NeRFField(nerf_cfg().nerf)
@@ -214,3 +212,17 @@ def test_stages_train_under_a_host_inference_mode(tiny_sd, tiny_sd_path):
     with torch.inference_mode():
         s = run_nerf_stage(tiny_sd, PROMPT, "", nerf_cfg(iterations=1))
     assert len(s.guidance_log) == 1 and not s.field.encoding.params.is_inference()
+
+
+def test_failed_resume_removes_its_lora_from_the_shared_unet(tiny_sd, nerf_state):
+    broken = nerf_state.clone()
+    broken.lora = {k: v[..., :1] if v.dim() else v for k, v in broken.lora.items()}  # wrong shapes
+    with pytest.raises(DreamFlowError, match="scene LoRA state does not match"):
+        run_nerf_stage(tiny_sd, PROMPT, "", nerf_cfg(iterations=1), init=broken)
+    assert not getattr(tiny_sd.unet, "peft_config", None)
+    assert len(run_nerf_stage(tiny_sd, PROMPT, "", nerf_cfg(iterations=1)).guidance_log) == 1
+
+
+def test_largest_seeds_are_valid(tiny_sd):
+    s = run_nerf_stage(tiny_sd, PROMPT, "", nerf_cfg(iterations=1, seed=2 ** 64 - 1))
+    assert len(s.guidance_log) == 1

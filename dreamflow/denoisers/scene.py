@@ -65,6 +65,17 @@ class SceneLoRAConfig:
         return self
 
 
+def _undo_failed_adapter(unet) -> None:
+    """Leave the UNet as loaded after a failed ``add_adapter`` (diffusers marks it as carrying adapters first)."""
+    try:
+        if getattr(unet, "peft_config", None):
+            unet.unload_lora()
+    except Exception:
+        pass
+    if getattr(unet, "_hf_peft_config_loaded", False) and not getattr(unet, "peft_config", None):
+        unet._hf_peft_config_loaded = False
+
+
 class SceneDenoiser(torch.nn.Module):
     """eps_phi: the pretrained UNet + a "scene" LoRA + a camera MLP, trained on renders of the current scene.
 
@@ -88,8 +99,15 @@ class SceneDenoiser(torch.nn.Module):
         with torch.random.fork_rng(devices=forks):
             torch.manual_seed(seed)
             # peft default init: A Kaiming-uniform, B zero -> the adapter starts as an exact no-op.
-            unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(config.target_modules),
-                                        init_lora_weights=True), adapter_name=ADAPTER_NAME)
+            try:
+                unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha,
+                                            target_modules=list(config.target_modules), init_lora_weights=True),
+                                 adapter_name=ADAPTER_NAME)
+            except Exception as e:
+                _undo_failed_adapter(unet)
+                raise DreamFlowError(f"scene LoRA could not be added to the UNet ({type(e).__name__}: "
+                                     f"{str(e).splitlines()[0][:160]}); use attention projection names such as "
+                                     f"to_q, to_k, to_v, to_out.0 as target_modules") from None
             temb = unet.time_embedding.linear_2.out_features
             self.camera_mlp: Optional[torch.nn.Sequential] = None
             if config.camera_condition:

@@ -19,6 +19,7 @@ from typing import Dict, Optional
 import torch
 
 from ..errors import DreamFlowError, check
+from ..seeding import derived_seed
 
 METHODS = ("apfo", "sds", "vsd")
 
@@ -92,12 +93,12 @@ class Guidance:
         self.config = config.validate()
         self.total_updates = int(total_updates)
         check(self.total_updates >= 1, f"iterations={total_updates} must be >= 1")
-        self.generator = torch.Generator(device=denoiser.device).manual_seed(int(seed))
+        self.generator = torch.Generator(device=denoiser.device).manual_seed(derived_seed(seed, 0))
         self.scene = None
         if self.uses_scene_lora:
             from ..denoisers.scene import SceneDenoiser
 
-            self.scene = SceneDenoiser(denoiser, config.lora, seed=int(seed) + 1)
+            self.scene = SceneDenoiser(denoiser, config.lora, seed=derived_seed(seed, 1))
 
     # -- helpers shared by the methods -------------------------------------------------------
     def _t(self, value, batch: int) -> torch.Tensor:

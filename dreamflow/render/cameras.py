@@ -12,7 +12,7 @@ Conventions (used by every renderer and exporter in DreamFlow):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch

@@ -111,10 +111,14 @@ def _eval_edges(e: Tensor, x: Tensor, y: Tensor) -> Tensor:
 
 
 def _sortable_depth(zw: Tensor) -> Tensor:
-    """float32 depth -> int64 whose integer order equals the float order (exact, no rounding)."""
+    """float32 depth -> int64 in (-2^31, 2^31) whose integer order equals the float order (exact).
+
+    Signed, so that ``key << 32`` stays inside int64 with its order kept (an offset of 2^31 would wrap
+    positive depths to negative keys and let a farther fragment win the z-test).
+    """
     bits = zw.to(torch.float32).contiguous().view(torch.int32).long()
     # IEEE floats: positive ones order like their bit patterns, negative ones in reverse.
-    return torch.where(bits >= 0, bits, -(bits & 0x7FFFFFFF)) + (1 << 31)
+    return torch.where(bits >= 0, bits, -(bits & 0x7FFFFFFF))
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import os
 import uuid
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from ..io import atomic_path
 from .defs import NodeDef, node_defs, pack_root
 
 #: Values of widgets the frontend adds to core display nodes (the 3D viewer of Preview3D, as in
@@ -278,7 +279,7 @@ def write_all(folder: Optional[str] = None) -> List[str]:
     written = []
     for name, fn in WORKFLOWS.items():
         path = os.path.join(folder, name)
-        with open(path, "w", encoding="utf-8") as f:
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.write(render(fn(defs)))
         written.append(path)
     return written

@@ -72,7 +72,7 @@ def saved_files(ui: Dict[str, dict], output_dir: str) -> List[str]:
             for rec in entry.get(key) or []:
                 if isinstance(rec, dict) and "filename" in rec:
                     files.append(os.path.join(output_dir, rec.get("subfolder", ""), rec["filename"]))
-        files += [str(t) for t in entry.get("text") or []]
+        files += [os.path.join(output_dir, str(t)) for t in entry.get("text") or []]  # relative to the output
     return files
 
 

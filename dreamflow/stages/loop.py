@@ -13,7 +13,6 @@ One update (read as numbered steps):
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -23,15 +22,8 @@ import torch.nn.functional as F
 from ..errors import DivergenceError, DreamFlowError
 from ..guidance import make_guidance
 from ..hosting import Callbacks, raise_interrupt
+from ..seeding import derived_seed
 from ..render.cameras import sample_cameras, view_prompt
-
-
-@contextlib.contextmanager
-def seeded(seed: int):
-    """Seed torch's global CPU RNG for module initialisation without disturbing the caller's RNG state."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        yield
 
 
 def to_pil(image: torch.Tensor):
@@ -98,14 +90,18 @@ def optimise(*, stage: str, denoiser, prompt: str, negative_prompt: str, config,
     device = denoiser.device
     total = int(config.iterations)
     cam_gen = torch.Generator().manual_seed(int(config.seed))
-    guidance = make_guidance(denoiser, config.guidance, total, seed=int(config.seed))
     # The VAE posterior sample is random too (threestudio samples it): seed it for reproducible runs.
-    vae_gen = torch.Generator(device=device).manual_seed(int(config.seed) + 3)
-    if guidance_state:
-        guidance.load_state_tensors(guidance_state)
-    fast = getattr(denoiser, "fast_path", None)
-    if fast is not None:  # opt-in CUDA fast path (Denoiser.enable_fast_path): graphed scene eps, fused LoRA AdamW
-        fast.prepare_guidance(guidance)
+    vae_gen = torch.Generator(device=device).manual_seed(derived_seed(config.seed, 3))
+    guidance = make_guidance(denoiser, config.guidance, total, seed=int(config.seed))
+    try:  # the guidance's LoRA sits on the shared UNet: remove it if resuming fails
+        if guidance_state:
+            guidance.load_state_tensors(guidance_state)
+        fast = getattr(denoiser, "fast_path", None)
+        if fast is not None:  # opt-in CUDA fast path (Denoiser.enable_fast_path): graphed scene eps, fused LoRA AdamW
+            fast.prepare_guidance(guidance)
+    except BaseException:
+        guidance.close()
+        raise
     log: List[dict] = []
     pending = []  # (step, loss, log) kept as tensors; converted in batches to avoid host syncs
     # With cpu_offload the VAE stays on the device while the stage runs (encode and its backward), and
@@ -116,13 +112,14 @@ def optimise(*, stage: str, denoiser, prompt: str, negative_prompt: str, config,
             for step in range(total):
                 if callbacks.should_stop():
                     raise_interrupt(f"{stage} interrupted at update {step}/{total}; nothing was written")
-                cams = sample_cameras(config.camera, config.views_per_update, config.resolution, generator=cam_gen).to(device)
+                cams_cpu = sample_cameras(config.camera, config.views_per_update, config.resolution, generator=cam_gen)
+                words = cams_cpu.view_words(config.camera)  # from the CPU copy: no device -> host sync
+                cams = cams_cpu.to(device)
                 rgb, reg = render_fn(cams, step)
                 images = rgb.permute(0, 3, 1, 2)
                 if config.denoise_resolution != config.resolution:
                     images = F.interpolate(images, size=(config.denoise_resolution,) * 2, mode="bilinear", align_corners=False)
                 latents = denoiser.encode_images(images, generator=vae_gen)
-                words = cams.view_words(config.camera)
                 embeds = denoiser.encode_prompt([view_prompt(prompt, w) for w in words], negative_prompt)
                 try:
                     out = guidance(latents, embeds, cams.condition(), step)

@@ -15,22 +15,22 @@ from typing import Optional, Tuple
 import torch
 
 from .. import config as cfgio
-from ..errors import DreamFlowError, check
+from ..errors import check
 from ..guidance import GuidanceConfig
 from ..hosting import Callbacks
 from ..render.cameras import CameraConfig
 from ..render.shading import ShadingConfig, pick_mode, random_light
 from ..scene.mesh import MeshModel, MeshModelConfig
-from ..state import MeshState, NeRFState
+from ..state import MeshState, NeRFState, require_state
 from .extract import ExtractConfig, extract_mesh
+from ..seeding import derived_seed
 from .loop import autograd_on, optimise
 from .nerf_stage import check_common, check_denoiser, check_prompt
 
 
 def extract_mesh_state(nerf: NeRFState, config: Optional[ExtractConfig] = None) -> MeshState:
     """Marching cubes on the NeRF density -> MeshState whose colour field starts as the NeRF's albedo."""
-    if not isinstance(nerf, NeRFState):
-        raise DreamFlowError(f"ExtractMesh needs a NeRF state (from NeRFStage or LoadState), got {type(nerf).__name__}")
+    require_state(nerf, NeRFState, "ExtractMesh", "connect a NeRF stage's or Load State's 'nerf' output")
     config = (config or ExtractConfig()).validate()
     field_ = nerf.field
     v, f = extract_mesh(field_.density, config, radius=field_.config.radius, device=nerf.device)
@@ -124,9 +124,8 @@ def _run_mesh_like(stage: str, kind: str, denoiser, mesh: MeshState, prompt: str
     config = config.validate()
     prompt = check_prompt(prompt, stage)
     check_denoiser(denoiser, kind, config, stage)
-    if not isinstance(mesh, MeshState):
-        raise DreamFlowError(f"{stage} needs a mesh state (from ExtractMesh, MeshStage, SDXLRefine or LoadState), "
-                             f"got {type(mesh).__name__}; insert ExtractMesh after NeRFStage")
+    require_state(mesh, MeshState, stage, "connect ExtractMesh, a mesh stage or Load State's 'mesh' output "
+                                         "(a NeRF must go through ExtractMesh first)")
     device = denoiser.device
     start = mesh.clone().to(device)
     model = MeshModel(start.vertices, start.faces, start.field, config.mesh).to(device)
@@ -144,7 +143,7 @@ def _run_mesh_like(stage: str, kind: str, denoiser, mesh: MeshState, prompt: str
     for p in background.parameters():
         p.requires_grad_(config.optimize_color)
     optimizer = torch.optim.Adam(groups, betas=tuple(config.betas), eps=config.adam_eps)
-    gen = torch.Generator().manual_seed(int(config.seed) + 7)
+    gen = torch.Generator().manual_seed(derived_seed(config.seed, 7))
     faces32 = model.faces.int()
     topology = antialias_topology(faces32, config.backend)
 

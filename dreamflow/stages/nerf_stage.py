@@ -11,15 +11,16 @@ from typing import Optional, Tuple
 import torch
 
 from .. import config as cfgio
-from ..errors import DreamFlowError, check
+from ..errors import check
 from ..guidance import GuidanceConfig
 from ..hosting import Callbacks
 from ..render.cameras import CameraConfig
 from ..render.shading import ShadingConfig, pick_mode, random_light
 from ..render.volume import VolumeRenderConfig, orientation_loss, render_volume, sparsity_loss
 from ..scene.nerf import Background, BackgroundConfig, NeRFField, NeRFFieldConfig
-from ..state import NeRFState
-from .loop import autograd_on, optimise, seeded
+from ..state import NeRFState, require_state
+from ..seeding import derived_seed, seeded
+from .loop import autograd_on, optimise
 
 
 def check_denoiser(denoiser, kind: str, config, stage: str) -> None:
@@ -123,12 +124,13 @@ def run_nerf_stage(denoiser, prompt: str, negative_prompt: str = "", config: Opt
     config = (config or NeRFStageConfig()).validate()
     prompt = check_prompt(prompt, "NeRFStage")
     check_denoiser(denoiser, "sd", config, "NeRFStage")
-    if init is not None and not isinstance(init, NeRFState):
-        raise DreamFlowError(f"NeRFStage: init must be a NeRF state, got {type(init).__name__}; connect a NeRFStage or LoadState output")
+    if init is not None:
+        require_state(init, NeRFState, "NeRFStage init", "connect a NeRF stage's or Load State's 'nerf' output")
     device = denoiser.device
     with seeded(config.seed):
         if init is not None:
-            field_, background = init.clone().field, init.clone().background
+            copy = init.clone()
+            field_, background = copy.field, copy.background
         else:
             field_, background = NeRFField(config.nerf), Background(config.background)
     field_.to(device).train()
@@ -136,7 +138,7 @@ def run_nerf_stage(denoiser, prompt: str, negative_prompt: str = "", config: Opt
     optimizer = torch.optim.AdamW(field_.param_groups(config.lr_grid, config.lr_mlp)
                                   + background.param_groups(config.lr_background),
                                   betas=tuple(config.betas), eps=config.adam_eps, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(int(config.seed) + 7)
+    gen = torch.Generator().manual_seed(derived_seed(config.seed, 7))
     need_normal = config.lambda_orient > 0
 
     def render_fn(cams, step):

@@ -92,6 +92,7 @@ def main(argv=None) -> int:
         return 0
     from safetensors.torch import save_file
 
+    from dreamflow.denoisers.denoiser import alphas_cumprod_from_config
     from dreamflow.toy import train as T
     from dreamflow.toy.classifier import ClassifierConfig, ToyClassifier, accuracy, save_classifier
     from dreamflow.toy.prior import ToyPriorConfig, build_toy_prior, load_trainable
@@ -154,7 +155,7 @@ def main(argv=None) -> int:
     token_ids = T.tokenize(tok, captions)
     ucfg = T.UNetTrainConfig(batch=args.batch, lr=args.lr, max_steps=args.unet_max_steps, budget_s=args.unet_budget_s,
                              log_every=1 if args.smoke else 250)
-    acp = T.alphas_cumprod(sched_cfg)
+    acp = alphas_cumprod_from_config(sched_cfg)
     ucfg.budget_s = max(30.0, min(ucfg.budget_s, args.deadline_s - (time.time() - t_start) - args.reserve_s))
     log(f"UNet budget {ucfg.budget_s:.0f} s (elapsed {time.time() - t_start:.0f} s)")
     t0 = time.time()

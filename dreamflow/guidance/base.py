@@ -18,7 +18,7 @@ from typing import Dict, Optional
 
 import torch
 
-from ..errors import DreamFlowError, check
+from ..errors import check
 from ..seeding import derived_seed
 
 METHODS = ("apfo", "sds", "vsd")
@@ -164,7 +164,5 @@ def make_guidance(denoiser, config: GuidanceConfig, total_updates: int, seed: in
     from .vsd import VSDGuidance
 
     config.validate()
-    cls = {"apfo": APFOGuidance, "sds": SDSGuidance, "vsd": VSDGuidance}.get(config.method)
-    if cls is None:  # validate() already refuses; kept for type checkers
-        raise DreamFlowError(f"guidance method '{config.method}' is unknown; use one of: {', '.join(METHODS)}")
+    cls = {"apfo": APFOGuidance, "sds": SDSGuidance, "vsd": VSDGuidance}[config.method]  # validated above
     return cls(denoiser, config, total_updates, seed)

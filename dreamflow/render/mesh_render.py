@@ -163,8 +163,7 @@ def render_turntable(vertices: Tensor, faces: Tensor, color_fn: ColorFn, n_views
     images = []
     for s in range(0, n_views, views_per_batch):
         sl = slice(s, min(s + views_per_batch, n_views))
-        sub = Cameras(cams.c2w[sl], cams.fovy[sl], cams.height, cams.width, cams.elevation[sl], cams.azimuth[sl],
-                      cams.distance[sl])
+        sub = cams.subset(sl)
         light = sub.position if shading != "albedo" else None
         out = render_mesh(vertices, faces, color_fn, sub, background=background, light_positions=light,
                           shading=shading, shading_config=ShadingConfig(ambient=ambient, diffuse=diffuse),

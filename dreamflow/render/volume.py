@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..errors import check
 from .cameras import Cameras
-from .shading import SHADING_MODES, ShadingConfig, shade
+from .shading import SHADING_MODES, ShadingConfig, light_directions, shade
 
 
 class Field(Protocol):
@@ -253,7 +253,7 @@ def render_volume(field: Field, background: BackgroundLike, cameras: Cameras,
     else:
         lights = cameras.position if light_positions is None else light_positions.to(device)
         view_of_ray = torch.div(idx, H * W, rounding_mode="floor")
-        light_dir = F.normalize(lights[view_of_ray][:, None, :] - pts.view(Ra, M, 3), dim=-1)
+        light_dir = light_directions(lights[view_of_ray][:, None, :], pts.view(Ra, M, 3))
         colour = shade(albedo, normal, light_dir, sh.ambient, sh.diffuse, shading)
 
     opacity_r = w.sum(-1, keepdim=True)

@@ -10,8 +10,6 @@ random zoom and shift, blur and noise.
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import asdict, dataclass
 from typing import Dict, Optional, Sequence, Tuple
 

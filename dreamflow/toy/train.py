@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..render.cameras import VIEW_WORDS, sample_cameras, view_prompt
@@ -209,13 +208,6 @@ def latent_scale(vae, images: Tensor, batch: int = 256) -> float:
 # --------------------------------------------------------------------------------------------
 # 4. UNet + text encoder
 # --------------------------------------------------------------------------------------------
-def alphas_cumprod(scheduler_config: dict) -> Tensor:
-    """[T] float32 from a scheduler config (exactly diffusers' DDPMScheduler)."""
-    from ..denoisers.denoiser import alphas_cumprod_from_config
-
-    return alphas_cumprod_from_config(scheduler_config)
-
-
 @dataclass
 class UNetTrainConfig:
     """UNet training settings (ours; measured on an H100: see bench/TOY_TRAINING.md)."""

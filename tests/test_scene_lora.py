@@ -170,3 +170,80 @@ def test_failed_adapter_leaves_the_unet_usable(tiny_sd):
         SceneDenoiser(tiny_sd, SceneLoRAConfig(target_modules=("no_such_layer",)))
     scene = SceneDenoiser(tiny_sd)  # a later, valid LoRA still goes on
     scene.remove()
+
+
+# ---------------------------------------------------------------- host syncs (issue 6)
+def test_train_step_returns_the_loss_as_a_detached_tensor(tiny_sd_v_path):
+    """The loss comes back as a 0-dim float32 tensor (no host sync) whose value is the diffusion loss the
+    float-returning step gave: the same float ops as the brute-force twin, so equal to the last bit."""
+    den = Denoiser.load(tiny_sd_v_path, dtype="fp32", device="cpu")
+    scene = SceneDenoiser(den, SceneLoRAConfig(camera_dropout=0.0))
+    x0, cam, e = _batch(den, 4)
+    t = torch.tensor([0.2, 0.9])
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    a = den.alpha_bar(t).view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    v = a.sqrt() * noise - (1 - a).sqrt() * x0
+    ref = torch.nn.functional.mse_loss(den.unet_output(x_t, t, e), v)
+    loss = scene.train_step(x0, e, cam, t=t, noise=noise)
+    assert torch.is_tensor(loss) and loss.ndim == 0 and loss.dtype == torch.float32
+    assert not loss.requires_grad and loss.grad_fn is None
+    assert float(loss) == float(ref)
+    scene.remove()
+
+
+def test_non_finite_loss_raises_and_leaves_the_lora_untouched(den):
+    """A NaN batch: DivergenceError, no optimiser step (weights, Adam moments, step count unchanged), no
+    gradient left behind; a finite batch afterwards trains as before."""
+    from dreamflow.errors import DivergenceError
+
+    scene = SceneDenoiser(den, SceneLoRAConfig(lr=1e-2), seed=2)
+    _train(scene, den, 2)  # non-zero LoRA and Adam state
+    before = {k: v.clone() for k, v in scene.state_tensors().items()}
+    moments = {id(p): {k: v.clone() for k, v in st.items()} for p, st in scene.optimizer.state.items()}
+    x0, cam, e = _batch(den, 7)
+    bad = x0.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(DivergenceError, match="scene LoRA loss is nan at LoRA step 2"):
+        scene.train_step(bad, e, cam, t=torch.tensor([0.3, 0.6]), generator=torch.Generator().manual_seed(0))
+    after = scene.state_tensors()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert all(p.grad is None for p in scene.parameters_to_train())
+    for p, st in scene.optimizer.state.items():
+        assert all(torch.equal(v, moments[id(p)][k]) for k, v in st.items())
+    assert scene.steps == 2
+    loss = scene.train_step(x0, e, cam, t=torch.tensor([0.3, 0.6]), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and scene.steps == 3
+    assert any(not torch.equal(v, before[k]) for k, v in scene.state_tensors().items())
+    scene.remove()
+
+
+def test_camera_dropout_is_decided_on_the_device_at_the_configured_rate(den):
+    """The coin is the generator's draw after t and the noise; the camera the scene model sees is all zeros
+    exactly when that coin is below camera_dropout (checked step by step against a twin generator), and
+    over 160 steps the rate is the configured 0.3 within 3 binomial standard deviations."""
+    p, n = 0.3, 160
+    scene = SceneDenoiser(den, SceneLoRAConfig(lr=1e-4, camera_dropout=p), seed=1)
+    x0, cam, e = _batch(den, 3)
+    seen = []
+    eager = scene.output
+
+    def spy(x_t, t, embeds, camera):
+        seen.append(bool((camera == 0).all()))
+        return eager(x_t, t, embeds, camera)
+
+    scene.output = spy
+    g, twin = torch.Generator().manual_seed(123), torch.Generator().manual_seed(123)
+    expected = []
+    for _ in range(n):
+        scene.train_step(x0, e, cam, generator=g)
+        torch.rand(2, generator=twin)  # t
+        torch.randn(x0.shape, generator=twin)  # noise
+        expected.append(bool(torch.rand((), generator=twin) < p))
+    assert seen == expected
+    sd = (n * p * (1 - p)) ** 0.5
+    assert abs(sum(seen) - n * p) <= 3 * sd, sum(seen)
+    assert 0 < sum(seen) < n
+    del scene.output
+    scene.remove()

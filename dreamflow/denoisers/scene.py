@@ -205,8 +205,11 @@ class SceneDenoiser(torch.nn.Module):
 
     def train_step(self, x0: torch.Tensor, embeds: PromptEmbeds, camera: Optional[torch.Tensor],
                    t: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-                   noise: Optional[torch.Tensor] = None) -> float:
+                   noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One AdamW step on || output(x_t, t) - target ||^2, target = noise (eps models) or v (v-prediction).
+
+        Host syncs: exactly one, the finiteness check of the loss, made after the backward is queued (the
+        dropout coin is applied on the device and the loss is returned as a tensor).
 
         Args:
             x0: clean latents of the current renders [B, C, h, w]; detached (the scene model must not push
@@ -218,36 +221,47 @@ class SceneDenoiser(torch.nn.Module):
             noise: explicit eps [B, C, h, w] (default: drawn from ``generator``).
 
         Returns:
-            the loss before the step (float).
+            the loss before the step: a detached 0-dim float32 tensor on the denoiser's device.
+        Raises:
+            DivergenceError when the loss is not finite; the LoRA and camera-MLP weights are then left as
+            they were (no optimiser step) and their gradients cleared.
         """
         self._check_alive()
         d = self.denoiser
-        x0 = x0.detach().to(d.device, torch.float32)
+        nb = d.device.type == "cuda"  # host -> device copies need no sync (pageable memory is staged first)
+        x0 = x0.detach().to(d.device, torch.float32, non_blocking=nb)
         B = x0.shape[0]
         gdev = generator.device if generator is not None else d.device
         if t is None:
             lo, hi = self.config.t_range
             t = lo + (hi - lo) * torch.rand(B, generator=generator, device=gdev)
-        t = d._t(torch.as_tensor(t).to(d.device), B)
+        t = d._t(torch.as_tensor(t).to(d.device, non_blocking=nb), B)
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device=gdev)
-        noise = noise.to(d.device, torch.float32)
+        noise = noise.to(d.device, torch.float32, non_blocking=nb)
         if camera is not None and self.config.camera_condition and self.config.camera_dropout > 0:
-            coin = torch.rand((), generator=generator, device=gdev) if generator is not None else random.random()
-            if float(coin) < self.config.camera_dropout:
+            if generator is not None:
+                # The coin stays on its generator's device and the choice is made there: no host sync.
+                coin = torch.rand((), generator=generator, device=gdev)
+                drop = (coin < self.config.camera_dropout).to(camera.device, non_blocking=camera.is_cuda)
+                camera = torch.where(drop, torch.zeros_like(camera), camera)
+            elif random.random() < self.config.camera_dropout:  # a host draw: no sync either
                 camera = torch.zeros_like(camera)
         x_t = d.add_noise(x0, noise, t)
         target = d.target(x0, noise, t)
         out = self.output(x_t, t, embeds, camera)
         loss = F.mse_loss(out.float(), target.float())
-        if not torch.isfinite(loss):
+        self.optimizer.zero_grad(set_to_none=True)
+        # Queue the backward before the one host sync of the step (the finiteness check), so the GPU is
+        # busy with it while the host waits; the step itself only runs on a finite loss.
+        loss.backward()
+        if not bool(torch.isfinite(loss)):
+            self.optimizer.zero_grad(set_to_none=True)
             raise DivergenceError(f"scene LoRA loss is {loss.item()} at LoRA step {self.steps}; lower the scene LoRA lr "
                                   f"({self.config.lr}) or use float32/bf16", step=self.steps)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         self.optimizer.step()
         self.steps += 1
-        return float(loss.detach())
+        return loss.detach()
 
     def parameters_to_train(self) -> List[torch.nn.Parameter]:
         """LoRA weights (inside the UNet) + camera MLP weights."""

@@ -420,6 +420,27 @@ def test_encode_is_differentiable_and_decode_has_range(tiny_sd):
         tiny_sd.encode_images(torch.rand(1, 3, 15, 16))
 
 
+def test_vae_dtype_auto_upcasts_only_overflowing_vaes(monkeypatch):
+    """auto: the model's dtype, except a float16 model with a force_upcast VAE (SDXL): bfloat16 on a GPU with
+    bfloat16 (as ComfyUI), float32 elsewhere; explicit choices win; bad names get a one-line error."""
+    from dreamflow.denoisers.denoiser import resolve_vae_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32
+    assert resolve_vae_dtype("auto", f16, False, cuda) is f16
+    assert resolve_vae_dtype("auto", f32, True, cpu) is f32
+    assert resolve_vae_dtype("auto", f16, True, cpu) is f32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_vae_dtype("auto", f16, True, cuda) is bf16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_vae_dtype("auto", f16, True, cuda) is f32
+    assert resolve_vae_dtype("fp32", f16, False, cuda) is f32 and resolve_vae_dtype("bf16", f32, False, cpu) is bf16
+    with pytest.raises(DreamFlowError, match="unknown") as e:
+        resolve_vae_dtype("fp8", f16, False, cpu)
+    assert "\n" not in str(e.value)
+
+
 def test_cpu_offload_and_vae_options_give_same_results(tiny_sd, tiny_sd_path):
     den = Denoiser.load(tiny_sd_path, dtype="fp32", device="cpu", cpu_offload=True, vae_slicing=True, vae_tiling=True)
     assert den.vae.use_slicing and den.vae.use_tiling

@@ -223,7 +223,7 @@ def test_engine_work_runs_with_autograd_inside_comfyui_inference_mode(monkeypatc
     monkeypatch.setattr(dn.Denoiser, "load", staticmethod(lambda name, **kw: probe() and FakeDenoiser()))
     with torch.inference_mode():
         NODES["DreamFlowNeRFStage"]().run(denoiser=FakeDenoiser(), **widget_values("DreamFlowNeRFStage"))
-        NODES["DreamFlowLoadDenoiser"]().load("probe-model", "auto", "cpu", False, False)
+        NODES["DreamFlowLoadDenoiser"]().load("probe-model", "auto", "cpu", False, False, True, "auto")
     assert seen == [(False, True, False), (False, True, False)]
 
 
@@ -329,7 +329,11 @@ def test_load_denoiser_shares_one_copy_per_settings(monkeypatch):
 
     class Loaded:
         def __init__(self, name, kw):
-            self.name, self.kw = name, kw
+            self.name, self.kw, self.fast = name, kw, 0
+            self.device = torch.device(kw["device"])
+
+        def enable_fast_path(self):
+            self.fast += 1
 
     def fake_load(name, **kw):
         loads.append((name, kw))
@@ -337,22 +341,27 @@ def test_load_denoiser_shares_one_copy_per_settings(monkeypatch):
 
     monkeypatch.setattr(dn.Denoiser, "load", staticmethod(fake_load))
     node = NODES["DreamFlowLoadDenoiser"]()
-    (a,) = node.load("sd21", "auto", "cpu", False, False)
-    (b,) = node.load("sd21", "auto", "cpu", False, False)
-    (c,) = node.load("sd21", "fp32", "cpu", False, True)
+    (a,) = node.load("sd21", "auto", "cpu", False, False, True, "auto")
+    (b,) = node.load("sd21", "auto", "cpu", False, False, True, "auto")
+    (c,) = node.load("sd21", "fp32", "cpu", False, True, True, "bf16")
     assert a is b and c is not a and len(loads) == 2
-    assert loads[1][1] == {"dtype": "fp32", "device": "cpu", "cpu_offload": False, "vae_tiling": True}
-    del a, b, c
+    assert loads[1][1] == {"dtype": "fp32", "device": "cpu", "cpu_offload": False, "vae_tiling": True,
+                           "vae_dtype": "bf16"}
+    assert a.fast == c.fast == 0  # the fast path is CUDA-only
+    (g,) = node.load("sd21", "auto", "cuda", False, False, True, "auto")
+    (h,) = node.load("sd21", "auto", "cuda", False, False, False, "auto")
+    assert g.fast == 1 and h.fast == 0 and g is not h
+    del a, b, c, g, h
     gc.collect()  # nobody holds the models: the cache lets them go
-    node.load("sd21", "auto", "cpu", False, False)
-    assert len(loads) == 3
+    node.load("sd21", "auto", "cpu", False, False, True, "auto")
+    assert len(loads) == 5
 
 
 def test_load_denoiser_lists_models_and_reports_missing(monkeypatch, tmp_path):
     inputs, _ = all_inputs(NODES["DreamFlowLoadDenoiser"])
     assert inputs["model_name"][1]["dreamflow_dynamic"] is True
     with pytest.raises(DreamFlowError, match="not found"):
-        NODES["DreamFlowLoadDenoiser"]().load(str(tmp_path / "no-such-model"), "auto", "cpu", False, False)
+        NODES["DreamFlowLoadDenoiser"]().load(str(tmp_path / "no-such-model"), "auto", "cpu", False, False, True, "auto")
 
 
 # ----------------------------------------------------------------------------------------------

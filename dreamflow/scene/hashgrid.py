@@ -50,8 +50,10 @@ class HashGridConfig:
     """Growth factor between levels; 16 * 1.4473^15 = 4096 (threestudio prolificdreamer)."""
     backend: str = "auto"
     """"auto" (tcnn when installed with CUDA, else torch), "torch" or "cuda" (see render/backends.py)."""
-    compile: bool = False
-    """Wrap the torch path in ``torch.compile`` (fuses the gather/interpolation; first call compiles)."""
+    compile: bool = True
+    """On CUDA, run the torch path through ``torch.compile`` (fuses the gather / interpolation; measured ~10x
+    faster on an H100, ~30 s to compile on the first call). CPU inputs always run eagerly (compiling needs a
+    C++ toolchain and takes longer than a CPU stage gains)."""
 
     def validate(self) -> "HashGridConfig":
         check(1 <= self.n_levels <= 32, f"hash grid n_levels={self.n_levels} is out of range; use 1..32 (tiny-cuda-nn's limit)")
@@ -177,7 +179,7 @@ class HashGrid(nn.Module):
         self.levels = level_specs(cfg)
         self.backend = pick("hashgrid", cfg.backend)
         self._tcnn = None  # built on the first CUDA forward (native objects neither copy nor pickle)
-        self._encode = torch.compile(hash_grid_torch, dynamic=True) if cfg.compile else hash_grid_torch
+        self._compiled = None  # torch.compile(hash_grid_torch), made on the first CUDA forward
 
     def _make_tcnn(self):
         from ..render.backends import tinycudann
@@ -202,7 +204,11 @@ class HashGrid(nn.Module):
             if self._tcnn is None:
                 self._tcnn = self._make_tcnn()
             return self._tcnn(x).float()
-        return self._encode(x, self.table, self.scale, self.levels)
+        if self.config.compile and x.is_cuda:
+            if self._compiled is None:
+                self._compiled = torch.compile(hash_grid_torch, dynamic=True)
+            return self._compiled(x, self.table, self.scale, self.levels)
+        return hash_grid_torch(x, self.table, self.scale, self.levels)
 
     def __getstate__(self):
         # deepcopy / pickle: drop the native tcnn module; the copy rebuilds it around its own params

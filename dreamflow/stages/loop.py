@@ -7,7 +7,7 @@ One update (read as numbered steps):
 3. resize to ``denoise_resolution`` and encode to latents with the denoiser's VAE (differentiable);
 4. view-dependent prompts ("..., side view") -> cached text embeddings;
 5. guidance (APFO / SDS / VSD) -> loss on the latents (+ its own LoRA step);
-6. check the loss is finite (else stop with the step number, keeping the last good state), backward, step;
+6. backward, check the loss is finite (else stop with the step number, keeping the last good state), step;
 7. progress, live preview and interrupt callbacks.
 """
 
@@ -124,6 +124,10 @@ def optimise(*, stage: str, denoiser, prompt: str, negative_prompt: str, config,
                 try:
                     out = guidance(latents, embeds, cams.condition(), step)
                     loss = out.loss + reg
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    # One host sync per update, after the backward is queued (the GPU stays busy meanwhile) and
+                    # before the step: a non-finite loss never reaches the parameters.
                     if not bool(torch.isfinite(loss)):
                         raise DivergenceError("non-finite loss", step=step)
                 except DivergenceError as e:  # the scene loss, or the LoRA's (which counts its own steps)
@@ -131,8 +135,6 @@ def optimise(*, stage: str, denoiser, prompt: str, negative_prompt: str, config,
                     raise DivergenceError(
                         f"{stage} diverged: non-finite loss at update {step} ({e}); the last good state is kept "
                         f"(lower the learning rates or cfg_scale, or change the seed)", step=step, last_good=snapshot(log)) from None
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
                 optimizer.step()
                 if on_step is not None:
                     on_step(step)

@@ -371,3 +371,41 @@ def test_z_test_orders_depths_of_both_signs():
         winner = 1 if order[0] is near else 2  # triangle id + 1 of the near one
         assert bool((rast[..., 3] == winner).all())
         assert torch.allclose(rast[..., 2], torch.full_like(rast[..., 2], -0.5))
+
+
+def test_triangle_indices_are_read_back_once_per_tensor(monkeypatch):
+    """The index-range check (a host sync on CUDA) runs once per faces tensor across rasterize /
+    interpolate / antialias and repeated updates; an in-place edit, a new tensor, or a tensor without a
+    version counter (inference mode) is checked again, and bad indices still raise after a cached check."""
+    from dreamflow.render import raster
+
+    calls = []
+    real = raster._tri_range
+    monkeypatch.setattr(raster, "_tri_range", lambda t: calls.append(1) or real(t))
+    pos, f, _ = cube_scene(12, 16)
+    f32 = f.int()
+    for _ in range(3):  # three "updates" of a stage
+        rast = rasterize(pos, f32, (12, 16), backend="torch")
+        attr = interpolate(pos[0, :, :3].contiguous(), rast, f32, backend="torch")
+        out = antialias(attr, rast, pos, f32, backend="torch")
+    assert len(calls) == 1
+    # same results as the uncached int64 path
+    assert torch.equal(rast, rasterize(pos, f, (12, 16), backend="torch"))
+    assert torch.equal(out, antialias(interpolate(pos[0, :, :3].contiguous(), rast, f, backend="torch"), rast, pos, f,
+                                      backend="torch"))
+    assert len(calls) == 2  # f: one more tensor
+    with pytest.raises(DreamFlowError, match="tri indexes vertices 0..7 but there are 5"):
+        interpolate(torch.zeros(5, 2), rast, f32, backend="torch")  # cached range, other vertex count
+    assert len(calls) == 2
+    f32[0, 0] = 8  # in place: version bump -> checked again
+    with pytest.raises(DreamFlowError, match="tri indexes vertices 0..8 but there are 8"):
+        rasterize(pos, f32, (12, 16), backend="torch")
+    assert len(calls) == 3
+    with torch.inference_mode():
+        f_inf = f.clone()
+    for _ in range(2):
+        rasterize(pos, f_inf, (12, 16), backend="torch")
+    assert len(calls) == 5
+    n = len(raster._checked_tris)
+    del f32
+    assert len(raster._checked_tris) == n - 1  # entries go with their tensor

@@ -86,8 +86,12 @@ class Cameras:
         return self.c2w.device
 
     def to(self, device) -> "Cameras":
-        return Cameras(self.c2w.to(device), self.fovy.to(device), self.height, self.width,
-                       self.elevation.to(device), self.azimuth.to(device), self.distance.to(device))
+        """The cameras on ``device``. Copies to a CUDA device are non-blocking: the host does not wait for
+        the GPU (CPU sources are staged at the call, so changing them afterwards is safe)."""
+        device = torch.device(device)
+        nb = device.type == "cuda"
+        return Cameras(*(x.to(device, non_blocking=nb) for x in (self.c2w, self.fovy)), self.height, self.width,
+                       *(x.to(device, non_blocking=nb) for x in (self.elevation, self.azimuth, self.distance)))
 
     def subset(self, index) -> "Cameras":
         """Cameras ``index`` (an int, slice or index tensor) as a new batch."""
@@ -143,7 +147,9 @@ class Cameras:
 
     def mvp(self, near: float = 0.1, far: float = 100.0) -> torch.Tensor:
         """[V, 4, 4] world -> clip matrices (projection @ inverse(c2w))."""
-        return self.projection(near, far) @ torch.linalg.inv(self.c2w)
+        # inv_ex: the same inverse as linalg.inv without its singularity check, which would wait for the GPU
+        # (a c2w is rigid, never singular).
+        return self.projection(near, far) @ torch.linalg.inv_ex(self.c2w).inverse
 
     def view_words(self, cfg: Optional[CameraConfig] = None) -> List[str]:
         """One of ``front / side / back / overhead`` per camera (threestudio's view-dependent prompting)."""

@@ -23,6 +23,7 @@ Coverage at a pixel centre lying exactly on an edge may differ between backends 
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Dict, Sequence, Tuple
 
 import torch
@@ -53,17 +54,80 @@ def _as_batched_pos(pos_clip: Tensor, where: str) -> Tensor:
     return pos_clip if pos_clip.dim() == 3 else pos_clip.unsqueeze(0)
 
 
+def _tri_range(tri: Tensor) -> Tuple[int, int]:
+    """(min, max) of a non-empty index tensor: one host sync (two scalars read back together)."""
+    lo, hi = torch.stack([tri.min(), tri.max()]).tolist()
+    return int(lo), int(hi)
+
+
+class _CheckedTri:
+    """What is known about one triangle tensor: its index range and its int64 / int32 forms."""
+
+    __slots__ = ("ref", "stamp", "lo", "hi", "long", "int32")
+
+    def __init__(self, tri: Tensor, stamp: tuple, on_free):
+        self.ref = weakref.ref(tri, on_free)
+        self.stamp = stamp
+        tri_long = tri.long()
+        self.lo, self.hi = _tri_range(tri_long) if tri.numel() else (0, -1)
+        # Only converted copies are kept: holding ``tri`` itself would keep it alive through the cache.
+        self.long = None if tri_long is tri else tri_long
+        self.int32 = None
+
+
+#: id(tri) -> _CheckedTri for the triangle tensors already checked. The range check reads indices back to
+#: the host (a sync on CUDA); a stage passes the same faces to rasterize / interpolate / antialias every
+#: update, so each tensor is read once. An in-place change bumps the tensor's version (or a new storage
+#: its data_ptr) and it is checked again; entries go when their tensor is freed.
+_checked_tris: Dict[int, _CheckedTri] = {}
+
+
+def _checked(tri: Tensor) -> _CheckedTri:
+    """The cache entry of ``tri``, built on first use. Tensors without a version counter (made under
+    ``torch.inference_mode``) get a fresh, uncached entry at every call."""
+    try:
+        version = tri._version
+    except RuntimeError:
+        return _CheckedTri(tri, (), None)
+    key = id(tri)
+    stamp = (version, tri.data_ptr(), tuple(tri.shape), tri.dtype, tri.device)
+    entry = _checked_tris.get(key)
+    if entry is not None and entry.ref() is tri and entry.stamp == stamp:
+        return entry
+
+    def on_free(ref, key=key):
+        if key in _checked_tris and _checked_tris[key].ref is ref:
+            del _checked_tris[key]
+
+    entry = _checked_tris[key] = _CheckedTri(tri, stamp, on_free)
+    return entry
+
+
 def _check_tri(tri: Tensor, n_vertices: int, where: str) -> Tensor:
-    """[F, 3] integer triangle indices -> int64, each checked to lie in [0, n_vertices)."""
+    """[F, 3] integer triangle indices -> int64, each checked to lie in [0, n_vertices).
+
+    A given tensor's index range is read back once (see ``_checked_tris``); later calls compare the cached
+    range with ``n_vertices`` without touching the device and return the same int64 tensor.
+    """
     if not torch.is_tensor(tri) or tri.dim() != 2 or tri.shape[1] != 3 or tri.is_floating_point():
         shape = tuple(tri.shape) if torch.is_tensor(tri) else type(tri).__name__
         raise DreamFlowError(f"{where}: tri has shape/dtype {shape}; expected integer vertex indices [F, 3]")
-    tri = tri.long()
-    if tri.numel() and (int(tri.min()) < 0 or int(tri.max()) >= n_vertices):
+    entry = _checked(tri)
+    if tri.numel() and (entry.lo < 0 or entry.hi >= n_vertices):
         raise DreamFlowError(
-            f"{where}: tri indexes vertices {int(tri.min())}..{int(tri.max())} but there are {n_vertices}; "
+            f"{where}: tri indexes vertices {entry.lo}..{entry.hi} but there are {n_vertices}; "
             f"fix the face list (indices are 0-based)")
-    return tri
+    return tri if entry.long is None else entry.long
+
+
+def _tri_int32(tri: Tensor) -> Tensor:
+    """Contiguous int32 triangles for nvdiffrast (converted once per checked tensor)."""
+    if tri.dtype == torch.int32 and tri.is_contiguous():
+        return tri
+    entry = _checked(tri)
+    if entry.int32 is None:
+        entry.int32 = tri.int().contiguous()
+    return entry.int32
 
 
 def _check_resolution(resolution: Sequence[int]) -> Tuple[int, int]:
@@ -376,13 +440,13 @@ def rasterize(pos_clip: Tensor, tri: Tensor, resolution: Sequence[int], backend:
         Gradients flow to pos_clip through u, v only.
     """
     pos = _as_batched_pos(pos_clip, "rasterize")
-    tri = _check_tri(tri, pos.shape[1], "rasterize")
+    tri_in, tri = tri, _check_tri(tri, pos.shape[1], "rasterize")
     H, W = _check_resolution(resolution)
     if int(chunk_pairs) < 1:
         raise DreamFlowError(f"rasterize: chunk_pairs={chunk_pairs} must be >= 1")
     if _resolve(backend, pos) == "cuda":
         dr = backends.nvdiffrast_torch()
-        rast, _ = dr.rasterize(_cuda_context(pos.device), pos.float().contiguous(), tri.int().contiguous(),
+        rast, _ = dr.rasterize(_cuda_context(pos.device), pos.float().contiguous(), _tri_int32(tri_in),
                                (H, W), grad_db=False)
         return rast.flip(1)
     return _rasterize_torch(pos, tri, H, W, int(chunk_pairs))
@@ -408,10 +472,10 @@ def interpolate(attr: Tensor, rast: Tensor, tri: Tensor, backend: str = "auto") 
         raise DreamFlowError(f"interpolate: attr has {attr.shape[0]} views but rast has {rast.shape[0]}; give [N, C] or one per view")
     if attr.dim() == 3 and attr.shape[0] == 1:
         attr = attr[0]
-    tri = _check_tri(tri, attr.shape[-2], "interpolate")
+    tri_in, tri = tri, _check_tri(tri, attr.shape[-2], "interpolate")
     if _resolve(backend, attr, rast) == "cuda":
         dr = backends.nvdiffrast_torch()
-        out, _ = dr.interpolate(attr.float().contiguous(), rast.flip(1).float().contiguous(), tri.int().contiguous())
+        out, _ = dr.interpolate(attr.float().contiguous(), rast.flip(1).float().contiguous(), _tri_int32(tri_in))
         return out.flip(1)
     return _interpolate_torch(attr, rast, tri)
 
@@ -422,7 +486,7 @@ def antialias_topology(tri: Tensor, backend: str = "auto"):
     Returns nvdiffrast's topology hash for ``"cuda"`` (tri on CUDA), else :func:`triangle_neighbors`.
     """
     if _resolve(backend, tri) == "cuda":
-        return backends.nvdiffrast_torch().antialias_construct_topology_hash(tri.int().contiguous())
+        return backends.nvdiffrast_torch().antialias_construct_topology_hash(_tri_int32(tri))
     return triangle_neighbors(tri)
 
 
@@ -443,7 +507,7 @@ def antialias(color: Tensor, rast: Tensor, pos_clip: Tensor, tri: Tensor, backen
         ``_antialias_torch`` (nvdiffrast's differs in detail, e.g. where an edge crosses a pixel corner).
     """
     pos = _as_batched_pos(pos_clip, "antialias")
-    tri = _check_tri(tri, pos.shape[1], "antialias")
+    tri_in, tri = tri, _check_tri(tri, pos.shape[1], "antialias")
     if color.dim() != 4 or tuple(color.shape[:3]) != tuple(rast.shape[:3]):
         raise DreamFlowError(f"antialias: color {tuple(color.shape)} does not match rast {tuple(rast.shape)}; "
                              f"expected [V, H, W, C] with rast's V, H, W")
@@ -451,9 +515,9 @@ def antialias(color: Tensor, rast: Tensor, pos_clip: Tensor, tri: Tensor, backen
         pos = pos.expand(rast.shape[0], -1, -1)
     if _resolve(backend, color, rast, pos) == "cuda":
         dr = backends.nvdiffrast_torch()
-        topo = topology if topology is not None else dr.antialias_construct_topology_hash(tri.int().contiguous())
+        topo = topology if topology is not None else dr.antialias_construct_topology_hash(_tri_int32(tri_in))
         out = dr.antialias(color.flip(1).float().contiguous(), rast.flip(1).float().contiguous(),
-                           pos.float().contiguous(), tri.int().contiguous(), topology_hash=topo)
+                           pos.float().contiguous(), _tri_int32(tri_in), topology_hash=topo)
         return out.flip(1)
     opp = topology if torch.is_tensor(topology) else triangle_neighbors(tri)
     return _antialias_torch(color, rast, pos, tri, opp.to(tri.device))

@@ -86,9 +86,10 @@ def random_light(cameras, generator: Optional[torch.Generator] = None,
 
     Args:
         cameras: a :class:`~dreamflow.render.cameras.Cameras` or its [V, 3] camera centres, world units.
-        generator: CPU generator (draws happen on the CPU, results move to the cameras' device).
+        generator: CPU generator. The draws happen on the CPU (the same numbers on every device) and go to
+            the cameras' device without a host sync; the light is computed there.
     Returns:
-        [V, 3] light positions, world units.
+        [V, 3] float32 light positions on the cameras' device, world units.
     """
     cfg = (config or ShadingConfig()).validate()
     camera_positions = cameras if isinstance(cameras, torch.Tensor) else cameras.position
@@ -96,8 +97,13 @@ def random_light(cameras, generator: Optional[torch.Generator] = None,
     lo, hi = cfg.light_distance_range
     distance = lo + (hi - lo) * torch.rand(V, generator=generator)
     jitter = torch.randn(V, 3, generator=generator) * cfg.light_position_perturb
-    direction = F.normalize(camera_positions.detach().float().cpu() + jitter, dim=-1)
-    return (direction * distance[:, None]).to(camera_positions.device)
+    dev = camera_positions.device
+    # Host -> device copies of fresh CPU tensors never sync (pageable memory is staged at the call); the
+    # positions stay where they are (a device -> host copy would wait for the GPU).
+    nb = dev.type == "cuda"
+    distance, jitter = distance.to(dev, non_blocking=nb), jitter.to(dev, non_blocking=nb)
+    direction = F.normalize(camera_positions.detach().float() + jitter, dim=-1)
+    return direction * distance[:, None]
 
 
 def pick_mode(config: Optional[ShadingConfig] = None, step: int = 0, generator: Optional[torch.Generator] = None) -> str:

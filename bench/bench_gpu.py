@@ -580,23 +580,25 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
 
 
 def options_refiner(d, res, guarded, device, smoke, warmup, iters, load) -> None:
-    """Memory options for smaller cards, measured on stage 3 (the largest): the VAE in bfloat16 instead of
-    float32 (the SDXL VAE's force_upcast), alone and with gradient checkpointing of the VAE encoder (the render
-    gradient flows through it).
+    """Precision / memory options, measured on stage 3 (the largest): the VAE in float32 (exact; the default is
+    bfloat16 for this force_upcast VAE on bf16 GPUs) and bfloat16 + gradient checkpointing of the VAE encoder
+    (the render gradient flows through it; for smaller cards).
     Not measured: UNet checkpointing for the LoRA step (SceneDenoiser.train_step runs backward after leaving
     its scene-call context, so a recomputation would see a different network) and ``cpu_offload`` (the
     Denoiser moves the VAE back to the CPU after encoding, before the stage's backward needs it)."""
     variant = {"nvdiffrast": True, "compile": True, "fast": True} if device.type == "cuda" else {}
 
-    def vae_bf16(checkpointing: bool):
+    def vae_option(dtype: torch.dtype, checkpointing: bool):
         g = torch.Generator(device=device).manual_seed(0)
         px = 16 if smoke else 1024
         img = torch.rand(1, 3, px, px, device=device, generator=g)
+        old = d.vae_dtype
+        d.vae.to(torch.float32)
+        d.vae_dtype = torch.float32
         with torch.no_grad():
             z32 = d.encode_images(img, sample=False)
-        old = d.vae_dtype
-        d.vae.to(torch.bfloat16)
-        d.vae_dtype = torch.bfloat16
+        d.vae.to(dtype)
+        d.vae_dtype = dtype
         if checkpointing:
             d.vae.enable_gradient_checkpointing()
         try:
@@ -604,14 +606,16 @@ def options_refiner(d, res, guarded, device, smoke, warmup, iters, load) -> None
                 err = rel_err(d.encode_images(img, sample=False), z32)
             out = run_stage("refine", d, variant, device, smoke, warmup, iters)
             out["latent_rel_err_vs_fp32"] = err
+            out["vae_dtype"] = str(dtype)
             return out
         finally:
             d.vae.disable_gradient_checkpointing()
-            d.vae.to(torch.float32)
+            d.vae.to(old)
             d.vae_dtype = old
 
-    for name, ckpt in (("fast+vae-bf16", False), ("fast+vae-bf16+ckpt", True)):
-        out = guarded(f"option {name}", lambda: vae_bf16(ckpt))
+    low = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    for name, dt, ckpt in (("fast+vae-fp32", torch.float32, False), ("fast+vae-ckpt", low, True)):
+        out = guarded(f"option {name}", lambda: vae_option(dt, ckpt))
         if out:
             out.update(projections("refine", out["ms_per_update"], out["views_per_update"]))
             res["options"][name] = out

@@ -77,38 +77,17 @@ def unet_probe(name, B, latent, skip_compile, peak):
             ms = median_ms(graphed(fn), dev, 20)
             row(f"{name} UNet b{b} {latent}^2 {label}", ms, f"{tf / ms * 1e3:.0f} TFLOP/s = {tf / ms * 1e3 / peak:.0%}")
 
-        torch.backends.cudnn.benchmark = False
         rep("graph NCHW", call)
-        torch.backends.cudnn.benchmark = True
-        rep("graph NCHW cudnn.benchmark", call)
-        unet.to(memory_format=torch.channels_last)
-        xc = x.contiguous(memory_format=torch.channels_last)
-        rep("graph channels_last cudnn.benchmark", lambda: call(xx=xc))
-        unet.to(memory_format=torch.contiguous_format)
-        # forward + backward to the input (the LoRA step's shape of work)
-        xg = x.detach().clone().requires_grad_(True)
+        if not skip_compile and b == B[0]:
+            from dreamflow.denoisers.fast import compile_unet, uncompile
 
-        def fb():
-            out = unet(xg, t, encoder_hidden_states=hid, added_cond_kwargs=added).sample
-            out.float().square().mean().backward()
-
-        ms = median_ms(fb, dev, 5)
-        row(f"{name} UNet b{b} fwd+bwd(input) eager", ms, f"{3 * tf / ms * 1e3:.0f} TFLOP/s (3x fwd)")
-        if not skip_compile and name == "sd21-base" and b == B[0]:
+            mods = compile_unet(unet, "blocks")
             t0 = time.perf_counter()
-            cu = torch.compile(unet)
-            call(u=cu)
+            call()
             torch.cuda.synchronize()
-            row(f"{name} compile time (default mode)", (time.perf_counter() - t0) * 1e3, "")
-            rep("compiled + graph", lambda: call(u=cu))
-            unet.to(memory_format=torch.channels_last)
-            cu2 = torch.compile(unet)
-            t0 = time.perf_counter()
-            call(u=cu2, xx=xc)
-            torch.cuda.synchronize()
-            row(f"{name} compile time channels_last", (time.perf_counter() - t0) * 1e3, "")
-            rep("compiled channels_last + graph", lambda: call(u=cu2, xx=xc))
-            unet.to(memory_format=torch.contiguous_format)
+            row(f"{name} compile time (blocks)", (time.perf_counter() - t0) * 1e3, "")
+            rep("blocks compiled + graph", call)
+            uncompile(mods)
             torch._dynamo.reset()
     vae = d.vae
     d = unet = None
@@ -120,11 +99,11 @@ def vae_probe(vae, name, B, size):
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
     img = torch.rand(B, 3, size, size, device=dev, generator=g)
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for dtype in ((torch.float32, torch.bfloat16) if name == "refiner" else (torch.float16,)):
         for cl in (False, True):
             vae.to(dtype=dtype, memory_format=torch.channels_last if cl else torch.contiguous_format)
             x = img.to(dtype).contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
-            x.requires_grad_(True)
+            x = x.detach().requires_grad_(True)
 
             def step():
                 z = vae.encode(x).latent_dist.mean
@@ -203,12 +182,12 @@ def main():
     if "field" in only:
         field_probe(int(a.points))
     if "unet" in only or "vae" in only:
-        vae = unet_probe("sd21-base", [8, 12], 64, a.skip_compile, peak) if "unet" in only else None
+        vae = unet_probe("sd21-base", [8], 64, a.skip_compile, peak) if "unet" in only else None
         if "vae" in only and vae is not None:
             vae_probe(vae, "sd21", 4, 512)
         del vae
         free(dev)
-        vae = unet_probe("sdxl-refiner", [4, 6], 128, True, peak) if "unet" in only else None
+        vae = unet_probe("sdxl-refiner", [4], 128, a.skip_compile, peak) if "unet" in only else None
         if "vae" in only and vae is not None:
             vae_probe(vae, "refiner", 2, 1024)
     print("\n| what | ms | note |\n| --- | ---: | --- |")

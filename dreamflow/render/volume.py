@@ -13,6 +13,12 @@ Sampling (hierarchical, NeRF sec. 5.2, one field for both passes):
 5. the field is evaluated *with grad* at the sorted union of coarse and fine samples, each sample
    standing for the interval between its neighbours' midpoints (first/last reach the box entry/exit).
 
+With an occupancy grid (render/occupancy.py, threestudio's ``grid_prune``) samples in unoccupied cells
+count as density 0 and the field is never called there: both passes evaluate only occupied samples and
+scatter them into the dense [rays, samples] layout the compositing uses (autograd flows through the
+scatter). Host syncs (``nonzero``), one per compaction: rays in the box and occupied coarse samples (one),
+kept rays, occupied fine samples.
+
 All views of a batch are flattened into one ray batch. Shading (render/shading.py) happens per sample.
 """
 
@@ -26,6 +32,7 @@ import torch.nn.functional as F
 
 from ..errors import check
 from .cameras import Cameras
+from .occupancy import OccupancyGrid
 from .shading import SHADING_MODES, ShadingConfig, light_directions, shade
 
 
@@ -93,10 +100,29 @@ def ray_box(origins: torch.Tensor, dirs: torch.Tensor, radius: float, near_min: 
 
 
 def _rand(shape, generator: Optional[torch.Generator], device) -> torch.Tensor:
-    """U[0, 1) on ``device``; drawn from ``generator`` on its own device (CPU generators: then moved)."""
+    """U[0, 1) on ``device``; drawn from ``generator`` on its own device (CPU generators: then moved, which
+    syncs a CUDA stream: give a generator on the render's device)."""
     if generator is None:
         return torch.rand(shape, device=device)
     return torch.rand(shape, generator=generator, device=generator.device).to(device)
+
+
+def _evaluate_occupied(fn: Callable[[torch.Tensor], object], points: torch.Tensor, mask: torch.Tensor, chunk: int):
+    """``fn`` on the masked points only, scattered back into zeros shaped like the dense result.
+
+    Args: points [N, 3]; mask [N] bool (True: evaluate). Returns: like ``_chunked(fn, points)`` with zeros
+    (and zero gradients) where ``mask`` is False.
+    """
+    sel = torch.nonzero(mask.reshape(-1), as_tuple=False).squeeze(-1)
+    N = points.shape[0]
+
+    def scatter(v: torch.Tensor) -> torch.Tensor:
+        return v.new_zeros((N,) + tuple(v.shape[1:])).index_copy(0, sel, v)
+
+    part = _chunked(fn, points[sel], chunk)  # no point selected: one call on 0 points keeps shapes and the graph
+    if isinstance(part, dict):
+        return {k: scatter(v) for k, v in part.items()}
+    return scatter(part)
 
 
 def sample_pdf(edges: torch.Tensor, weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -170,8 +196,8 @@ def evaluate_background(background: BackgroundLike, dirs: torch.Tensor,
 def render_volume(field: Field, background: BackgroundLike, cameras: Cameras,
                   config: Optional[VolumeRenderConfig] = None, shading: str = "albedo",
                   light_positions: Optional[torch.Tensor] = None, shading_config: Optional[ShadingConfig] = None,
-                  need_normal: Optional[bool] = None, generator: Optional[torch.Generator] = None
-                  ) -> Dict[str, Optional[torch.Tensor]]:
+                  need_normal: Optional[bool] = None, generator: Optional[torch.Generator] = None,
+                  occupancy: Optional[OccupancyGrid] = None) -> Dict[str, Optional[torch.Tensor]]:
     """Render V views of ``field`` composited over ``background``.
 
     Args:
@@ -183,7 +209,10 @@ def render_volume(field: Field, background: BackgroundLike, cameras: Cameras,
         light_positions: [V, 3] point lights for lambertian / textureless (None: a light at each camera).
         shading_config: k_a / k_d (defaults :class:`ShadingConfig`).
         need_normal: compute normals (default: only when ``shading`` needs them).
-        generator: randomness of the stratified samples and of the background's random colours.
+        generator: randomness of the stratified samples and of the background's random colours (best on the
+            cameras' device: a CPU generator's draws are copied every call).
+        occupancy: an :class:`~dreamflow.render.occupancy.OccupancyGrid` over the field's box: samples in its
+            unoccupied cells count as density 0 and are not evaluated (None: every sample is evaluated).
     Returns:
         dict with images ``rgb`` [V, H, W, 3] (in [0, 1]), ``opacity`` [V, H, W, 1] (sum of weights),
         ``depth`` [V, H, W, 1] (sum w_i t_i, threestudio's convention: divide by opacity for the mean
@@ -206,8 +235,11 @@ def render_volume(field: Field, background: BackgroundLike, cameras: Cameras,
     o, d = origins.reshape(-1, 3), dirs.reshape(-1, 3)
     R = o.shape[0]
     near, far, hit = ray_box(o, d, radius, cfg.near_min)
-    idx = torch.nonzero(hit, as_tuple=False).squeeze(-1)
-    o, d, near, far = o[idx], d[idx], near[idx], far[idx]
+    if occupancy is None:
+        idx = torch.nonzero(hit, as_tuple=False).squeeze(-1)
+        o, d, near, far = o[idx], d[idx], near[idx], far[idx]
+    else:  # rays that miss the box are dropped with the empty cells below (one compaction, one host sync)
+        idx = torch.arange(R, device=device)
 
     # 2. coarse pass (no grad): stratified samples in equal bins between near and far
     Ns = cfg.n_samples
@@ -217,12 +249,19 @@ def render_volume(field: Field, background: BackgroundLike, cameras: Cameras,
     t_c = edges_c[:, :-1] + (edges_c[:, 1:] - edges_c[:, :-1]) * jitter
     with torch.no_grad():
         pts = (o[:, None, :] + d[:, None, :] * t_c[..., None]).reshape(-1, 3)
-        sigma_c = _chunked(field.density, pts, cfg.chunk).view(-1, Ns).float()
+        if occupancy is None:
+            sigma_c = _chunked(field.density, pts, cfg.chunk)
+        else:
+            live = (occupancy.occupied(pts).view(-1, Ns) & hit[:, None]).reshape(-1)
+            sigma_c = _evaluate_occupied(field.density, pts, live, cfg.chunk)
+        sigma_c = sigma_c.view(-1, Ns).float()
         w_c = composite_weights(sigma_c, edges_c[:, 1:] - edges_c[:, :-1])
         # 3. empty rays stop here
         keep = w_c.sum(-1) > cfg.empty_ray_opacity
         if cfg.empty_ray_opacity <= 0:
             keep = torch.ones_like(keep)
+        if occupancy is not None:
+            keep = keep & hit
         kidx = torch.nonzero(keep, as_tuple=False).squeeze(-1)
         idx, o, d, near, far, t_c, edges_c, w_c = (x[kidx] for x in (idx, o, d, near, far, t_c, edges_c, w_c))
         # 4. fine samples from the coarse weights
@@ -239,9 +278,13 @@ def render_volume(field: Field, background: BackgroundLike, cameras: Cameras,
             t = t_c
     M = t.shape[1]
 
-    # 5. fine pass with grad on the sorted union
+    # 5. fine pass with grad on the sorted union (with a grid: occupied samples only, scattered into [Ra, M])
     pts = (o[:, None, :] + d[:, None, :] * t[..., None]).reshape(-1, 3)
-    out = _chunked(lambda p: field(p, need_normal=need_normal), pts, cfg.chunk)
+    eval_fn = lambda p: field(p, need_normal=need_normal)  # noqa: E731
+    if occupancy is None:
+        out = _chunked(eval_fn, pts, cfg.chunk)
+    else:
+        out = _evaluate_occupied(eval_fn, pts, occupancy.occupied(pts), cfg.chunk)
     sigma = out["density"].view(Ra, M)
     albedo = out["albedo"].view(Ra, M, 3)
     normal = out["normal"].view(Ra, M, 3) if need_normal else None

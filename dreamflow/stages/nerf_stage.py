@@ -15,6 +15,7 @@ from ..errors import check
 from ..guidance import GuidanceConfig
 from ..hosting import Callbacks
 from ..render.cameras import CameraConfig
+from ..render.occupancy import OccupancyConfig, OccupancyGrid
 from ..render.shading import ShadingConfig, pick_mode, random_light
 from ..render.volume import VolumeRenderConfig, orientation_loss, render_volume, sparsity_loss
 from ..scene.nerf import Background, BackgroundConfig, NeRFField, NeRFFieldConfig
@@ -95,6 +96,8 @@ class NeRFStageConfig:
     """View-direction MLP background with random solid-colour augmentation (threestudio)."""
     render: VolumeRenderConfig = field(default_factory=VolumeRenderConfig)
     """Volume rendering: 64 coarse + 64 importance samples per ray (NeRF hierarchical sampling)."""
+    occupancy: OccupancyConfig = field(default_factory=OccupancyConfig)
+    """Occupancy-grid pruning of empty space (32^3, refreshed every 16 updates; threestudio ``grid_prune``)."""
     shading: ShadingConfig = field(default_factory=lambda: ShadingConfig(albedo_prob=1.0, textureless_prob=0.0))
     """Stage 1 renders albedo only (threestudio prolificdreamer: ``no-material``); raise the lambertian /
     textureless probabilities for DreamFusion-style shading."""
@@ -103,6 +106,7 @@ class NeRFStageConfig:
         check_common(self, "NeRFStage")
         self.nerf.validate()
         self.render.validate()
+        self.occupancy.validate()
         self.shading.validate()
         return self
 
@@ -138,19 +142,28 @@ def run_nerf_stage(denoiser, prompt: str, negative_prompt: str = "", config: Opt
     optimizer = torch.optim.AdamW(field_.param_groups(config.lr_grid, config.lr_mlp)
                                   + background.param_groups(config.lr_background),
                                   betas=tuple(config.betas), eps=config.adam_eps, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(derived_seed(config.seed, 7))
+    gen = torch.Generator().manual_seed(derived_seed(config.seed, 7))  # host-side choices (shading mode, light)
+    # Render jitter, background colours and grid refreshes draw on the device: no host copy (stream sync) per update.
+    render_gen = torch.Generator(device=device).manual_seed(derived_seed(config.seed, 11))
     need_normal = config.lambda_orient > 0
+    # Built fresh from the current field (also when resuming): not part of the saved state.
+    grid = OccupancyGrid.from_field(field_, config.occupancy, render_gen) if config.occupancy.enabled else None
 
     def render_fn(cams, step):
         mode = pick_mode(config.shading, step, gen)
         lights = random_light(cams, gen, config.shading) if mode != "albedo" else None
-        out = render_volume(field_, lambda d: background(d, generator=gen), cams, config.render, shading=mode,
+        out = render_volume(field_, lambda d: background(d, generator=render_gen), cams, config.render, shading=mode,
                             light_positions=lights, shading_config=config.shading,
-                            need_normal=need_normal or None, generator=gen)
+                            need_normal=need_normal or None, generator=render_gen, occupancy=grid)
         reg = config.lambda_sparsity * sparsity_loss(out["opacity"])
         if need_normal and out.get("sample_normal") is not None:
             reg = reg + config.lambda_orient * orientation_loss(out["weights"], out["sample_normal"], out["ray_dirs"])
         return out["rgb"], reg
+
+    def on_step(step):
+        # nerfacc update_every_n_steps before the render of update step + 1 (threestudio updates before rendering)
+        if grid is not None:
+            grid.update(field_, step + 1, render_gen)
 
     settings = cfgio.to_dict(config)
     previous_log = list(init.guidance_log) if init is not None else []
@@ -163,7 +176,8 @@ def run_nerf_stage(denoiser, prompt: str, negative_prompt: str = "", config: Opt
 
     result = optimise(stage="NeRFStage", denoiser=denoiser, prompt=prompt, negative_prompt=negative_prompt,
                       config=config, render_fn=render_fn, optimizer=optimizer, snapshot=snapshot,
-                      callbacks=callbacks, guidance_state=init.lora if init is not None else None)
+                      callbacks=callbacks, guidance_state=init.lora if init is not None else None,
+                      on_step=on_step)
     field_.eval()
     background.eval()
     state = snapshot(result.log)

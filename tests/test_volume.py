@@ -210,6 +210,28 @@ def test_nerf_field_blob_init_and_outputs():
     assert out["normal"].norm(dim=-1).sub(1).abs().max() < 1e-5
 
 
+def test_fp16_mlp_option_leaves_cpu_float32_and_unchanged():
+    pts = torch.rand(40, 3, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    outs = []
+    for fp16 in (True, False):
+        torch.manual_seed(0)
+        outs.append(NeRFField(NeRFFieldConfig(grid=TINY_GRID, mlp_fp16=fp16))(pts, need_normal=True))
+    for k in ("density", "albedo", "normal"):
+        assert outs[0][k].dtype == torch.float32 and torch.equal(outs[0][k], outs[1][k]), k
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="float16 MLPs run on CUDA tensors only")
+def test_fp16_mlp_on_cuda_close_to_float32():
+    pts = (torch.rand(4096, 3, generator=torch.Generator().manual_seed(3)) * 2 - 1).cuda()
+    outs = []
+    for fp16 in (True, False):
+        torch.manual_seed(0)
+        outs.append(NeRFField(NeRFFieldConfig(grid=TINY_GRID, mlp_fp16=fp16)).cuda()(pts))
+    assert outs[0]["density"].dtype == torch.float32
+    torch.testing.assert_close(outs[0]["density"], outs[1]["density"], atol=2e-2, rtol=1e-2)  # fp16: ~3 digits
+    torch.testing.assert_close(outs[0]["albedo"], outs[1]["albedo"], atol=2e-3, rtol=1e-2)
+
+
 def test_normals_radial_and_analytic_matches_finite_difference():
     pts = F.normalize(torch.randn(64, 3, generator=torch.Generator().manual_seed(1)), dim=-1) * 0.4
     n_a = _tiny_field("analytic").normal(pts)
@@ -269,6 +291,12 @@ def test_background_random_aug_and_solid():
     never.train()
     torch.testing.assert_close(never(dirs), never.eval()(dirs))
     assert bg(dirs, solid=(1.0, 0.0, 0.5))[1, 2, 3].tolist() == [1.0, 0.0, 0.5]
+    # the solid colours come from the generator's own stream (same seed, same colours; drawn on its device)
+    again = bg(dirs, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again, b)
+    g = torch.Generator().manual_seed(0)
+    replace, colour = torch.rand(3, generator=g) < 1.0, torch.rand(3, 3, generator=g)
+    assert torch.equal(flat[:, 0], colour)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -243,3 +243,83 @@ def test_turntable():
     assert (lit[0] - lit[2]).abs().mean() < 0.02
     with pytest.raises(DreamFlowError, match="n_views"):
         render_turntable(v, f, lambda p: p, n_views=0)
+
+
+# --------------------------------------------------------------------------------------------
+# One geometry per update, one covered-pixel list per render (issue 6: no repeated work, no extra syncs)
+# --------------------------------------------------------------------------------------------
+def test_deform_is_the_separate_methods_bit_for_bit():
+    """``deform()`` computes tanh and the normals once; every value equals the separate methods exactly,
+    and so do the regularisers fed with it. Their gradients sum the same terms in another order: equal
+    to 1e-6 relative (float32 re-association), not bit for bit."""
+    v, f = uv_sphere(8, 12)
+    m = MeshModel(v, f, ConstantColor(), MeshModelConfig(max_offset=0.05, offset_init_std=0.5))
+    geo = m.deform()
+    assert torch.equal(geo.vertices, m.vertices()) and torch.equal(geo.displacement, m.displacement())
+    assert torch.equal(geo.face_normals, m.face_normals()) and torch.equal(geo.vertex_normals, m.vertex_normals())
+    lap, nc = m.laplacian_loss(geo), m.normal_consistency_loss(geo)
+    assert torch.equal(lap, m.laplacian_loss()) and torch.equal(nc, m.normal_consistency_loss())
+    assert lap > 0 and nc > 0
+
+    def grad(shared: bool):
+        m.offset.grad = None
+        g = m.deform() if shared else None
+        verts = g.vertices if shared else m.vertices()
+        normals = g.vertex_normals if shared else m.vertex_normals()
+        loss = (verts * normals).sum() + 10 * m.laplacian_loss(g) + m.normal_consistency_loss(g)
+        loss.backward()
+        return loss.detach(), m.offset.grad.clone()
+
+    (l1, g1), (l2, g2) = grad(True), grad(False)
+    assert torch.equal(l1, l2)
+    assert torch.allclose(g1, g2, rtol=1e-6, atol=1e-9) and g1.abs().max() > 0
+
+
+def _masked_twin(vertices, faces, color_fn, cams, light, background):
+    """render_mesh's steps 1-4 without anti-aliasing, written with boolean-mask indexing (the form that
+    synchronises at every mask): the reference of the single covered-pixel list."""
+    from dreamflow.render.raster import interpolate, rasterize
+    from dreamflow.render.shading import light_directions, shade
+
+    V, H, W = len(cams), cams.height, cams.width
+    pos = clip_positions(vertices, cams)
+    rast = rasterize(pos, faces, (H, W), backend="torch")
+    covered = rast[..., 3] > 0
+    xyz_n = interpolate(torch.cat([vertices, vertex_normals(vertices, faces)], 1), rast, faces, backend="torch")
+    normal = torch.nn.functional.normalize(xyz_n[..., 3:], dim=-1) * covered.unsqueeze(-1)
+    points = xyz_n[..., :3][covered]
+    view = torch.arange(V).view(V, 1, 1).expand(V, H, W)[covered]
+    color = shade(color_fn(points), normal[covered], light_directions(light.expand(V, 3)[view], points),
+                  mode="lambertian")
+    fg = points.new_zeros(V, H, W, 3).index_put((covered,), color)
+    opacity = covered.unsqueeze(-1).to(fg.dtype)
+    return fg + (1 - opacity) * background
+
+
+def test_render_uses_one_covered_pixel_list_and_given_normals():
+    """Gathering and scattering through one index list gives the boolean-mask twin's image and gradients
+    bit for bit; passing the vertex normals changes nothing; wrong normals are refused."""
+    v, f = uv_sphere(10, 16)
+    cams = make_cameras([10.0, -20.0], [20.0, 150.0], 2.5, 40.0, 20, 24)
+    light = torch.tensor([[3.0, 2.0, 1.0], [-2.0, 1.0, -3.0]])
+    bg = torch.tensor([0.3, 0.4, 0.5])
+    colour = ConstantColor((0.8, 0.5, 0.3))
+
+    def run(fn):
+        verts = v.clone().requires_grad_(True)
+        colour.rgb.grad = None
+        img = fn(verts)
+        (img * torch.linspace(0, 1, img.numel()).view_as(img)).sum().backward()
+        return img.detach(), verts.grad, colour.rgb.grad.clone()
+
+    ours = run(lambda x: render_mesh(x, f, colour.albedo, cams, background=bg, light_positions=light,
+                                     backend="torch", anti_alias=False)["rgb"])
+    twin = run(lambda x: _masked_twin(x, f, colour.albedo, cams, light, bg))
+    assert all(torch.equal(a, b) for a, b in zip(ours, twin))
+    assert ours[1].abs().sum() > 0
+    full = render_mesh(v, f, colour.albedo, cams, background=bg, light_positions=light, backend="torch")
+    given = render_mesh(v, f, colour.albedo, cams, background=bg, light_positions=light, backend="torch",
+                        normals=vertex_normals(v, f))
+    assert all(torch.equal(full[k], given[k]) for k in full)
+    with pytest.raises(DreamFlowError, match="normals have shape"):
+        render_mesh(v, f, colour.albedo, cams, light_positions=light, normals=torch.zeros(3, 3), backend="torch")

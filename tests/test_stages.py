@@ -226,3 +226,33 @@ def test_failed_resume_removes_its_lora_from_the_shared_unet(tiny_sd, nerf_state
 def test_largest_seeds_are_valid(tiny_sd):
     s = run_nerf_stage(tiny_sd, PROMPT, "", nerf_cfg(iterations=1, seed=2 ** 64 - 1))
     assert len(s.guidance_log) == 1
+
+
+def test_mesh_stages_deform_once_per_update_and_repeat_bit_for_bit(tiny_sd, tiny_refiner, mesh_state, monkeypatch):
+    """Stage 2 computes the deformed geometry once per update (shared by the render and both regularisers;
+    tanh runs once, the separate vertices / normals methods not at all in the loop); stage 3 with frozen
+    offsets once per stage. The same seed gives the same state bit for bit."""
+    from dreamflow.scene.mesh import MeshModel
+
+    calls = {"deform": 0, "displacement": 0, "face_normals": 0, "vertex_normals": 0}
+    for name in calls:
+        real = getattr(MeshModel, name)
+
+        def counted(self, *a, _real=real, _name=name, **k):
+            calls[_name] += 1
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(MeshModel, name, counted)
+    lit = dict(shading=MeshStageConfig().shading.__class__(ambient_only_steps=0, albedo_prob=0.0))
+    a = run_mesh_stage(tiny_sd, mesh_state, PROMPT, "", mesh_cfg(iterations=3, **lit))
+    assert calls == {"deform": 3, "displacement": 3, "face_normals": 0, "vertex_normals": 0}
+    b = run_mesh_stage(tiny_sd, mesh_state, PROMPT, "", mesh_cfg(iterations=3, **lit))
+    assert torch.equal(a.vertices, b.vertices) and not torch.equal(a.vertices, mesh_state.vertices)
+    ta, tb = _tensors(a), _tensors(b)
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert [r["loss"] for r in a.guidance_log] == [r["loss"] for r in b.guidance_log]
+    for k in calls:
+        calls[k] = 0
+    r = run_refine_stage(tiny_refiner, mesh_state, PROMPT, "", mesh_cfg(RefineConfig, iterations=3, **lit))
+    assert calls == {"deform": 1, "displacement": 1, "face_normals": 0, "vertex_normals": 0}
+    assert torch.equal(r.vertices, mesh_state.vertices)

@@ -60,7 +60,8 @@ def _background(background: BackgroundLike, cameras: Cameras, like: Tensor) -> T
 def render_mesh(vertices: Tensor, faces: Tensor, color_fn: ColorFn, cameras: Cameras,
                 background: BackgroundLike = None, light_positions: Optional[Tensor] = None, shading: str = "auto",
                 shading_config: Optional[ShadingConfig] = None, backend: str = "auto", near: float = 0.1,
-                far: float = 100.0, anti_alias: bool = True, topology=None) -> Dict[str, Tensor]:
+                far: float = 100.0, anti_alias: bool = True, topology=None,
+                normals: Optional[Tensor] = None) -> Dict[str, Tensor]:
     """Render a mesh from a batch of cameras.
 
     Args:
@@ -81,6 +82,8 @@ def render_mesh(vertices: Tensor, faces: Tensor, color_fn: ColorFn, cameras: Cam
         near, far: clip planes, world units along the view axis.
         anti_alias: anti-alias rgb and opacity (silhouette gradients); off gives hard point-sampled edges.
         topology: optional ``raster.antialias_topology(faces, backend)`` precomputed for fixed faces.
+        normals: optional [N, 3] unit vertex normals of ``vertices`` (``scene.mesh.vertex_normals``, e.g.
+            ``MeshModel.deform().vertex_normals``) when the caller has them already; computed here otherwise.
     Returns:
         dict of float tensors on vertices' device, row 0 at the top:
         ``rgb`` [V, H, W, 3] composited colour; ``opacity`` [V, H, W, 1] in [0, 1] (anti-aliased coverage);
@@ -105,13 +108,20 @@ def render_mesh(vertices: Tensor, faces: Tensor, color_fn: ColorFn, cameras: Cam
     pos_clip = clip_positions(vertices, cameras, near, far)
     rast = rasterize(pos_clip, faces, (H, W), backend=backend)
     covered = rast[..., 3] > 0  # [V, H, W]
-    attrs = torch.cat([vertices, vertex_normals(vertices, faces)], dim=1)
+    if normals is None:
+        normals = vertex_normals(vertices, faces)
+    elif tuple(normals.shape) != tuple(vertices.shape):
+        raise DreamFlowError(f"render_mesh: normals have shape {tuple(normals.shape)}; expected one per vertex "
+                             f"{tuple(vertices.shape)}")
+    attrs = torch.cat([vertices, normals.to(vertices.dtype)], dim=1)
     xyz_n = interpolate(attrs, rast, faces, backend=backend)
     depth = interpolate(pos_clip[..., 3:4].contiguous(), rast, faces, backend=backend)
     normal = F.normalize(xyz_n[..., 3:], dim=-1) * covered.unsqueeze(-1)
 
-    # 3. Colour only where a surface is seen.
-    points = xyz_n[..., :3][covered]  # [P, 3]
+    # 3. Colour only where a surface is seen. The covered pixels are listed once (the one host sync of
+    # the render: their count sizes the colour query); gathers and the scatter below reuse the list.
+    pix = covered.reshape(-1).nonzero().squeeze(1)  # [P] flat indices v * H * W + row * W + col
+    points = xyz_n[..., :3].reshape(V * H * W, 3).index_select(0, pix)  # [P, 3]
     albedo = color_fn(points)
     if not torch.is_tensor(albedo) or tuple(albedo.shape) != (points.shape[0], 3):
         raise DreamFlowError(f"render_mesh: color_fn returned {tuple(getattr(albedo, 'shape', ()))} for "
@@ -120,10 +130,10 @@ def render_mesh(vertices: Tensor, faces: Tensor, color_fn: ColorFn, cameras: Cam
         color = albedo
     else:
         light = torch.as_tensor(light, dtype=points.dtype, device=points.device).reshape(-1, 3).expand(V, 3)
-        view = torch.arange(V, device=points.device).view(V, 1, 1).expand(V, H, W)[covered]
-        color = shade(albedo, normal[covered], light_directions(light[view], points),
-                      ambient=sc.ambient, diffuse=sc.diffuse, mode=shading)
-    fg = points.new_zeros(V, H, W, 3).index_put((covered,), color.to(points.dtype))
+        view = torch.div(pix, H * W, rounding_mode="floor")
+        color = shade(albedo, normal.reshape(V * H * W, 3).index_select(0, pix),
+                      light_directions(light[view], points), ambient=sc.ambient, diffuse=sc.diffuse, mode=shading)
+    fg = points.new_zeros(V * H * W, 3).index_put((pix,), color.to(points.dtype)).view(V, H, W, 3)
 
     # 4. Composite, then anti-alias colour and coverage together.
     opacity = covered.unsqueeze(-1).to(fg.dtype)

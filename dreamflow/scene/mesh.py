@@ -36,9 +36,12 @@ def face_normals(vertices: Tensor, faces: Tensor, normalize: bool = True) -> Ten
     return F.normalize(n, dim=-1, eps=1e-20) if normalize else n
 
 
-def vertex_normals(vertices: Tensor, faces: Tensor) -> Tensor:
-    """[N, 3] unit vertex normals: area-weighted mean of the adjacent face normals (0 for unused vertices)."""
-    n = face_normals(vertices, faces, normalize=False)
+def vertex_normals(vertices: Tensor, faces: Tensor, raw_face_normals: Optional[Tensor] = None) -> Tensor:
+    """[N, 3] unit vertex normals: area-weighted mean of the adjacent face normals (0 for unused vertices).
+
+    ``raw_face_normals``: ``face_normals(vertices, faces, normalize=False)`` when the caller has it already.
+    """
+    n = face_normals(vertices, faces, normalize=False) if raw_face_normals is None else raw_face_normals
     acc = torch.zeros_like(vertices)
     f = faces.long()
     for i in range(3):
@@ -138,6 +141,22 @@ class MeshModelConfig:
         return self
 
 
+@dataclass
+class DeformedMesh:
+    """The deformed geometry of a :class:`MeshModel` at its current offsets, computed once per update and
+    shared by the renderer and the regularisers (each would otherwise recompute tanh, the vertices and
+    the face normals). All differentiable in ``offset``."""
+
+    vertices: Tensor
+    """[N, 3] ``base + displacement``, world units."""
+    displacement: Tensor
+    """[N, 3] ``max_offset * tanh(offset)``, world units."""
+    face_normals: Tensor
+    """[F, 3] unit outward face normals."""
+    vertex_normals: Tensor
+    """[N, 3] unit area-weighted vertex normals (what ``render_mesh`` interpolates)."""
+
+
 class MeshModel(nn.Module):
     """Triangle mesh with bounded learnable vertex offsets and a colour field.
 
@@ -179,6 +198,15 @@ class MeshModel(nn.Module):
         """[N, 3] ``vertices() - base_vertices``; each component is bounded by ``max_offset``."""
         return self.cfg.max_offset * torch.tanh(self.offset)
 
+    def deform(self) -> DeformedMesh:
+        """Vertices, displacement and normals of the deformed mesh, each computed once (the same values,
+        bit for bit, as :meth:`vertices`, :meth:`displacement`, :meth:`face_normals`, :meth:`vertex_normals`)."""
+        d = self.displacement()
+        v = self.base_vertices + d
+        raw = face_normals(v, self.faces, normalize=False)
+        return DeformedMesh(vertices=v, displacement=d, face_normals=F.normalize(raw, dim=-1, eps=1e-20),
+                            vertex_normals=vertex_normals(v, self.faces, raw_face_normals=raw))
+
     def face_normals(self) -> Tensor:
         """[F, 3] unit outward face normals of the deformed mesh."""
         return face_normals(self.vertices(), self.faces)
@@ -192,24 +220,28 @@ class MeshModel(nn.Module):
         return self.color.albedo(points)
 
     # ---- regularisers ----------------------------------------------------------------------
-    def laplacian_loss(self) -> Tensor:
+    def laplacian_loss(self, deformed: Optional[DeformedMesh] = None) -> Tensor:
         """Uniform-Laplacian smoothness of the displacement: ``mean_i || d_i - mean_{j in N(i)} d_j ||^2``.
 
         The uniform Laplacian is linear, so this is the Laplacian of the deformed vertices measured
         against the base mesh's: it keeps the base's detail and penalises only rough deformations
-        (0 at init and for any rigid translation). Units: world units squared.
+        (0 at init and for any rigid translation). Units: world units squared. ``deformed``: this update's
+        :meth:`deform` (else the displacement is recomputed).
         """
-        d = self.displacement()
+        d = self.displacement() if deformed is None else deformed.displacement
         i, j = self.edges[:, 0], self.edges[:, 1]
         nbr = torch.zeros_like(d).index_add(0, i, d[j]).index_add(0, j, d[i])
         lap = d - nbr / self.degree.unsqueeze(1)
         return lap.square().sum(1).mean()
 
-    def normal_consistency_loss(self) -> Tensor:
-        """``mean (1 - cos(n_a, n_b))`` over pairs of faces sharing an edge: 0 when flat, in [0, 2]."""
+    def normal_consistency_loss(self, deformed: Optional[DeformedMesh] = None) -> Tensor:
+        """``mean (1 - cos(n_a, n_b))`` over pairs of faces sharing an edge: 0 when flat, in [0, 2].
+
+        ``deformed``: this update's :meth:`deform` (else the face normals are recomputed).
+        """
         if self.face_pairs.shape[0] == 0:
             return self.offset.sum() * 0
-        n = self.face_normals()
+        n = self.face_normals() if deformed is None else deformed.face_normals
         cos = (n[self.face_pairs[:, 0]] * n[self.face_pairs[:, 1]]).sum(-1)
         return (1 - cos).mean()
 

@@ -147,16 +147,25 @@ def _run_mesh_like(stage: str, kind: str, denoiser, mesh: MeshState, prompt: str
     faces32 = model.faces.int()
     topology = antialias_topology(faces32, config.backend)
 
+    # The deformed geometry is computed once per update and shared by the render and both regularisers;
+    # with frozen offsets (stage 3's default) it never changes, so once per stage.
+    frozen = None
+    if not config.optimize_geometry:
+        with torch.no_grad():
+            frozen = model.deform()
+
     def render_fn(cams, step):
         mode = pick_mode(config.shading, step, gen)
         lights = random_light(cams, gen, config.shading) if mode != "albedo" else None
-        out = render_mesh(model.vertices(), faces32, model.albedo, cams,
+        geo = frozen if frozen is not None else model.deform()
+        out = render_mesh(geo.vertices, faces32, model.albedo, cams,
                           background=lambda d: background(d, generator=gen), light_positions=lights, shading=mode,
-                          shading_config=config.shading, backend=config.backend, topology=topology)
+                          shading_config=config.shading, backend=config.backend, topology=topology,
+                          normals=geo.vertex_normals)
         reg = torch.zeros((), device=device)
         if config.optimize_geometry:
-            reg = reg + config.lambda_normal_consistency * model.normal_consistency_loss() \
-                + config.lambda_laplacian * model.laplacian_loss()
+            reg = reg + config.lambda_normal_consistency * model.normal_consistency_loss(geo) \
+                + config.lambda_laplacian * model.laplacian_loss(geo)
         return out["rgb"], reg
 
     settings = cfgio.to_dict(config)

@@ -503,3 +503,30 @@ def test_export_tolerates_degenerate_faces_and_unused_vertices(tmp_path):
     np.testing.assert_allclose(np.linalg.norm(raw["normal"], axis=1), 1.0, atol=1e-5)
     report = gltf_validator.assert_valid([path])[path]
     assert report["issues"]["numInfos"] >= 1  # ACCESSOR_INDEX_TRIANGLE_DEGENERATE is an info, not an error
+
+
+def test_export_checks_the_mesh_once_and_matches_the_public_steps(tmp_path, monkeypatch):
+    """export_glb validates (and reads back) the mesh once, not in each step; the GLB and turntable equal,
+    byte for byte, what the public, self-checking steps produce from the same mesh."""
+    from dreamflow.export import bake as bake_module
+    from dreamflow.export import uv as uv_module
+
+    v, f = cube(subdivisions=1)
+    cfg = ExportConfig(texture_size=64, padding=2, chart_padding=2, turntable=2, turntable_resolution=32)
+    calls = []
+    real = uv_module.check_mesh
+    for module in (uv_module, bake_module, glb_module):
+        monkeypatch.setattr(module, "check_mesh", lambda *a, **k: calls.append(a[-1]) or real(*a, **k))
+    path = export_glb(torch.from_numpy(v), torch.from_numpy(f), field, str(tmp_path / "a.glb"), cfg)
+    assert calls == ["export_glb"]
+
+    v2, f2, uvs, vmapping = uv_unwrap(v, f, resolution=64, chart_padding=2, return_vmapping=True)
+    texture = bake_texture(v2, f2, uvs, field, size=64, padding=2)
+    normals = glb_module._unit_vertex_normals(v, f)[vmapping]
+    ref = write_glb(str(tmp_path / "b.glb"), v2, f2, uvs, texture, normals=normals)
+    assert calls[1:] == ["uv_unwrap", "bake_texture", "write_glb"]
+    with open(path, "rb") as a, open(ref, "rb") as b:
+        assert a.read() == b.read()
+    views = render_textured_turntable(v2, f2, uvs, texture, n_views=2, resolution=32)
+    strip = np.asarray(Image.open(turntable_path(path)).convert("RGB"))
+    assert np.array_equal(strip, np.round(torch.cat(list(views), dim=1).numpy() * 255.0).astype(np.uint8))

@@ -74,6 +74,14 @@ def bake_texture(vertices: ArrayLike, faces: ArrayLike, uvs: ArrayLike, color_fn
         hold the mean chart colour, so coarse mip levels do not darken towards the background.
     """
     v_np, f_np = check_mesh(vertices, faces, "bake_texture")
+    if device is None:
+        device = vertices.device if isinstance(vertices, torch.Tensor) else "cpu"
+    return _bake_checked(v_np, f_np, uvs, color_fn, size, padding, backend, chunk, device)
+
+
+def _bake_checked(v_np: np.ndarray, f_np: np.ndarray, uvs: ArrayLike, color_fn: ColorFn, size: int = 1024,
+                  padding: int = 8, backend: str = "auto", chunk: int = 1 << 18, device="cpu") -> torch.Tensor:
+    """:func:`bake_texture` on arrays that :func:`check_mesh` returned (``export_glb`` checks the mesh once)."""
     uv_np = uvs.detach().cpu().numpy() if isinstance(uvs, torch.Tensor) else np.asarray(uvs)
     check(uv_np.shape == (v_np.shape[0], 2), f"bake_texture: uvs must have shape [{v_np.shape[0]}, 2] (one per vertex), got {list(uv_np.shape)}")
     check(bool(np.isfinite(uv_np).all()) and uv_np.min() >= 0.0 and uv_np.max() <= 1.0,
@@ -81,8 +89,6 @@ def bake_texture(vertices: ArrayLike, faces: ArrayLike, uvs: ArrayLike, color_fn
     check(16 <= int(size) <= MAX_TEXTURE_SIZE, f"bake_texture: size {size} must be in 16..{MAX_TEXTURE_SIZE} texels")
     check(int(padding) >= 0, f"bake_texture: padding {padding} must be >= 0 texels")
     check(int(chunk) > 0, f"bake_texture: chunk {chunk} must be > 0")
-    if device is None:
-        device = vertices.device if isinstance(vertices, torch.Tensor) else "cpu"
     S = int(size)
 
     v_t = torch.from_numpy(v_np).to(device)

@@ -20,8 +20,8 @@ from ..render.cameras import Cameras, orbit_cameras
 from ..render.mesh_render import clip_positions
 from ..render.raster import antialias, antialias_topology, interpolate, rasterize
 from ..scene.mesh import vertex_normals
-from .bake import bake_texture, sample_texture
-from .uv import MAX_TEXTURE_SIZE, check_mesh, uv_unwrap
+from .bake import _bake_checked, sample_texture
+from .uv import MAX_TEXTURE_SIZE, _unwrap_checked, check_mesh
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -115,10 +115,17 @@ def write_glb(path: str, vertices: ArrayLike, faces: ArrayLike, uvs: ArrayLike, 
     Returns:
         ``path``.
     """
+    v, f = check_mesh(vertices, faces, "write_glb")
+    return _write_glb_checked(path, v, f, uvs, texture, normals, metallic, roughness, double_sided, name)
+
+
+def _write_glb_checked(path: str, v: np.ndarray, f: np.ndarray, uvs: ArrayLike, texture: ArrayLike,
+                       normals: Optional[ArrayLike] = None, metallic: float = 0.0, roughness: float = 0.9,
+                       double_sided: bool = False, name: str = "dreamflow") -> str:
+    """:func:`write_glb` on arrays that :func:`check_mesh` returned (``export_glb`` checks the mesh once)."""
     import trimesh  # imported here: keeps ComfyUI start-up fast (trimesh is only needed on export)
     from PIL import Image
 
-    v, f = check_mesh(vertices, faces, "write_glb")
     uv = uvs.detach().cpu().numpy() if isinstance(uvs, torch.Tensor) else np.asarray(uvs)
     check(uv.shape == (v.shape[0], 2), f"write_glb: uvs must have shape [{v.shape[0]}, 2], got {list(uv.shape)}")
     check(bool(np.isfinite(uv).all()), "write_glb: uvs contain NaN/inf; run uv_unwrap")
@@ -183,6 +190,15 @@ def render_textured_turntable(vertices: ArrayLike, faces: ArrayLike, uvs: ArrayL
     if device is None:
         device = vertices.device if isinstance(vertices, torch.Tensor) else "cpu"
     v_np, f_np = check_mesh(vertices, faces, "render_textured_turntable")
+    return _turntable_checked(v_np, f_np, uvs, texture, n_views, resolution, elevation, background, views_per_batch,
+                              backend, device)
+
+
+def _turntable_checked(v_np: np.ndarray, f_np: np.ndarray, uvs: ArrayLike, texture: ArrayLike, n_views: int = 8,
+                       resolution: int = 256, elevation: float = 15.0, background=(1.0, 1.0, 1.0),
+                       views_per_batch: int = 4, backend: str = "auto", device="cpu") -> torch.Tensor:
+    """:func:`render_textured_turntable` on arrays that :func:`check_mesh` returned (``export_glb`` checks
+    the mesh once)."""
     f = torch.from_numpy(f_np).to(device)
     uv = _float_tensor(uvs, device)
     check(tuple(uv.shape) == (v_np.shape[0], 2), f"render_textured_turntable: uvs must have shape [{v_np.shape[0]}, 2], got {list(uv.shape)}")
@@ -240,17 +256,19 @@ def export_glb(vertices: ArrayLike, faces: ArrayLike, color_fn: Callable[[torch.
     """
     cfg = (config or ExportConfig()).validate()
     device = vertices.device if isinstance(vertices, torch.Tensor) else "cpu"
+    # The mesh is checked (and read back to the host) once; the unwrapped copy xatlas returns is valid by
+    # construction (vertices2 = v[vmapping], faces2 index it), so the steps below take it unchecked.
     v, f = check_mesh(vertices, faces, "export_glb")
-    v2, f2, uvs, vmapping = uv_unwrap(v, f, resolution=cfg.texture_size, chart_padding=cfg.chart_padding,
-                                      return_vmapping=True)
-    texture = bake_texture(v2, f2, uvs, color_fn, size=cfg.texture_size, padding=cfg.padding,
-                           backend=cfg.backend, device=device)
+    v2, f2, uvs, vmapping = _unwrap_checked(v, f, resolution=cfg.texture_size, chart_padding=cfg.chart_padding,
+                                            return_vmapping=True)
+    texture = _bake_checked(v2, f2, uvs, color_fn, size=cfg.texture_size, padding=cfg.padding,
+                            backend=cfg.backend, device=device)
     # normals of the welded mesh, copied to seam duplicates: shading stays smooth across UV seams
     normals = _unit_vertex_normals(v, f)[vmapping]
-    write_glb(path, v2, f2, uvs, texture, normals=normals, metallic=cfg.metallic,
-              roughness=cfg.roughness, double_sided=cfg.double_sided)
+    _write_glb_checked(path, v2, f2, uvs, texture, normals=normals, metallic=cfg.metallic,
+                       roughness=cfg.roughness, double_sided=cfg.double_sided)
     if cfg.turntable > 0:
-        views = render_textured_turntable(v2, f2, uvs, texture, n_views=cfg.turntable,
-                                          resolution=cfg.turntable_resolution, backend=cfg.backend, device=device)
+        views = _turntable_checked(v2, f2, uvs, texture, n_views=cfg.turntable,
+                                   resolution=cfg.turntable_resolution, backend=cfg.backend, device=device)
         _write_png(turntable_path(path), views)
     return path

@@ -74,9 +74,15 @@ def uv_unwrap(vertices: ArrayLike, faces: ArrayLike, resolution: int = 1024, cha
         uvs: [M, 2] float32 numpy in [0, 1] (v up, see the module docstring).
         vmapping: [M] int64 numpy (only with ``return_vmapping``).
     """
+    v, f = check_mesh(vertices, faces, "uv_unwrap")
+    return _unwrap_checked(v, f, resolution, chart_padding, return_vmapping)
+
+
+def _unwrap_checked(v: np.ndarray, f: np.ndarray, resolution: int = 1024, chart_padding: int = 4,
+                    return_vmapping: bool = False):
+    """:func:`uv_unwrap` on arrays that :func:`check_mesh` returned (``export_glb`` checks the mesh once)."""
     import xatlas  # imported here: keeps ComfyUI start-up fast (xatlas is only needed on export)
 
-    v, f = check_mesh(vertices, faces, "uv_unwrap")
     check(16 <= int(resolution) <= MAX_TEXTURE_SIZE, f"uv_unwrap: resolution {resolution} must be in 16..{MAX_TEXTURE_SIZE} texels")
     check(0 <= int(chart_padding) < int(resolution) // 4, f"uv_unwrap: chart_padding {chart_padding} must be in 0..{int(resolution) // 4 - 1} texels")
 

@@ -102,9 +102,12 @@ def compile_unet(unet: torch.nn.Module, mode: str) -> List[torch.nn.Module]:
         return []
     import torch._dynamo
 
-    for name in ("recompile_limit", "cache_size_limit"):
+    # The SDXL refiner's ResnetBlock2D alone meets ~60 shapes (levels x in/out widths x CFG / scene / LoRA-step
+    # batches x grad on / off): measured hitting a limit of 64 on an H100, after which shapes run eagerly.
+    for name, value in (("recompile_limit", 512), ("cache_size_limit", 512), ("accumulated_recompile_limit", 4096),
+                        ("accumulated_cache_size_limit", 4096)):
         if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), value))
     mods = [unet] if mode == "unet" else [m for m in unet.modules() if type(m).__name__ in COMPILED_BLOCKS]
     for m in mods:
         m.compile(dynamic=False)

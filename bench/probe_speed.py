@@ -125,6 +125,31 @@ def vae_probe(vae, name, B, size):
     free(dev)
 
 
+def vae_profile(name, B, size, dtype):
+    """Top CUDA kernels of one VAE encode + backward (where the time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = torch.device("cuda")
+    d = random_denoiser(name, dev, torch.float16)
+    vae = d.vae.to(dtype)
+    d = None
+    free(dev)
+    img = torch.rand(B, 3, size, size, device=dev, dtype=dtype, requires_grad=True)
+
+    def step():
+        z = vae.encode(img).latent_dist.mean
+        z.float().square().mean().backward()
+
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70))
+    return vae
+
+
 def field_probe(n_points):
     from dreamflow.scene.hashgrid import HashGridConfig
     from dreamflow.scene.nerf import NeRFField, NeRFFieldConfig
@@ -179,6 +204,11 @@ def main():
     row("fp16 matmul 8192^3 peak", 2 * 8192 ** 3 / peak / 1e9, f"{peak:.0f} TFLOP/s")
     A = None
     only = a.only.split(",")
+    if "vaeprof" in only:
+        vae = vae_profile("sdxl-refiner", 2, 1024, torch.bfloat16)
+        vae_probe(vae, "refiner", 2, 1024)
+        vae = None
+        free(dev)
     if "field" in only:
         field_probe(int(a.points))
     if "unet" in only or "vae" in only:

@@ -272,6 +272,12 @@ def unet_pieces(d, views: int, latent: int, image: int, peak_tflops: float, iter
     r["vae_fwd_bwd_ms"] = median_ms(vae_step, dev, max(3, iters // 2), warmup=1)
     r["vae_fwd_bwd_peak_gib"] = peak_gib(dev)
     r["vae_dtype"] = str(d.vae_dtype)
+    if dev.type == "cuda":  # with the fast path's compiled VAE encoder blocks
+        d.enable_fast_path(FastPathConfig())
+        peak_reset(dev)
+        r["vae_fwd_bwd_fast_ms"] = median_ms(vae_step, dev, max(3, iters // 2), warmup=2)
+        r["vae_fwd_bwd_fast_peak_gib"] = peak_gib(dev)
+        d.disable_fast_path()
     return r
 
 
@@ -664,7 +670,8 @@ def print_table(res: Dict[str, object]) -> None:
               f"{p.get('scene_eps_graph_ms', float('nan')):.1f} ms; LoRA step foreach "
               f"{p.get('lora_step_foreach_ms', float('nan')):.1f} ms / fused {p.get('lora_step_fused_ms', float('nan')):.1f}"
               f" ms / graph+fused {p.get('lora_step_graph_fused_ms', float('nan')):.1f} ms;"
-              f" VAE fwd+bwd {p.get('vae_fwd_bwd_ms', float('nan')):.1f} ms ({p.get('vae_dtype')})")
+              f" VAE fwd+bwd {p.get('vae_fwd_bwd_ms', float('nan')):.1f} ms / compiled "
+              f"{p.get('vae_fwd_bwd_fast_ms', float('nan')):.1f} ms ({p.get('vae_dtype')})")
     print(f"\n{'stage':<7} {'variant':<20} {'ms/upd':>8} {'views/s':>8} {'peak GiB':>9} {'ref min':>8} {'dflt min':>8} {'1st upd s':>9}")
     rows = [(s, n, r) for s, runs in res["stages"].items() for n, r in runs.items()]
     rows += [("option", n[:20], r) for n, r in res["options"].items()]

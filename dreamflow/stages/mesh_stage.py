@@ -143,7 +143,11 @@ def _run_mesh_like(stage: str, kind: str, denoiser, mesh: MeshState, prompt: str
     for p in background.parameters():
         p.requires_grad_(config.optimize_color)
     optimizer = torch.optim.Adam(groups, betas=tuple(config.betas), eps=config.adam_eps)
-    gen = torch.Generator().manual_seed(derived_seed(config.seed, 7))
+    gen = torch.Generator().manual_seed(derived_seed(config.seed, 7))  # host-side choices (shading mode, light)
+    # On CUDA the background's random solid colours are drawn on the device: a CPU draw would be copied over
+    # with a stream sync at every update. On the CPU there is no sync to save, and sharing ``gen`` keeps CPU
+    # runs drawing exactly what they drew before.
+    render_gen = gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(derived_seed(config.seed, 11))
     faces32 = model.faces.int()
     topology = antialias_topology(faces32, config.backend)
 
@@ -159,7 +163,7 @@ def _run_mesh_like(stage: str, kind: str, denoiser, mesh: MeshState, prompt: str
         lights = random_light(cams, gen, config.shading) if mode != "albedo" else None
         geo = frozen if frozen is not None else model.deform()
         out = render_mesh(geo.vertices, faces32, model.albedo, cams,
-                          background=lambda d: background(d, generator=gen), light_positions=lights, shading=mode,
+                          background=lambda d: background(d, generator=render_gen), light_positions=lights, shading=mode,
                           shading_config=config.shading, backend=config.backend, topology=topology,
                           normals=geo.vertex_normals)
         reg = torch.zeros((), device=device)

@@ -260,7 +260,7 @@ def test_graphed_lora_training_step_matches_eager(which, request):
         if graphed:
             scene.output = GraphedSceneOutput(scene, den.enable_fast_path(EXACT))
         g = torch.Generator(device="cuda").manual_seed(11)
-        losses = [scene.train_step(x0, e, cam, generator=g) for _ in range(5)]  # dropout coin: both cameras
+        losses = [float(scene.train_step(x0, e, cam, generator=g)) for _ in range(5)]  # dropout coin: both cameras
         with torch.no_grad():
             eps = scene.eps(x0, torch.full((2,), 0.5, device="cuda"), e, cam)
         weights = {k: v.clone() for k, v in scene.state_tensors().items()}

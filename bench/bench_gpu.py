@@ -626,6 +626,20 @@ def options_refiner(d, res, guarded, device, smoke, warmup, iters, load) -> None
             out.update(projections("refine", out["ms_per_update"], out["views_per_update"]))
             res["options"][name] = out
 
+    def offload():
+        d.unload()  # the offloaded copy is measured alone on the card
+        free(device)
+        od = load("sdxl_refiner", cpu_offload=True)
+        try:
+            return run_stage("refine", od, variant, device, smoke, warmup, iters)
+        finally:
+            od.unload()
+
+    out = guarded("option fast+cpu_offload", offload)  # last: it unloads the shared denoiser
+    if out:
+        out.update(projections("refine", out["ms_per_update"], out["views_per_update"]))
+        res["options"]["fast+cpu_offload"] = out
+
 
 def summarise(res: Dict[str, object]) -> None:
     """Totals of the best variant per stage and the issue's targets (met / not met)."""

@@ -441,6 +441,35 @@ def test_vae_dtype_auto_upcasts_only_overflowing_vaes(monkeypatch):
     assert "\n" not in str(e.value)
 
 
+def test_vae_checkpointing_auto_and_same_gradients(monkeypatch, tiny_sd_path):
+    """auto: on for CUDA cards under 40 GiB only; a checkpointed encoder gives the same latents and image
+    gradients as the plain one (it recomputes, it does not approximate)."""
+    from types import SimpleNamespace
+
+    from dreamflow.denoisers.denoiser import resolve_vae_checkpointing
+
+    assert resolve_vae_checkpointing("auto", torch.device("cpu")) is False
+    assert resolve_vae_checkpointing(True, torch.device("cpu")) is True
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for gib, on in ((24, True), (80, False)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d, g=gib: SimpleNamespace(total_memory=g * 2 ** 30))
+        assert resolve_vae_checkpointing("auto", torch.device("cuda")) is on
+    with pytest.raises(DreamFlowError, match="vae_checkpointing"):
+        resolve_vae_checkpointing("sometimes", torch.device("cpu"))
+    monkeypatch.undo()
+    img = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for ckpt in (False, True):
+        den = Denoiser.load(tiny_sd_path, dtype="fp32", device="cpu", vae_checkpointing=ckpt)
+        assert den.vae.encoder.gradient_checkpointing is ckpt
+        x = img.clone().requires_grad_(True)
+        z = den.encode_images(x, sample=False)
+        z.square().sum().backward()
+        outs.append((z.detach(), x.grad))
+    assert torch.allclose(outs[0][0], outs[1][0], atol=1e-6) and torch.allclose(outs[0][1], outs[1][1], atol=1e-6)
+    assert outs[0][1].abs().sum() > 0
+
+
 def test_cpu_offload_and_vae_options_give_same_results(tiny_sd, tiny_sd_path):
     den = Denoiser.load(tiny_sd_path, dtype="fp32", device="cpu", cpu_offload=True, vae_slicing=True, vae_tiling=True)
     assert den.vae.use_slicing and den.vae.use_tiling

@@ -121,6 +121,25 @@ def resolve_vae_dtype(vae_dtype: Union[str, torch.dtype], dtype: torch.dtype, fo
     return resolve_dtype(vae_dtype, device)
 
 
+#: "auto" VAE checkpointing turns on below this much GPU memory (GiB): the refine stage's 2 x 1024 px encode +
+#: backward keeps ~12 GiB of VAE activations in bfloat16 (H100, bench/RESULTS.md), which 24 GB cards cannot spare.
+VAE_CHECKPOINTING_BELOW_GIB = 40.0
+
+
+def resolve_vae_checkpointing(value: Union[str, bool], device: torch.device) -> bool:
+    """Gradient checkpointing of the VAE encoder (``vae.enable_gradient_checkpointing()``: the encoder's blocks
+    recompute their activations in the backward). "auto": on for CUDA devices with less than
+    ``VAE_CHECKPOINTING_BELOW_GIB`` of memory, off elsewhere (the CPU has the RAM; big GPUs keep the speed)."""
+    if isinstance(value, bool):
+        return value
+    if value != "auto":
+        raise DreamFlowError(f"vae_checkpointing={value!r} is unknown; use 'auto', True or False")
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    total = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
+    return total < VAE_CHECKPOINTING_BELOW_GIB
+
+
 def _freeze(m: Optional[torch.nn.Module]) -> Optional[torch.nn.Module]:
     if m is not None:
         m.eval()
@@ -166,7 +185,7 @@ class Denoiser:
 
     def __init__(self, components: LoadedComponents, name: str, device: torch.device, dtype: torch.dtype,
                  cpu_offload: bool = False, vae_slicing: bool = False, vae_tiling: bool = False,
-                 vae_dtype: Union[str, torch.dtype] = "auto"):
+                 vae_dtype: Union[str, torch.dtype] = "auto", vae_checkpointing: Union[str, bool] = "auto"):
         self.kind = components.kind
         self.name = name
         self.path = components.path
@@ -179,6 +198,9 @@ class Denoiser:
         self.vae_dtype = resolve_vae_dtype(vae_dtype, dtype, bool(vae.config.get("force_upcast", False)), device)
         self._vae_home = torch.device("cpu") if self.cpu_offload else device
         self.vae = _to(vae, self._vae_home, self.vae_dtype)
+        self.vae_checkpointing = resolve_vae_checkpointing(vae_checkpointing, device)
+        if self.vae_checkpointing:
+            self.vae.enable_gradient_checkpointing()
         if vae_slicing:
             self.vae.enable_slicing()
         if vae_tiling:
@@ -215,7 +237,7 @@ class Denoiser:
     @classmethod
     def load(cls, name_or_path: str, dtype: Union[str, torch.dtype] = "auto", device: Union[str, torch.device] = "auto",
              cpu_offload: bool = False, vae_slicing: bool = False, vae_tiling: bool = False,
-             vae_dtype: Union[str, torch.dtype] = "auto") -> "Denoiser":
+             vae_dtype: Union[str, torch.dtype] = "auto", vae_checkpointing: Union[str, bool] = "auto") -> "Denoiser":
         """Resolve ``name_or_path`` (:func:`resolve_model`) and load it.
 
         Args:
@@ -233,6 +255,8 @@ class Denoiser:
             vae_dtype: the VAE's precision, see :func:`resolve_vae_dtype` ("auto": the model's, except that a VAE
                 that overflows in float16 (``force_upcast``, the SDXL VAE) runs in bfloat16 on GPUs that have it,
                 as ComfyUI does, else float32); "fp32", "bf16", "fp16" force one.
+            vae_checkpointing: recompute the VAE encoder's activations in the stages' backward instead of keeping
+                them, see :func:`resolve_vae_checkpointing` ("auto": on GPUs with less than 40 GiB).
         """
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
@@ -241,7 +265,8 @@ class Denoiser:
         comps = load_components(path, dtype=dtype, text_dtype=torch.float32 if cpu_offload else dtype,
                                 vae_dtype=torch.float32)
         return cls(comps, name=name_or_path, device=device, dtype=dtype, cpu_offload=cpu_offload,
-                   vae_slicing=vae_slicing, vae_tiling=vae_tiling, vae_dtype=vae_dtype)
+                   vae_slicing=vae_slicing, vae_tiling=vae_tiling, vae_dtype=vae_dtype,
+                   vae_checkpointing=vae_checkpointing)
 
     def unload(self) -> None:
         """Move every module to the CPU, drop the references and free cached GPU memory."""

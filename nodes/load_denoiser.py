@@ -9,6 +9,8 @@ from .common import CATEGORY, DENOISER, dynamic_list, engine_call
 
 DTYPES = ("auto", "fp16", "bf16", "fp32")
 VAE_DTYPES = ("auto", "fp32", "bf16", "fp16")
+#: LoadDenoiser ``fast_path`` choices -> FastPathConfig.compile (None: eager calls).
+FAST_PATHS = {"graphs+compile": "blocks", "graphs": "off", "off": None}
 DEVICES = ("auto", "cuda", "cpu")
 
 # Loaded denoisers by settings. Weak values: a model lives exactly as long as some node output (ComfyUI's
@@ -19,23 +21,27 @@ _lock = threading.Lock()
 
 
 def load_shared(model_name: str, dtype: str, device: str, cpu_offload: bool, vae_tiling: bool,
-                fast_path: bool = True, vae_precision: str = "auto"):
+                fast_path: str = "graphs+compile", vae_precision: str = "auto"):
     """``Denoiser.load`` with sharing: the same settings return the same (already loaded) object.
 
-    ``fast_path``: on CUDA, ``Denoiser.enable_fast_path()`` (CUDA graphs + compiled UNet blocks + fused LoRA
-    AdamW; dreamflow/denoisers/fast.py); ignored on the CPU.
+    ``fast_path`` (CUDA only, ignored on the CPU): "graphs+compile" = ``Denoiser.enable_fast_path()`` (CUDA graphs,
+    compiled UNet / VAE blocks, fused LoRA AdamW; dreamflow/denoisers/fast.py), "graphs" = the same without
+    torch.compile, "off" = eager calls.
     """
     from dreamflow.denoisers import Denoiser
+    from dreamflow.denoisers.fast import FastPathConfig
+    from dreamflow.errors import check
 
-    key = (model_name, dtype, device, bool(cpu_offload), bool(vae_tiling), bool(fast_path), vae_precision)
+    check(fast_path in FAST_PATHS, f"LoadDenoiser fast_path={fast_path!r} is unknown; use one of: {', '.join(FAST_PATHS)}")
+    key = (model_name, dtype, device, bool(cpu_offload), bool(vae_tiling), fast_path, vae_precision)
     with _lock:
         denoiser = _loaded.get(key)
         if denoiser is None:
             with engine_call(free=False):  # weights made outside inference mode, usable by autograd later
                 denoiser = Denoiser.load(model_name, dtype=dtype, device=device, cpu_offload=bool(cpu_offload),
                                          vae_tiling=bool(vae_tiling), vae_dtype=vae_precision)
-                if fast_path and denoiser.device.type == "cuda":
-                    denoiser.enable_fast_path()
+                if FAST_PATHS[fast_path] is not None and denoiser.device.type == "cuda":
+                    denoiser.enable_fast_path(FastPathConfig(compile=FAST_PATHS[fast_path]))
             _loaded[key] = denoiser
         return denoiser
 
@@ -61,11 +67,12 @@ class LoadDenoiser:
                 "vae_tiling": ("BOOLEAN", {"default": False,
                                            "tooltip": "Encode/decode large images tile by tile (less GPU memory at "
                                                       "1024 px, slightly slower)."}),
-                "fast_path": ("BOOLEAN", {"default": True,
-                                          "tooltip": "CUDA only: replay the UNet calls from CUDA graphs with compiled "
-                                                     "UNet blocks and a fused LoRA optimiser (about 2x faster updates; "
-                                                     "the first update of a stage compiles, ~1 min). Off: plain eager "
-                                                     "calls, same results up to float rounding."}),
+                "fast_path": (list(FAST_PATHS), {
+                    "default": "graphs+compile",
+                    "tooltip": "CUDA only. graphs+compile: UNet calls replayed from CUDA graphs over torch.compile'd "
+                               "UNet / VAE blocks, fused LoRA optimiser (fastest updates; the first run of a model "
+                               "in a ComfyUI session compiles for ~1.5-4 min on an H100). graphs: no compiling, "
+                               "~15% slower updates. off: plain eager calls. Same results up to float rounding."}),
                 "vae_precision": (list(VAE_DTYPES), {"default": "auto",
                                                      "tooltip": "VAE precision. auto: the model's, but bf16 (else fp32) "
                                                                 "for VAEs that overflow in fp16 (SDXL refiner), as "

@@ -223,7 +223,7 @@ def test_engine_work_runs_with_autograd_inside_comfyui_inference_mode(monkeypatc
     monkeypatch.setattr(dn.Denoiser, "load", staticmethod(lambda name, **kw: probe() and FakeDenoiser()))
     with torch.inference_mode():
         NODES["DreamFlowNeRFStage"]().run(denoiser=FakeDenoiser(), **widget_values("DreamFlowNeRFStage"))
-        NODES["DreamFlowLoadDenoiser"]().load("probe-model", "auto", "cpu", False, False, True, "auto")
+        NODES["DreamFlowLoadDenoiser"]().load("probe-model", "auto", "cpu", False, False, "graphs+compile", "auto")
     assert seen == [(False, True, False), (False, True, False)]
 
 
@@ -329,11 +329,11 @@ def test_load_denoiser_shares_one_copy_per_settings(monkeypatch):
 
     class Loaded:
         def __init__(self, name, kw):
-            self.name, self.kw, self.fast = name, kw, 0
+            self.name, self.kw, self.fast = name, kw, []
             self.device = torch.device(kw["device"])
 
-        def enable_fast_path(self):
-            self.fast += 1
+        def enable_fast_path(self, config=None):
+            self.fast.append(config.compile)
 
     def fake_load(name, **kw):
         loads.append((name, kw))
@@ -341,27 +341,31 @@ def test_load_denoiser_shares_one_copy_per_settings(monkeypatch):
 
     monkeypatch.setattr(dn.Denoiser, "load", staticmethod(fake_load))
     node = NODES["DreamFlowLoadDenoiser"]()
-    (a,) = node.load("sd21", "auto", "cpu", False, False, True, "auto")
-    (b,) = node.load("sd21", "auto", "cpu", False, False, True, "auto")
-    (c,) = node.load("sd21", "fp32", "cpu", False, True, True, "bf16")
+    (a,) = node.load("sd21", "auto", "cpu", False, False, "graphs+compile", "auto")
+    (b,) = node.load("sd21", "auto", "cpu", False, False, "graphs+compile", "auto")
+    (c,) = node.load("sd21", "fp32", "cpu", False, True, "graphs+compile", "bf16")
     assert a is b and c is not a and len(loads) == 2
     assert loads[1][1] == {"dtype": "fp32", "device": "cpu", "cpu_offload": False, "vae_tiling": True,
                            "vae_dtype": "bf16"}
-    assert a.fast == c.fast == 0  # the fast path is CUDA-only
-    (g,) = node.load("sd21", "auto", "cuda", False, False, True, "auto")
-    (h,) = node.load("sd21", "auto", "cuda", False, False, False, "auto")
-    assert g.fast == 1 and h.fast == 0 and g is not h
+    assert a.fast == c.fast == []  # the fast path is CUDA-only
+    gs = [node.load("sd21", "auto", "cuda", False, False, f, "auto")[0] for f in ("graphs+compile", "graphs", "off")]
+    assert [g.fast for g in gs] == [["blocks"], ["off"], []] and len({id(g) for g in gs}) == 3
+    with pytest.raises(DreamFlowError, match="fast_path='turbo' is unknown; use one of: graphs\\+compile, graphs, off"):
+        node.load("sd21", "auto", "cuda", False, False, "turbo", "auto")
+    g, h = gs[0], gs[1]
     del a, b, c, g, h
     gc.collect()  # nobody holds the models: the cache lets them go
-    node.load("sd21", "auto", "cpu", False, False, True, "auto")
-    assert len(loads) == 5
+    del gs
+    gc.collect()
+    node.load("sd21", "auto", "cpu", False, False, "graphs+compile", "auto")
+    assert len(loads) == 6
 
 
 def test_load_denoiser_lists_models_and_reports_missing(monkeypatch, tmp_path):
     inputs, _ = all_inputs(NODES["DreamFlowLoadDenoiser"])
     assert inputs["model_name"][1]["dreamflow_dynamic"] is True
     with pytest.raises(DreamFlowError, match="not found"):
-        NODES["DreamFlowLoadDenoiser"]().load(str(tmp_path / "no-such-model"), "auto", "cpu", False, False, True, "auto")
+        NODES["DreamFlowLoadDenoiser"]().load(str(tmp_path / "no-such-model"), "auto", "cpu", False, False, "graphs+compile", "auto")
 
 
 # ----------------------------------------------------------------------------------------------

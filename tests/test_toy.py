@@ -166,7 +166,7 @@ def test_prior_loads_through_node():
     cls = nodes["DreamFlowLoadDenoiser"]
     names = cls.INPUT_TYPES()["required"]["model_name"][0]
     assert TOY_MODEL_NAME in names
-    (den,) = getattr(cls(), cls.FUNCTION)(TOY_MODEL_NAME, "auto", "cpu", False, False, True, "auto")
+    (den,) = getattr(cls(), cls.FUNCTION)(TOY_MODEL_NAME, "auto", "cpu", False, False, "graphs+compile", "auto")
     assert den.native_resolution == 64
 
 

@@ -146,11 +146,17 @@ def test_refresh_is_an_ema_max_and_threshold_is_nerfacc():
     grid.update(f, 2, torch.Generator().manual_seed(0))
     changed = grid.density != 2.0
     assert 0 < changed.sum() <= 32 and torch.allclose(grid.density[changed], torch.tensor(1.0))
-    # threshold min(occ_thre, mean of positive occupancies): one bright cell among dim ones
+    # threshold min(occ_thre, mean occupancy of all cells): one bright cell among dim ones
     grid.density = torch.full((64,), 0.01)
     grid.density[5] = 100.0
     grid.refresh(lambda p: torch.zeros_like(p[:, 0]), all_cells=True)
     assert grid.binary.nonzero().squeeze(-1).tolist() == [5]
+    # empty cells count in the mean (nerfacc occs[occs >= 0].mean()): a dim cell above it is occupied even
+    # though it is below both occ_thre and the mean of the non-empty cells
+    grid.density = torch.zeros(64)
+    grid.density[5], grid.density[6] = 20.0, 0.4  # after the 0.5 decay: occupancies 0.346 and 0.0069
+    grid.refresh(lambda p: torch.zeros_like(p[:, 0]), all_cells=True)
+    assert grid.binary.nonzero().squeeze(-1).tolist() == [5, 6]  # threshold 0.353 / 64 = 0.0055
 
 
 def test_update_every_n_steps():

@@ -8,7 +8,8 @@ Instant-NGP's density grid as nerfacc's ``OccGridEstimator`` keeps it and threes
 * during the first ``warmup_steps`` updates every cell is refreshed; after that a quarter of the cells
   drawn uniformly plus as many drawn among the occupied ones (cells not drawn keep their value);
 * a cell is occupied when its occupancy ``d_c * step`` (threestudio: ``density * render_step_size``, the
-  first-order ``1 - exp(-sigma step)``) exceeds ``min(occ_thre, mean of the positive occupancies)``.
+  first-order ``1 - exp(-sigma step)``) exceeds ``min(occ_thre, mean occupancy over all cells)`` (nerfacc:
+  ``occs[occs >= 0].mean()``; every cell here is >= 0, empty ones included).
 
 The renderer (``render_volume(..., occupancy=grid)``) treats samples in unoccupied cells as density 0 and
 never evaluates the field there. The grid lives on the field's device and is rebuilt from the field at the
@@ -42,8 +43,8 @@ class OccupancyConfig:
     ema_decay: float = 0.95
     """Decay of the per-cell moving maximum per refresh (nerfacc ``ema_decay`` 0.95)."""
     occ_thre: float = 0.01
-    """Occupancy threshold on ``density * step`` (nerfacc ``occ_thre`` 1e-2; lowered to the mean of the positive
-    occupancies when that is smaller)."""
+    """Occupancy threshold on ``density * step`` (nerfacc ``occ_thre`` 1e-2; lowered to the mean occupancy of
+    all cells when that is smaller)."""
     samples_per_ray: int = 512
     """Sets ``step = sqrt(3) * 2 radius / samples_per_ray``, world units (threestudio ``num_samples_per_ray``
     512, ``render_step_size``): with radius 1, cells below sigma ~1.5 per unit count as empty."""
@@ -156,9 +157,8 @@ class OccupancyGrid:
         new.scatter_reduce_(0, cells, sigma, reduce="amax")
         self.density = new
         occ = self.density * self.step_size
-        positive = occ > 0
-        mean = (occ * positive).sum() / positive.sum().clamp_min(1)
-        self.binary = occ > mean.clamp_max(cfg.occ_thre)  # no host sync: the threshold stays on the device
+        # nerfacc's mean is over all cells (its occs >= 0), zeros included: no host sync, it stays on the device
+        self.binary = occ > occ.mean().clamp_max(cfg.occ_thre)
 
     def fraction_occupied(self) -> float:
         """Share of occupied cells in [0, 1] (a host sync: for logs and tests)."""

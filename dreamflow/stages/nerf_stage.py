@@ -143,8 +143,10 @@ def run_nerf_stage(denoiser, prompt: str, negative_prompt: str = "", config: Opt
                                   + background.param_groups(config.lr_background),
                                   betas=tuple(config.betas), eps=config.adam_eps, weight_decay=0.0)
     gen = torch.Generator().manual_seed(derived_seed(config.seed, 7))  # host-side choices (shading mode, light)
-    # Render jitter, background colours and grid refreshes draw on the device: no host copy (stream sync) per update.
-    render_gen = torch.Generator(device=device).manual_seed(derived_seed(config.seed, 11))
+    # On CUDA, render jitter, background colours and grid refreshes draw on the device: a CPU draw would be copied
+    # over with a stream sync at every update. On the CPU there is no sync to save, and sharing ``gen`` keeps CPU
+    # runs drawing what they drew before (as the mesh stages do).
+    render_gen = gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(derived_seed(config.seed, 11))
     need_normal = config.lambda_orient > 0
     # Built fresh from the current field (also when resuming): not part of the saved state.
     grid = OccupancyGrid.from_field(field_, config.occupancy, render_gen) if config.occupancy.enabled else None

@@ -28,12 +28,14 @@ def load_shared(model_name: str, dtype: str, device: str, cpu_offload: bool, vae
     compiled UNet / VAE blocks, fused LoRA AdamW; dreamflow/denoisers/fast.py), "graphs" = the same without
     torch.compile, "off" = eager calls.
     """
-    from dreamflow.denoisers import Denoiser
+    from dreamflow.denoisers import Denoiser, resolve_device
     from dreamflow.denoisers.fast import FastPathConfig
     from dreamflow.errors import check
 
     check(fast_path in FAST_PATHS, f"LoadDenoiser fast_path={fast_path!r} is unknown; use one of: {', '.join(FAST_PATHS)}")
-    key = (model_name, dtype, device, bool(cpu_offload), bool(vae_tiling), fast_path, vae_precision)
+    # The fast path does nothing off CUDA: CPU loaders differing only in it share one copy.
+    key_fast = fast_path if resolve_device(device).type == "cuda" else "off"
+    key = (model_name, dtype, device, bool(cpu_offload), bool(vae_tiling), key_fast, vae_precision)
     with _lock:
         denoiser = _loaded.get(key)
         if denoiser is None:

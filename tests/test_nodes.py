@@ -348,6 +348,9 @@ def test_load_denoiser_shares_one_copy_per_settings(monkeypatch):
     assert loads[1][1] == {"dtype": "fp32", "device": "cpu", "cpu_offload": False, "vae_tiling": True,
                            "vae_dtype": "bf16"}
     assert a.fast == c.fast == []  # the fast path is CUDA-only
+    (d,) = node.load("sd21", "auto", "cpu", False, False, "off", "auto")
+    assert d is a and len(loads) == 2  # ... so on the CPU it does not split the cache
+    del d
     gs = [node.load("sd21", "auto", "cuda", False, False, f, "auto")[0] for f in ("graphs+compile", "graphs", "off")]
     assert [g.fast for g in gs] == [["blocks"], ["off"], []] and len({id(g) for g in gs}) == 3
     with pytest.raises(DreamFlowError, match="fast_path='turbo' is unknown; use one of: graphs\\+compile, graphs, off"):

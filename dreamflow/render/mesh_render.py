@@ -111,8 +111,8 @@ def render_mesh(vertices: Tensor, faces: Tensor, color_fn: ColorFn, cameras: Cam
     if normals is None:
         normals = vertex_normals(vertices, faces)
     elif tuple(normals.shape) != tuple(vertices.shape):
-        raise DreamFlowError(f"render_mesh: normals have shape {tuple(normals.shape)}; expected one per vertex "
-                             f"{tuple(vertices.shape)}")
+        raise DreamFlowError(f"render_mesh: normals have shape {tuple(normals.shape)}, expected one per vertex "
+                             f"{tuple(vertices.shape)}; pass vertex_normals(vertices, faces) or normals=None")
     attrs = torch.cat([vertices, normals.to(vertices.dtype)], dim=1)
     xyz_n = interpolate(attrs, rast, faces, backend=backend)
     depth = interpolate(pos_clip[..., 3:4].contiguous(), rast, faces, backend=backend)

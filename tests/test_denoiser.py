@@ -436,7 +436,7 @@ def test_vae_dtype_auto_upcasts_only_overflowing_vaes(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert resolve_vae_dtype("auto", f16, True, cuda) is f32
     assert resolve_vae_dtype("fp32", f16, False, cuda) is f32 and resolve_vae_dtype("bf16", f32, False, cpu) is bf16
-    with pytest.raises(DreamFlowError, match="unknown") as e:
+    with pytest.raises(DreamFlowError, match="vae_dtype=.fp8. is unknown") as e:
         resolve_vae_dtype("fp8", f16, False, cpu)
     assert "\n" not in str(e.value)
 

@@ -118,6 +118,8 @@ def resolve_vae_dtype(vae_dtype: Union[str, torch.dtype], dtype: torch.dtype, fo
             bf16 = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
             return torch.bfloat16 if bf16 else torch.float32
         return dtype
+    if not isinstance(vae_dtype, torch.dtype) and vae_dtype not in _DTYPES:
+        raise DreamFlowError(f"vae_dtype={vae_dtype!r} is unknown; use one of: auto, fp32, bf16, fp16")
     return resolve_dtype(vae_dtype, device)
 
 

@@ -69,12 +69,14 @@ class FastPathConfig:
     """``torch.compile`` (default mode, static shapes) under the graphs: "blocks" compiles the UNet's repeated
     blocks (ResnetBlock2D, BasicTransformerBlock; regional compilation: each block class compiles once per
     shape and is shared by its instances), "unet" the whole UNet, "off" none. Measured on an H100, SD 2.1
-    CFG call 8 x 64^2 replayed: 25.7 ms plain, 19.4 ms with the whole UNet compiled (68 s to compile);
-    see bench/RESULTS.md for "blocks". Fuses GroupNorm + SiLU, residual adds and attention's reshapes."""
+    CFG call 8 x 64^2 replayed: 25.7 ms plain, 20.4 ms "blocks", 19.4 ms "unet" (68 s to compile); refiner
+    CFG 84.5 -> 69.1 ms "blocks" (bench/RESULTS.md run 3). Fuses GroupNorm + SiLU, residual adds and attention's
+    reshapes. The first use of a model in a process compiles for ~1.5-4 min (cold cache, measured)."""
     compile_vae: bool = True
     """With ``compile`` on, also compile the VAE encoder's ResnetBlock2D blocks (the stages differentiate
     through the encoder every update; its GroupNorm + SiLU forward and backward are memory-bound in eager
-    mode). Skipped with ``cpu_offload`` (the VAE then also runs on the CPU)."""
+    mode; refiner 2 x 1024 px encode + backward 216 -> 192 ms). Skipped with ``cpu_offload`` (the VAE then
+    moves between the CPU and the GPU around each stage; compiled blocks were not measured that way)."""
     warmup_calls: int = 2
     """Eager calls on a side stream before each capture (lazy cuBLAS / cuDNN set-up must not be captured;
     PyTorch's CUDA-graph notes use 3, 2 measured enough here)."""

@@ -102,7 +102,9 @@ class OccupancyGrid:
 
     # ------------------------------------------------------------------------------------------
     def mark_all_occupied(self) -> "OccupancyGrid":
-        """Every cell occupied (renders then equal ``occupancy=None``; threestudio ``grid_prune: false``)."""
+        """Every cell occupied (threestudio ``grid_prune: false``): renders then equal ``occupancy=None`` for the same
+        samples, i.e. exactly with ``stratified=False`` (the grid path draws its jitter for every ray, the
+        ungridded one for the rays that hit the box, so stratified draws differ)."""
         self.binary.fill_(True)
         return self
 

@@ -4,7 +4,7 @@ insert custom stages between DreamFlow's own."""
 from __future__ import annotations
 
 import os
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from dreamflow import hosting
 from dreamflow.errors import DreamFlowError
@@ -23,11 +23,29 @@ def state_format(path: str) -> Optional[str]:
     return header.get("format") if header else None
 
 
+# path -> (mtime_ns, size, format): ComfyUI asks for LoadState's list on every /object_info request, and an output
+# folder can hold thousands of .safetensors files; a header is read again only when its file changed.
+_formats: Dict[str, Tuple[int, int, Optional[str]]] = {}
+
+
+def _cached_format(path: str) -> Optional[str]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    hit = _formats.get(path)
+    if hit is not None and hit[:2] == (st.st_mtime_ns, st.st_size):
+        return hit[2]
+    fmt = state_format(path)
+    _formats[path] = (st.st_mtime_ns, st.st_size, fmt)
+    return fmt
+
+
 def _state_files(root: str) -> List[str]:
     found = []
     for folder, _, files in os.walk(root):
         for name in files:
-            if name.endswith(".safetensors") and state_format(os.path.join(folder, name)):
+            if name.endswith(".safetensors") and _cached_format(os.path.join(folder, name)):
                 found.append(os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/"))
     return sorted(found)
 

@@ -444,6 +444,19 @@ def test_state_round_trip_through_save_and_load_nodes(folders):
     save_file({"x": torch.zeros(2)}, str(inp / "not_a_state.safetensors"))
     choices = load.INPUT_TYPES()["required"]["state_file"][0]
     assert choices == ["shared.safetensors", f"{nerf_rel} [output]", f"{mesh_rel} [output]"]
+    # listing again reads no header (ComfyUI asks on every /object_info); a rewritten file is read again
+    sf = importlib.import_module(f"{PACK_MODULE}.nodes.state_files")
+    reads = []
+    real = sf.read_state_header
+    sf.read_state_header = lambda path: reads.append(os.path.basename(path)) or real(path)
+    try:
+        assert load.INPUT_TYPES()["required"]["state_file"][0] == choices and reads == []
+        save_file({"y": torch.zeros(3)}, str(inp / "shared.safetensors"))  # no longer a state
+        assert load.INPUT_TYPES()["required"]["state_file"][0] == choices[1:] and reads == ["shared.safetensors"]
+        (inp / "shared.safetensors").write_bytes((out / nerf_rel).read_bytes())
+        assert load.INPUT_TYPES()["required"]["state_file"][0] == choices
+    finally:
+        sf.read_state_header = real
     n_out, m_none = load().load(f"{nerf_rel} [output]")
     assert isinstance(m_none, NoState) and n_out.prompt == "a red cube"
     # the unfilled output is no silent None: using it says which output to use

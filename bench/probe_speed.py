@@ -79,9 +79,9 @@ def unet_probe(name, B, latent, skip_compile, peak):
 
         rep("graph NCHW", call)
         if not skip_compile and b == B[0]:
-            from dreamflow.denoisers.fast import compile_unet, uncompile
+            from dreamflow.denoisers.fast import compile_blocks, uncompile
 
-            mods = compile_unet(unet, "blocks")
+            mods = compile_blocks(unet, "blocks")
             t0 = time.perf_counter()
             call()
             torch.cuda.synchronize()

@@ -53,18 +53,18 @@ def test_fast_path_needs_cuda_and_valid_config(tiny_sd_path):
 def test_compile_blocks_picks_the_repeated_blocks_and_undoes(tiny_sd_path):
     """compile="blocks" compiles every ResnetBlock2D / BasicTransformerBlock in place (and nothing else);
     uncompile restores the eager calls. (Compiling is lazy: nothing runs here.)"""
-    from dreamflow.denoisers.fast import COMPILED_BLOCKS, compile_unet, uncompile
+    from dreamflow.denoisers.fast import COMPILED_BLOCKS, compile_blocks, uncompile
 
     den = Denoiser.load(tiny_sd_path, dtype="fp32", device="cpu")
     blocks = [m for m in den.unet.modules() if type(m).__name__ in COMPILED_BLOCKS]
     assert {type(m).__name__ for m in blocks} == set(COMPILED_BLOCKS)
-    mods = compile_unet(den.unet, "blocks")
+    mods = compile_blocks(den.unet, "blocks")
     assert mods == blocks and all(m._compiled_call_impl is not None for m in mods)
     assert den.unet._compiled_call_impl is None
     uncompile(mods)
     assert all(m._compiled_call_impl is None for m in den.unet.modules())
-    assert compile_unet(den.unet, "off") == []
-    whole = compile_unet(den.unet, "unet")
+    assert compile_blocks(den.unet, "off") == []
+    whole = compile_blocks(den.unet, "unet")
     assert whole == [den.unet] and den.unet._compiled_call_impl is not None
     uncompile(whole)
 

@@ -98,8 +98,9 @@ COMPILE_MODES = ("blocks", "unet", "off")
 COMPILED_BLOCKS = ("ResnetBlock2D", "BasicTransformerBlock")
 
 
-def compile_unet(unet: torch.nn.Module, mode: str, blocks: Tuple[str, ...] = COMPILED_BLOCKS) -> List[torch.nn.Module]:
-    """Compile ``unet`` in place (``nn.Module.compile``: the module objects stay, only their call changes).
+def compile_blocks(root: torch.nn.Module, mode: str, blocks: Tuple[str, ...] = COMPILED_BLOCKS) -> List[torch.nn.Module]:
+    """Compile, in place (``nn.Module.compile``: the module objects stay, only their call changes), ``root`` itself
+    (mode "unet") or its sub-modules whose class name is in ``blocks`` (mode "blocks"; a UNet or a VAE encoder).
 
     Returns the compiled modules (give them to :func:`uncompile`). Raises the recompile limit: one block
     class serves several shapes (resolution levels, CFG vs scene batch, LoRA on / off, grad / no grad).
@@ -114,14 +115,14 @@ def compile_unet(unet: torch.nn.Module, mode: str, blocks: Tuple[str, ...] = COM
                         ("accumulated_cache_size_limit", 4096)):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), value))
-    mods = [unet] if mode == "unet" else [m for m in unet.modules() if type(m).__name__ in blocks]
+    mods = [root] if mode == "unet" else [m for m in root.modules() if type(m).__name__ in blocks]
     for m in mods:
         m.compile(dynamic=False)
     return mods
 
 
 def uncompile(modules: List[torch.nn.Module]) -> None:
-    """Undo :func:`compile_unet` (back to the modules' eager calls)."""
+    """Undo :func:`compile_blocks` (back to the modules' eager calls)."""
     for m in modules:
         m._compiled_call_impl = None
 
@@ -282,9 +283,9 @@ class FastPath:
         self._lora = _LoRAWatch(denoiser.unet)
         self._weights = self._weights_key()
         self.fallbacks = 0
-        self.compiled = compile_unet(denoiser.unet, self.config.compile)
+        self.compiled = compile_blocks(denoiser.unet, self.config.compile)
         if self.config.compile != "off" and self.config.compile_vae and not denoiser.cpu_offload:
-            self.compiled += compile_unet(denoiser.vae.encoder, "blocks", blocks=("ResnetBlock2D",))
+            self.compiled += compile_blocks(denoiser.vae.encoder, "blocks", blocks=("ResnetBlock2D",))
 
     def close(self) -> None:
         """Drop the graphs and undo the compilation (``Denoiser.disable_fast_path`` calls it)."""

@@ -15,9 +15,11 @@ would. One call, on one card, measures (eager baseline and fast path side by sid
    the default schedule (iterations x views of the default configs);
 5. options for smaller cards (text encoders / VAE offloaded to the CPU, gradient checkpointing) and their cost.
 
-Variants: ``eager`` = defaults on the GPU with the pure-torch rasterizer and hash grid; ``+grid`` = compiled
-hash grid; ``+nvdiffrast`` = ``backend="auto"``; ``fast`` = everything: nvdiffrast, compiled grid,
-``Denoiser.enable_fast_path()`` (CUDA graphs for the frozen UNet calls, fused AdamW for the LoRA).
+Variants: ``eager`` = defaults on the GPU with the pure-torch rasterizer, an uncompiled hash grid and no fast path;
+``+grid`` = compiled hash grid; ``+nvdiffrast`` = ``backend="auto"``; ``fast`` = everything (what ComfyUI users
+get by default): nvdiffrast, compiled grid, ``Denoiser.enable_fast_path()`` (CUDA graphs for the frozen UNet calls,
+the scene-LoRA prediction and the LoRA step over compiled UNet / VAE-encoder blocks, fused AdamW for the LoRA).
+All variants use the stage defaults otherwise (occupancy grid, float16 MLPs, VAE precision "auto").
 
     python bench/bench_gpu.py                    # GPU: writes $OUT/bench_gpu.json (or --out), prints a table
     python bench/bench_gpu.py --smoke            # CPU, tiny models: the same code end to end in seconds

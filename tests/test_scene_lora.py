@@ -84,18 +84,24 @@ def test_train_step_lowers_loss_on_a_fixed_batch(den):
     scene.remove()
 
 
-def test_first_loss_is_the_diffusion_loss_of_the_pretrained_model(tiny_sd_v_path):
-    """Brute-force twin of train_step's loss (v-prediction model: the target is v = sqrt(a) eps - sqrt(1-a) x0)."""
-    den = Denoiser.load(tiny_sd_v_path, dtype="fp32", device="cpu")
-    scene = SceneDenoiser(den, SceneLoRAConfig(camera_dropout=0.0))
+def _v_loss_twin(den):
+    """A batch and the brute-force diffusion loss of the pretrained v-prediction model on it, at t = 0.2, 0.9:
+    (x0, camera, embeds, t, noise, loss) with loss = mse(unet(x_t, t), v), v = sqrt(a) eps - sqrt(1-a) x0."""
     x0, cam, e = _batch(den, 4)
     t = torch.tensor([0.2, 0.9])
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     a = den.alpha_bar(t).view(-1, 1, 1, 1)
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
     v = a.sqrt() * noise - (1 - a).sqrt() * x0
-    ref = torch.nn.functional.mse_loss(den.unet_output(x_t, t, e), v).item()
-    assert scene.train_step(x0, e, cam, t=t, noise=noise) == pytest.approx(ref, rel=1e-5)
+    return x0, cam, e, t, noise, torch.nn.functional.mse_loss(den.unet_output(x_t, t, e), v)
+
+
+def test_first_loss_is_the_diffusion_loss_of_the_pretrained_model(tiny_sd_v_path):
+    """Brute-force twin of train_step's loss (v-prediction model: the target is v = sqrt(a) eps - sqrt(1-a) x0)."""
+    den = Denoiser.load(tiny_sd_v_path, dtype="fp32", device="cpu")
+    scene = SceneDenoiser(den, SceneLoRAConfig(camera_dropout=0.0))
+    x0, cam, e, t, noise, ref = _v_loss_twin(den)
+    assert scene.train_step(x0, e, cam, t=t, noise=noise) == pytest.approx(ref.item(), rel=1e-5)
     scene.remove()
 
 
@@ -178,13 +184,7 @@ def test_train_step_returns_the_loss_as_a_detached_tensor(tiny_sd_v_path):
     float-returning step gave: the same float ops as the brute-force twin, so equal to the last bit."""
     den = Denoiser.load(tiny_sd_v_path, dtype="fp32", device="cpu")
     scene = SceneDenoiser(den, SceneLoRAConfig(camera_dropout=0.0))
-    x0, cam, e = _batch(den, 4)
-    t = torch.tensor([0.2, 0.9])
-    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
-    a = den.alpha_bar(t).view(-1, 1, 1, 1)
-    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-    v = a.sqrt() * noise - (1 - a).sqrt() * x0
-    ref = torch.nn.functional.mse_loss(den.unet_output(x_t, t, e), v)
+    x0, cam, e, t, noise, ref = _v_loss_twin(den)
     loss = scene.train_step(x0, e, cam, t=t, noise=noise)
     assert torch.is_tensor(loss) and loss.ndim == 0 and loss.dtype == torch.float32
     assert not loss.requires_grad and loss.grad_fn is None

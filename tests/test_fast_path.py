@@ -88,6 +88,29 @@ def test_lora_watch_follows_the_scene_adapter(tiny_sd_path):
     again.remove()
 
 
+@pytest.mark.parametrize("which", ["tiny_sd_path", "tiny_refiner_path"])
+def test_scene_call_rebuilds_the_eager_call_from_named_tensors(which, request):
+    """What the scene graphs capture (_scene_call): named tensor inputs whose call equals the eager scene call,
+    scalar t made a [B] tensor, every prompt-embedding field carried (the refiner's pooled and time ids too)."""
+    from dreamflow.denoisers.fast import _scene_call
+
+    den = Denoiser.load(request.getfixturevalue(which), dtype="fp32", device="cpu")
+    scene = SceneDenoiser(den, seed=1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    cam = torch.randn(2, 16, generator=g)
+    e = den.encode_prompt(["a red cube, front view", "a red cube, side view"], "blurry")
+    eager = type(scene).eps.__get__(scene)
+    t, tensors, inputs, call = _scene_call(scene, eager, x, 0.4, e, cam)
+    assert t.shape == (2,) and set(inputs) >= {"x", "t", "camera", "e_cond", "e_uncond"}
+    assert all(isinstance(v, torch.Tensor) for v in inputs.values()) and len(tensors) == len(inputs)
+    if den.kind == "sdxl_refiner":
+        assert sum(k.startswith("e_") for k in inputs) == 6
+    with torch.no_grad():
+        assert torch.equal(call(**inputs), scene.eps(x, t, e, cam))
+    scene.remove()
+
+
 def test_graph_keys_separate_shapes_and_dtypes():
     a = {"x": torch.zeros(2, 4, 8, 8), "t": torch.zeros(2)}
     assert _signature(a) == _signature({"t": torch.ones(2), "x": torch.ones(2, 4, 8, 8)})

@@ -386,6 +386,25 @@ def use_fused_adamw(scene) -> bool:
     return True
 
 
+def _scene_call(scene, eager: Callable, x_t: Tensor, t, embeds, camera: Optional[Tensor]):
+    """What the scene-model wrappers capture: ``(t, tensors, inputs, call)`` with ``t`` as a [B] tensor, every
+    input tensor (for the graph preconditions), the named static inputs and ``call(**inputs)`` = ``eager(x_t, t,
+    embeds, camera)`` (prompt embeddings passed as ``e_<field>`` tensors, rebuilt into PromptEmbeds)."""
+    from .denoiser import PromptEmbeds
+
+    t = scene.denoiser._t(t, x_t.shape[0]) if not torch.is_tensor(t) or t.ndim == 0 else t
+    emb = {f.name: getattr(embeds, f.name) for f in fields(embeds) if getattr(embeds, f.name) is not None}
+    tensors = [x_t, t, camera, *emb.values()]
+    inputs = {"x": x_t, "t": t, **{"e_" + k: v for k, v in emb.items()}}
+    if camera is not None:
+        inputs["camera"] = camera
+
+    def call(x, t, camera=None, **e):
+        return eager(x, t, PromptEmbeds(**{k[2:]: v for k, v in e.items()}), camera)
+
+    return t, tensors, inputs, call
+
+
 class GraphedSceneEps:
     """``SceneDenoiser.eps`` replayed from CUDA graphs (same signature and result; falls back to eager).
 
@@ -402,23 +421,10 @@ class GraphedSceneEps:
         self.fallbacks = 0
 
     def __call__(self, x_t: Tensor, t, embeds, camera: Optional[Tensor]) -> Tensor:
-        from .denoiser import PromptEmbeds
-
-        scene, d = self.scene, self.scene.denoiser
-        t = d._t(t, x_t.shape[0]) if not torch.is_tensor(t) or t.ndim == 0 else t
-        emb = {f.name: getattr(embeds, f.name) for f in fields(embeds) if getattr(embeds, f.name) is not None}
-        tensors = [x_t, t, camera, *emb.values()]
-        if getattr(scene, "_removed", False) or not _graphable(tensors) or not self.fast._weights_unchanged():
+        t, tensors, inputs, call = _scene_call(self.scene, self.eager, x_t, t, embeds, camera)
+        if getattr(self.scene, "_removed", False) or not _graphable(tensors) or not self.fast._weights_unchanged():
             self.fallbacks += 1
             return self.eager(x_t, t, embeds, camera)
-        inputs = {"x": x_t, "t": t, **{"e_" + k: v for k, v in emb.items()}}
-        if camera is not None:
-            inputs["camera"] = camera
-        eager = self.eager
-
-        def call(x, t, camera=None, **e):
-            return eager(x, t, PromptEmbeds(**{k[2:]: v for k, v in e.items()}), camera)
-
         out = self.graphs.run(_signature(inputs), lambda: _Graph(call, inputs, {}, self.fast.pool,
                                                                   self.fast.config.warmup_calls), inputs)
         if out is None:
@@ -493,26 +499,14 @@ class GraphedSceneOutput:
         self.fallbacks = 0
 
     def __call__(self, x_t: Tensor, t, embeds, camera: Optional[Tensor]) -> Tensor:
-        from .denoiser import PromptEmbeds
-
-        scene, d = self.scene, self.scene.denoiser
+        scene = self.scene
         if not torch.is_grad_enabled():
             return self.eager(x_t, t, embeds, camera)
-        t = d._t(t, x_t.shape[0]) if not torch.is_tensor(t) or t.ndim == 0 else t
-        emb = {f.name: getattr(embeds, f.name) for f in fields(embeds) if getattr(embeds, f.name) is not None}
-        tensors = [x_t, t, camera, *emb.values()]
+        t, tensors, inputs, call = _scene_call(scene, self.eager, x_t, t, embeds, camera)
         params = [] if getattr(scene, "_removed", False) else [p for p in scene.parameters_to_train() if p.requires_grad]
         if not params or not _graphable(tensors) or not self.fast._weights_unchanged():
             self.fallbacks += 1
             return self.eager(x_t, t, embeds, camera)
-        inputs = {"x": x_t, "t": t, **{"e_" + k: v for k, v in emb.items()}}
-        if camera is not None:
-            inputs["camera"] = camera
-        eager = self.eager
-
-        def call(x, t, camera=None, **e):
-            return eager(x, t, PromptEmbeds(**{k[2:]: v for k, v in e.items()}), camera)
-
         key = _signature(inputs) + (tuple(id(p) for p in params),)
         g = self.graphs.get(key, lambda: _TrainGraphs(call, inputs, params, self.pool, self.fast.config.warmup_calls))
         if g is None:

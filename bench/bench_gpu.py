@@ -335,16 +335,52 @@ def sphere_state(device: torch.device, smoke: bool, compile_grid: bool):
     return MeshState(field=field, background=bg, prompt=PROMPT, vertices=v.float(), faces=f.long()).to(device)
 
 
+def gpu_profile_summary(prof, updates: int, top: int = 12) -> Dict[str, object]:
+    """From a CUDA-activity profile of ``updates`` updates: GPU-busy ms per update (union of kernel / copy
+    intervals), the window's span, and the kernels with the most time (name, ms per update, calls per update)."""
+    from torch.autograd import DeviceType
+
+    spans, by_name = [], {}
+    for e in prof.profiler.kineto_results.events():
+        if e.device_type() != DeviceType.CUDA:
+            continue
+        a, b = e.start_ns(), e.start_ns() + e.duration_ns()
+        spans.append((a, b))
+        k = e.name()
+        t, n = by_name.get(k, (0, 0))
+        by_name[k] = (t + e.duration_ns(), n + 1)
+    spans.sort()
+    busy, end = 0, None
+    for a, b in spans:
+        if end is None or a > end:
+            busy += b - a
+            end = b
+        elif b > end:
+            busy += b - end
+            end = b
+    span = (spans[-1][1] - spans[0][0]) if spans else 0
+    rows = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"gpu_busy_ms_per_update": busy / 1e6 / updates, "gpu_span_ms_per_update": span / 1e6 / updates,
+            "busy_fraction": busy / span if span else float("nan"),
+            "top_kernels": [(k[:90], t / 1e6 / updates, n / updates) for k, (t, n) in rows]}
+
+
 def run_stage(stage: str, d, variant: Dict[str, object], device: torch.device, smoke: bool, warmup: int,
-              iters: int, acc: Optional[Dict[str, float]] = None) -> Dict[str, object]:
+              iters: int, acc: Optional[Dict[str, float]] = None, profile: bool = False) -> Dict[str, object]:
     """Run the real stage for warmup + iters updates; time the last ``iters`` (host clock after a sync).
 
-    With ``acc`` (a dict), the pieces of the timed updates are attributed too (:func:`breakdown`)."""
+    With ``acc`` (a dict), the pieces of the timed updates are attributed too (:func:`breakdown`); with
+    ``profile``, the timed updates run under a CUDA-activity profiler (:func:`gpu_profile_summary`)."""
     from dreamflow.stages import run_mesh_stage, run_nerf_stage, run_refine_stage
 
     total = warmup + iters
     cfg = stage_configs(stage, variant, smoke, total)
     marks: Dict[int, float] = {}
+    prof = None
+    if profile and device.type == "cuda":
+        from torch.profiler import ProfilerActivity
+
+        prof = torch.profiler.profile(activities=[ProfilerActivity.CUDA])
 
     def progress(step, _total, _preview):
         if step in (1, warmup, total):
@@ -352,6 +388,10 @@ def run_stage(stage: str, d, variant: Dict[str, object], device: torch.device, s
             marks[step] = time.perf_counter()
         if step == warmup and acc is not None:
             acc.clear()
+        if prof is not None and step == warmup:
+            prof.__enter__()
+        if prof is not None and step == total:
+            prof.__exit__(None, None, None)
 
     cb = Callbacks(progress=progress, should_stop=lambda: False, preview_every=0)
     if variant.get("fast"):
@@ -381,6 +421,8 @@ def run_stage(stage: str, d, variant: Dict[str, object], device: torch.device, s
         ms_of["scene eps + rest of guidance"] = ms_of.get("guidance", 0.0) - ms_of.get("cfg unet", 0.0) - ms_of.get("lora step", 0.0)
         ms_of["backward + optimiser + rest"] = ms - sum(ms_of.get(k, 0.0) for k in ("render", "vae encode", "guidance"))
         out["breakdown_ms"] = ms_of
+    if prof is not None:
+        out["profile"] = gpu_profile_summary(prof, iters)
     if d.fast_path is not None:
         out["fast_path_stats"] = d.fast_path.stats()
     d.disable_fast_path()
@@ -467,9 +509,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     ap.add_argument("--warmup", type=int, default=None, help="untimed updates first (default 3; smoke 1)")
     ap.add_argument("--iters", type=int, default=None, help="timed updates (default 10; smoke 2)")
     ap.add_argument("--no-pieces", action="store_true", help="skip the per-piece UNet / LoRA / VAE timings")
-    ap.add_argument("--options", action="store_true", help="also measure VAE checkpointing / bf16 on the refiner")
+    ap.add_argument("--options", action="store_true",
+                    help="also measure the refiner without VAE checkpointing, with a float32 VAE, and with cpu_offload")
     ap.add_argument("--breakdown", action="store_true", help="also attribute update time to its pieces (synced)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip what is left after this many seconds")
+    ap.add_argument("--profile", action="store_true",
+                    help="also run each fast stage once more under a CUDA profiler (GPU-busy fraction, top kernels)")
     args = ap.parse_args(argv)
 
     smoke = args.smoke
@@ -533,13 +578,14 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     # Phases keep the most important numbers first (a budget stop loses only extras) and one denoiser on the
     # card at a time (peak VRAM per stage is then what that stage needs).
     plan = [("sd", True, [("nerf", "eager"), ("nerf", "fast"), ("mesh", "eager"), ("mesh", "fast"),
+                          ("nerf", "pf:fast"), ("mesh", "pf:fast"),
                           ("nerf", "bd:fast"), ("mesh", "bd:fast"), ("mesh", "bd:eager")]),
-            ("sdxl_refiner", True, [("refine", "eager"), ("refine", "fast"), ("refine", "bd:fast"),
+            ("sdxl_refiner", True, [("refine", "eager"), ("refine", "fast"), ("refine", "pf:fast"), ("refine", "bd:fast"),
                                     ("refine", "bd:eager"), ("refine", "+nvdiffrast"), ("refine", "options")]),
             ("sd", False, [("nerf", "+grid"), ("mesh", "+nvdiffrast")])]
     for kind, pieces, tasks in plan:
         tasks = [(s, n) for s, n in tasks if s in args.stages and (n != "options" or args.options)
-                 and (not n.startswith("bd:") or args.breakdown)
+                 and (not n.startswith("bd:") or args.breakdown) and (not n.startswith("pf:") or args.profile)
                  and (not args.variants or n.split(":")[-1] in args.variants or n == "options")]
         if smoke:  # CUDA-only switches otherwise
             tasks = [(s, n) for s, n in tasks if n.split(":")[-1] in ("eager", "options")]
@@ -563,6 +609,19 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         for stage, name in tasks:
             if name == "options":
                 options_refiner(d, res, guarded, device, smoke, warmup, iters, load)
+                continue
+            if name.startswith("pf:"):
+                variant = VARIANTS_BY_STAGE[stage][name[3:]]
+                out = guarded(f"profile {stage} {name[3:]}", lambda: run_stage(
+                    stage, d, variant, device, smoke, 1, 3, profile=True))
+                if out:
+                    res.setdefault("profile", {}).setdefault(stage, {})[name[3:]] = out
+                    pr = out.get("profile", {})
+                    print(f"  profile {stage}: wall {out['ms_per_update']:.1f} ms/update, GPU busy "
+                          f"{pr.get('gpu_busy_ms_per_update', float('nan')):.1f} ms "
+                          f"({pr.get('busy_fraction', float('nan')):.0%} of its span)", flush=True)
+                    for k, ms, n in pr.get("top_kernels", []):
+                        print(f"    {ms:7.2f} ms {n:6.1f}x  {k}", flush=True)
                 continue
             if name.startswith("bd:"):
                 variant = VARIANTS_BY_STAGE[stage][name[3:]]
@@ -588,15 +647,14 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
 
 
 def options_refiner(d, res, guarded, device, smoke, warmup, iters, load) -> None:
-    """Precision / memory options, measured on stage 3 (the largest): the VAE in float32 (exact; the default is
-    bfloat16 for this force_upcast VAE on bf16 GPUs) and bfloat16 + gradient checkpointing of the VAE encoder
-    (the render gradient flows through it; for smaller cards).
-    Not measured: UNet checkpointing for the LoRA step (SceneDenoiser.train_step runs backward after leaving
-    its scene-call context, so a recomputation would see a different network) and ``cpu_offload`` (the
-    Denoiser moves the VAE back to the CPU after encoding, before the stage's backward needs it)."""
+    """Precision / memory options, measured on stage 3 (the largest): without the VAE checkpointing the default
+    turns on for 1024 px encodes (faster, more memory), the VAE in float32 (exact; the default is bfloat16 for
+    this force_upcast VAE on bf16 GPUs), and ``cpu_offload`` (text encoders on the CPU, the VAE on the card only
+    while a stage runs). Not measured: UNet checkpointing for the LoRA step (SceneDenoiser.train_step runs
+    backward after leaving its scene-call context, so a recomputation would see a different network)."""
     variant = {"nvdiffrast": True, "compile": True, "fast": True} if device.type == "cuda" else {}
 
-    def vae_option(dtype: torch.dtype, checkpointing: bool):
+    def vae_option(dtype: torch.dtype, checkpointing):
         g = torch.Generator(device=device).manual_seed(0)
         px = 16 if smoke else 1024
         img = torch.rand(1, 3, px, px, device=device, generator=g)
@@ -607,8 +665,12 @@ def options_refiner(d, res, guarded, device, smoke, warmup, iters, load) -> None
             z32 = d.encode_images(img, sample=False)
         d.vae.to(dtype)
         d.vae_dtype = dtype
-        if checkpointing:
+        old_ckpt = d.vae_checkpointing
+        if checkpointing != "large":  # True / False for every encode ("large": the default's per-size choice)
+            d.vae.enable_gradient_checkpointing() if checkpointing else d.vae.disable_gradient_checkpointing()
+        elif not old_ckpt:
             d.vae.enable_gradient_checkpointing()
+        d.vae_checkpointing = checkpointing
         try:
             with torch.no_grad():
                 err = rel_err(d.encode_images(img, sample=False), z32)
@@ -617,12 +679,13 @@ def options_refiner(d, res, guarded, device, smoke, warmup, iters, load) -> None
             out["vae_dtype"] = str(dtype)
             return out
         finally:
-            d.vae.disable_gradient_checkpointing()
+            d.vae_checkpointing = old_ckpt
+            d.vae.enable_gradient_checkpointing() if old_ckpt else d.vae.disable_gradient_checkpointing()
             d.vae.to(old)
             d.vae_dtype = old
 
     low = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    for name, dt, ckpt in (("fast+vae-fp32", torch.float32, False), ("fast+vae-ckpt", low, True)):
+    for name, dt, ckpt in (("fast+no-vae-ckpt", low, False), ("fast+vae-fp32", torch.float32, "large")):
         out = guarded(f"option {name}", lambda: vae_option(dt, ckpt))
         if out:
             out.update(projections("refine", out["ms_per_update"], out["views_per_update"]))

@@ -8,7 +8,7 @@ Each row times one candidate change in isolation, on random-weight networks of t
 * the NeRF field's forward + backward per million points: compiled grid only vs the whole field compiled,
   float32 vs float16 MLPs.
 
-    python bench/probe_speed.py [--skip-compile] [--only unet,vae,field]
+    python bench/probe_speed.py [--skip-compile] [--only unet,vae,field,vaeprof,vae2]
 """
 
 from __future__ import annotations
@@ -150,6 +150,71 @@ def vae_profile(name, B, size, dtype):
     return vae
 
 
+def vae_compile_probe(name, B, size, dtype, variants, profile_variants=(), out_dir=None):
+    """VAE encode + backward under the ways it could be compiled (issue 6, stage 3's biggest piece):
+    ``blocks`` = the fast path's default (the encoder's ResnetBlock2D compiled), ``encoder`` = the whole
+    encoder compiled; ``CL`` = channels_last weights and input (cuDNN's native layout for tensor-core convs; in
+    eager mode GroupNorm is slow there, compiled GroupNorm is not). Prints ms, peak GiB, compile seconds and,
+    for ``profile_variants``, the top kernels (the whole table goes to ``out_dir``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from dreamflow.denoisers.fast import compile_blocks, uncompile
+
+    dev = torch.device("cuda")
+    d = random_denoiser(name, dev, torch.float16)
+    vae = d.vae.to(dtype)
+    d = None
+    free(dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    img0 = torch.rand(B, 3, size, size, device=dev, generator=g, dtype=dtype)
+    for v in variants:
+        cl = v.endswith("CL")
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        vae.to(memory_format=fmt)
+        img = img0.contiguous(memory_format=fmt).requires_grad_(True)
+        mods = []
+        if v.startswith("blocks"):
+            mods = compile_blocks(vae.encoder, "blocks", blocks=("ResnetBlock2D",))
+        elif v.startswith("encoder"):
+            mods = compile_blocks(vae.encoder, "unet")
+        if "ckpt" in v:
+            vae.enable_gradient_checkpointing()
+
+        def step():
+            z = vae.encode(img).latent_dist.mean
+            z.float().square().mean().backward()
+
+        t0 = time.perf_counter()
+        try:
+            step()
+            torch.cuda.synchronize()
+            first = time.perf_counter() - t0
+            peak_reset(dev)
+            ms = median_ms(step, dev, 5, warmup=1)
+            row(f"{name} VAE {B}x{size}^2 {str(dtype)[6:]} {v}", ms, f"peak {peak_gib(dev):.1f} GiB, first call {first:.0f} s")
+            if v in profile_variants:
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    step()
+                    torch.cuda.synchronize()
+                table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=100)
+                if out_dir:
+                    with open(os.path.join(out_dir, f"vaeprof_{name}_{v}.txt"), "w") as f:
+                        f.write(table)
+                ka = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:18]
+                for e in ka:
+                    print(f"    {e.device_time_total / 1e3:8.2f} ms {e.count:5d}x  {e.key[:100]}", flush=True)
+        except Exception as e:  # noqa: BLE001 (a probe: report and go on)
+            row(f"{name} VAE {v}", float("nan"), f"{type(e).__name__}: {str(e)[:120]}")
+        finally:
+            if "ckpt" in v:
+                vae.disable_gradient_checkpointing()
+            uncompile(mods)
+            torch._dynamo.reset()
+            img.grad = None
+            free(dev)
+    vae.to(memory_format=torch.contiguous_format)
+
+
 def field_probe(n_points):
     from dreamflow.scene.hashgrid import HashGridConfig
     from dreamflow.scene.nerf import NeRFField, NeRFFieldConfig
@@ -196,6 +261,8 @@ def main():
     ap.add_argument("--skip-compile", action="store_true")
     ap.add_argument("--only", default="unet,vae,field")
     ap.add_argument("--points", type=float, default=8e6)
+    ap.add_argument("--vae-variants", default="blocks,blocks CL,encoder CL,blocks ckpt",
+                    help="vae2: comma-separated, from eager / blocks / encoder [+ CL] [+ ckpt]")
     a = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     dev = torch.device("cuda")
@@ -204,6 +271,10 @@ def main():
     row("fp16 matmul 8192^3 peak", 2 * 8192 ** 3 / peak / 1e9, f"{peak:.0f} TFLOP/s")
     A = None
     only = a.only.split(",")
+    if "vae2" in only:
+        out_dir = os.environ.get("OUT")
+        vae_compile_probe("sdxl-refiner", 2, 1024, torch.bfloat16,
+                          a.vae_variants.split(","), profile_variants=("blocks", "encoder CL"), out_dir=out_dir)
     if "vaeprof" in only:
         vae = vae_profile("sdxl-refiner", 2, 1024, torch.bfloat16)
         vae_probe(vae, "refiner", 2, 1024)

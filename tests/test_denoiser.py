@@ -442,8 +442,9 @@ def test_vae_dtype_auto_upcasts_only_overflowing_vaes(monkeypatch):
 
 
 def test_vae_checkpointing_auto_and_same_gradients(monkeypatch, tiny_sd_path):
-    """auto: on for CUDA cards under 40 GiB only; a checkpointed encoder gives the same latents and image
-    gradients as the plain one (it recomputes, it does not approximate)."""
+    """auto: on for CUDA cards under 40 GiB, "large" (1024 px encodes only) on bigger ones, off on the CPU; a
+    checkpointed encoder gives the same latents and image gradients as the plain one (it recomputes, it does
+    not approximate)."""
     from types import SimpleNamespace
 
     from dreamflow.denoisers.denoiser import resolve_vae_checkpointing
@@ -451,9 +452,9 @@ def test_vae_checkpointing_auto_and_same_gradients(monkeypatch, tiny_sd_path):
     assert resolve_vae_checkpointing("auto", torch.device("cpu")) is False
     assert resolve_vae_checkpointing(True, torch.device("cpu")) is True
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for gib, on in ((24, True), (80, False)):
+    for gib, on in ((24, True), (80, "large")):
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d, g=gib: SimpleNamespace(total_memory=g * 2 ** 30))
-        assert resolve_vae_checkpointing("auto", torch.device("cuda")) is on
+        assert resolve_vae_checkpointing("auto", torch.device("cuda")) == on
     with pytest.raises(DreamFlowError, match="vae_checkpointing"):
         resolve_vae_checkpointing("sometimes", torch.device("cpu"))
     monkeypatch.undo()
@@ -468,6 +469,15 @@ def test_vae_checkpointing_auto_and_same_gradients(monkeypatch, tiny_sd_path):
         outs.append((z.detach(), x.grad))
     assert torch.allclose(outs[0][0], outs[1][0], atol=1e-6) and torch.allclose(outs[0][1], outs[1][1], atol=1e-6)
     assert outs[0][1].abs().sum() > 0
+    # "large": decided per encode by the image size
+    import dreamflow.denoisers.denoiser as denoiser_module
+
+    den.vae_checkpointing = "large"
+    den.encode_images(img, sample=False)
+    assert den.vae.encoder.gradient_checkpointing is False
+    monkeypatch.setattr(denoiser_module, "VAE_CHECKPOINTING_MIN_PX", 32)
+    den.encode_images(img, sample=False)
+    assert den.vae.encoder.gradient_checkpointing is True
 
 
 def test_cpu_offload_and_vae_options_give_same_results(tiny_sd, tiny_sd_path):

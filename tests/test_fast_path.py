@@ -50,6 +50,33 @@ def test_fast_path_needs_cuda_and_valid_config(tiny_sd_path):
         FastPathConfig(compile="everything").validate()
 
 
+def test_vae_matmul_attention_matches_sdpa_and_restores(tiny_sd_path):
+    """FastPathConfig.vae_matmul_attention: the VAE's attention through baddbmm / softmax / bmm gives SDPA's latents
+    and image gradients (float32: to rounding); the returned triples put the SDPA processors back."""
+    from dreamflow.denoisers.fast import use_matmul_attention
+
+    den = Denoiser.load(tiny_sd_path, dtype="fp32", device="cpu")
+    img = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    before = {id(m): type(m.processor).__name__ for m in den.vae.modules() if hasattr(m, "processor")}
+
+    def encode():
+        x = img.clone().requires_grad_(True)
+        z = den.encode_images(x, sample=False)
+        z.square().sum().backward()
+        return z.detach(), x.grad
+
+    ref = encode()
+    saved = use_matmul_attention(den.vae)
+    assert saved and all(type(m.processor).__name__ == "AttnProcessor" and not m.upcast_softmax for m, _, _ in saved)
+    out = encode()
+    torch.testing.assert_close(out[0], ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1], ref[1], rtol=1e-5, atol=1e-6)
+    for m, processor, upcast in saved:
+        m.set_processor(processor)
+        m.upcast_softmax = upcast
+    assert {id(m): type(m.processor).__name__ for m in den.vae.modules() if hasattr(m, "processor")} == before
+
+
 def test_compile_blocks_picks_the_repeated_blocks_and_undoes(tiny_sd_path):
     """compile="blocks" compiles every ResnetBlock2D / BasicTransformerBlock in place (and nothing else);
     uncompile restores the eager calls. (Compiling is lazy: nothing runs here.)"""

@@ -62,7 +62,7 @@ class _Spy:
     def eps(self, x_t, t, embeds, camera):
         return self.fn(x_t, t)
 
-    def train_step(self, x0, embeds, camera, t=None, generator=None):
+    def train_step(self, x0, embeds, camera, t=None, generator=None, defer_check=False):
         self.calls.append(None if t is None else t.clone())
         return torch.tensor(0.0)
 

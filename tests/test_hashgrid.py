@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dreamflow.errors import DreamFlowError
-from dreamflow.scene.hashgrid import HASH_PRIMES, HashGrid, HashGridConfig, hash_grid_torch, level_layout
+from dreamflow.scene.hashgrid import (HASH_PRIMES, HashGrid, HashGridConfig, hash_grid_table_grad, hash_grid_torch,
+                                      level_layout)
 
 # 5 levels, T = 2^10: resolutions 4, 7, 12, 20, 34 -> levels 0-1 dense, 2-4 hashed; non-integer scales
 # (5.8, 10.56, ...) exercise tcnn's ceil(scale) + 1 resolution and its "one past the grid" corner.
@@ -111,6 +112,32 @@ def test_table_gradient_matches_brute_force_and_is_local():
     assert 0 < touched.sum() < grid.total_entries
 
 
+def test_recomputed_backward_equals_autograd_and_keeps_only_the_points():
+    """Ray samples (no grad on x): the backward recomputes the corners; same table gradient as autograd through
+    hash_grid_torch, but only x (12 bytes / point) and the scales are kept between forward and backward."""
+    grid = HashGrid(HashGridConfig(backend="torch"), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        grid.params.normal_(generator=torch.Generator().manual_seed(1))
+    x = _points(500, 7)
+    g = torch.randn(500, grid.n_output_dims, generator=torch.Generator().manual_seed(8))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+        out = grid(x)
+    (out * g).sum().backward()
+    recomputed = grid.params.grad.clone()
+    grid.params.grad = None
+    ref = hash_grid_torch(x, grid.table, grid.scale, grid.levels)
+    (ref * g).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(recomputed, grid.params.grad, rtol=1e-6, atol=1e-6)
+    assert recomputed.abs().sum() > 0
+    assert sum(saved) <= x.numel() * 4 + grid.scale.numel() * 4  # autograd would keep ~1.5 KB per point here
+    # positions that need gradients (analytic normals, mesh surface points) take autograd's path
+    xg = x.clone().requires_grad_(True)
+    (grid(xg) * g).sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+
+
 def test_input_gradient_matches_finite_differences():
     """d features / d x (what analytic normals use) against central differences, in float64."""
     grid = HashGrid(SMALL, generator=torch.Generator().manual_seed(0))
@@ -127,6 +154,10 @@ def test_traces_without_graph_breaks():
     x = torch.rand(64, 3)
     compiled = torch.compile(hash_grid_torch, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(x, grid.table, grid.scale, grid.levels), grid(x))
+    g = torch.randn(64, grid.n_output_dims)
+    grad = torch.compile(hash_grid_table_grad, backend="eager", fullgraph=True)
+    torch.testing.assert_close(grad(x, g, grid.scale, grid.levels, *grid.table.shape),
+                               hash_grid_table_grad(x, g, grid.scale, grid.levels, *grid.table.shape))
 
 
 def test_bad_config_is_one_line_error():

@@ -219,6 +219,44 @@ def test_non_finite_loss_raises_and_leaves_the_lora_untouched(den):
     scene.remove()
 
 
+def test_deferred_check_skips_the_step_on_the_device_and_the_guidance_check_raises(den):
+    """defer_check with a fused AdamW (the fast path's): no exception and no host sync in train_step; a NaN
+    batch leaves weights and Adam moments untouched (found_inf); Guidance.check_finite raises the LoRA's error.
+    Without a fused optimiser, defer_check still checks in train_step."""
+    from dreamflow.errors import DivergenceError
+    from dreamflow.guidance import GuidanceConfig, make_guidance
+
+    guidance = make_guidance(den, GuidanceConfig(method="apfo"), total_updates=4, seed=2)
+    scene = guidance.scene
+    scene.optimizer = torch.optim.AdamW(scene.parameters_to_train(), lr=1e-2, fused=True)
+    _train(scene, den, 2)
+    before = {k: v.clone() for k, v in scene.state_tensors().items()}
+    moments = {id(p): {k: v.clone() for k, v in st.items()} for p, st in scene.optimizer.state.items()}
+    x0, cam, e = _batch(den, 7)
+    bad = x0.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    loss = scene.train_step(bad, e, cam, t=torch.tensor([0.3, 0.6]), generator=torch.Generator().manual_seed(0),
+                            defer_check=True)
+    assert not torch.isfinite(loss)
+    assert all(torch.equal(v, before[k]) for k, v in scene.state_tensors().items())
+    for p, st in scene.optimizer.state.items():
+        assert all(torch.equal(v, moments[id(p)][k]) for k, v in st.items())
+    with pytest.raises(DivergenceError, match="scene LoRA loss is nan"):
+        guidance.check_finite(torch.tensor(1.0), {"lora_loss": loss})
+    with pytest.raises(DivergenceError, match="non-finite loss"):
+        guidance.check_finite(torch.tensor(float("inf")), {"lora_loss": torch.tensor(0.5)})
+    guidance.check_finite(torch.tensor(1.0), {"lora_loss": torch.tensor(0.5)})  # finite: no error
+    # a finite batch trains again
+    loss = scene.train_step(x0, e, cam, t=torch.tensor([0.3, 0.6]), generator=torch.Generator().manual_seed(0),
+                            defer_check=True)
+    assert torch.isfinite(loss) and any(not torch.equal(v, before[k]) for k, v in scene.state_tensors().items())
+    # not fused: the check stays in train_step
+    scene.optimizer = torch.optim.AdamW(scene.parameters_to_train(), lr=1e-2)
+    with pytest.raises(DivergenceError, match="scene LoRA loss is nan"):
+        scene.train_step(bad, e, cam, t=torch.tensor([0.3, 0.6]), defer_check=True)
+    guidance.close()
+
+
 def test_camera_dropout_is_decided_on_the_device_at_the_configured_rate(den):
     """The coin is the generator's draw after t and the noise; the camera the scene model sees is all zeros
     exactly when that coin is below camera_dropout (checked step by step against a twin generator), and

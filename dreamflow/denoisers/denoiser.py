@@ -123,15 +123,20 @@ def resolve_vae_dtype(vae_dtype: Union[str, torch.dtype], dtype: torch.dtype, fo
     return resolve_dtype(vae_dtype, device)
 
 
-#: "auto" VAE checkpointing turns on below this much GPU memory (GiB): the refine stage's 2 x 1024 px encode +
-#: backward keeps ~12 GiB of VAE activations in bfloat16 (H100, bench/RESULTS.md), which 24 GB cards cannot spare.
+#: "auto" VAE checkpointing turns on for every encode below this much GPU memory (GiB): the refine stage's
+#: 2 x 1024 px encode + backward keeps ~9-12 GiB of VAE activations in bfloat16 (H100, bench/RESULTS.md).
 VAE_CHECKPOINTING_BELOW_GIB = 40.0
+#: ... and, on bigger cards, for encodes of images this large (px per side): the refine stage's 1024 px views,
+#: whose VAE activations alone would break the 20 GB budget of issue 6 (the NeRF / mesh stages' 512 px encodes
+#: keep their activations: recomputing them costs more than their memory is worth there).
+VAE_CHECKPOINTING_MIN_PX = 1024
 
 
-def resolve_vae_checkpointing(value: Union[str, bool], device: torch.device) -> bool:
+def resolve_vae_checkpointing(value: Union[str, bool], device: torch.device) -> Union[bool, str]:
     """Gradient checkpointing of the VAE encoder (``vae.enable_gradient_checkpointing()``: the encoder's blocks
     recompute their activations in the backward). "auto": on for CUDA devices with less than
-    ``VAE_CHECKPOINTING_BELOW_GIB`` of memory, off elsewhere (the CPU has the RAM; big GPUs keep the speed)."""
+    ``VAE_CHECKPOINTING_BELOW_GIB`` of memory; on bigger CUDA devices ``"large"`` (only for images of at least
+    ``VAE_CHECKPOINTING_MIN_PX`` per side, decided per encode); off on the CPU (it has the RAM)."""
     if isinstance(value, bool):
         return value
     if value != "auto":
@@ -139,7 +144,7 @@ def resolve_vae_checkpointing(value: Union[str, bool], device: torch.device) -> 
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
     total = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
-    return total < VAE_CHECKPOINTING_BELOW_GIB
+    return True if total < VAE_CHECKPOINTING_BELOW_GIB else "large"
 
 
 def _freeze(m: Optional[torch.nn.Module]) -> Optional[torch.nn.Module]:
@@ -258,7 +263,8 @@ class Denoiser:
                 that overflows in float16 (``force_upcast``, the SDXL VAE) runs in bfloat16 on GPUs that have it,
                 as ComfyUI does, else float32); "fp32", "bf16", "fp16" force one.
             vae_checkpointing: recompute the VAE encoder's activations in the stages' backward instead of keeping
-                them, see :func:`resolve_vae_checkpointing` ("auto": on GPUs with less than 40 GiB).
+                them, see :func:`resolve_vae_checkpointing` ("auto": on GPUs with less than 40 GiB, else for 1024 px
+                encodes).
         """
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
@@ -414,6 +420,8 @@ class Denoiser:
             raise DreamFlowError(f"encode_images expects [B, 3, H, W] images, got shape {tuple(images.shape)}")
         self._check_image_size(images.shape[2], images.shape[3], "image")
         x = images.to(self.device, self.vae_dtype) * 2.0 - 1.0
+        if self.vae_checkpointing == "large":
+            self.vae.encoder.gradient_checkpointing = max(images.shape[2:]) >= VAE_CHECKPOINTING_MIN_PX
         with self._vae_on_device():
             dist = self.vae.encode(x).latent_dist
             z = dist.sample(generator) if sample else dist.mean

@@ -65,6 +65,15 @@ class FastPathConfig:
     randomness, loss, finiteness check and optimiser step stay eager, in SceneDenoiser.train_step)."""
     fused_optimizer: bool = True
     """Use ``torch.optim.AdamW(fused=True)`` for the scene LoRA (same update rule, one kernel for all tensors)."""
+    overlap_lora: bool = True
+    """Queue the scene LoRA's training steps on a second CUDA stream, so they run alongside the scene's backward
+    (they share no tensors until the next update's scene prediction, which waits for them; Guidance.join)."""
+    vae_matmul_attention: bool = True
+    """Run the VAE's self-attention (one head of width 512 in the SD / SDXL VAEs' mid-blocks) as two cuBLAS
+    matmuls and a softmax (diffusers' ``AttnProcessor``, softmax in the VAE's dtype) instead of SDPA, for
+    bfloat16 / float32 VAEs: SDPA has no flash kernel for width 512, and the memory-efficient kernel's backward
+    took 96 of the 193 ms of the refiner's 2 x 1024 px encode + backward on an H100 (bench/RESULTS.md run 4).
+    Costs one [B, N, N] attention matrix (1 GiB at 2 x 1024 px). float16 VAEs keep SDPA (scores could overflow)."""
     compile: str = "blocks"
     """``torch.compile`` (default mode, static shapes) under the graphs: "blocks" compiles the UNet's repeated
     blocks (ResnetBlock2D, BasicTransformerBlock; regional compilation: each block class compiles once per
@@ -119,6 +128,21 @@ def compile_blocks(root: torch.nn.Module, mode: str, blocks: Tuple[str, ...] = C
     for m in mods:
         m.compile(dynamic=False)
     return mods
+
+
+def use_matmul_attention(vae: torch.nn.Module) -> List[Tuple[torch.nn.Module, object, bool]]:
+    """Switch every diffusers ``Attention`` of ``vae`` to ``AttnProcessor`` (baddbmm, softmax, bmm) with the softmax
+    in the VAE's dtype (FastPathConfig.vae_matmul_attention). Returns (module, old processor, old upcast_softmax)
+    triples to restore."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    saved = []
+    for m in vae.modules():
+        if isinstance(m, Attention):
+            saved.append((m, m.processor, m.upcast_softmax))
+            m.set_processor(AttnProcessor())
+            m.upcast_softmax = False
+    return saved
 
 
 def uncompile(modules: List[torch.nn.Module]) -> None:
@@ -286,12 +310,18 @@ class FastPath:
         self.compiled = compile_blocks(denoiser.unet, self.config.compile)
         if self.config.compile != "off" and self.config.compile_vae and not denoiser.cpu_offload:
             self.compiled += compile_blocks(denoiser.vae.encoder, "blocks", blocks=("ResnetBlock2D",))
+        self._vae_attention = (use_matmul_attention(denoiser.vae) if self.config.vae_matmul_attention
+                               and denoiser.vae_dtype in (torch.bfloat16, torch.float32) else [])
 
     def close(self) -> None:
-        """Drop the graphs and undo the compilation (``Denoiser.disable_fast_path`` calls it)."""
+        """Drop the graphs, undo the compilation and the VAE attention switch (``Denoiser.disable_fast_path``)."""
         self.clear()
         uncompile(self.compiled)
         self.compiled = []
+        for module, processor, upcast in self._vae_attention:
+            module.set_processor(processor)
+            module.upcast_softmax = upcast
+        self._vae_attention = []
 
     # ------------------------------------------------------------------ bookkeeping
     def _weights_key(self) -> Tuple:

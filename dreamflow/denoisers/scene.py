@@ -205,7 +205,7 @@ class SceneDenoiser(torch.nn.Module):
 
     def train_step(self, x0: torch.Tensor, embeds: PromptEmbeds, camera: Optional[torch.Tensor],
                    t: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-                   noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   noise: Optional[torch.Tensor] = None, defer_check: bool = False) -> torch.Tensor:
         """One AdamW step on || output(x_t, t) - target ||^2, target = noise (eps models) or v (v-prediction).
 
         Host syncs: exactly one, the finiteness check of the loss, made after the backward is queued (the
@@ -219,6 +219,10 @@ class SceneDenoiser(torch.nn.Module):
             t: [B] or scalar in [0, 1]; default U(t_range) per view.
             generator: draws t, the noise and the dropout coin (a fixed generator seed gives a fixed batch).
             noise: explicit eps [B, C, h, w] (default: drawn from ``generator``).
+            defer_check: with a fused AdamW (the fast path's), make no host sync at all: a non-finite loss skips
+                the optimiser step on the device (AdamW's ``found_inf``, as GradScaler uses it) and the caller
+                checks the returned loss (the stage loop does, in its one check per update; see
+                :meth:`divergence`). Other optimisers check here as usual.
 
         Returns:
             the loss before the step: a detached 0-dim float32 tensor on the denoiser's device.
@@ -255,13 +259,25 @@ class SceneDenoiser(torch.nn.Module):
         # Queue the backward before the one host sync of the step (the finiteness check), so the GPU is
         # busy with it while the host waits; the step itself only runs on a finite loss.
         loss.backward()
+        if defer_check and self.optimizer.defaults.get("fused"):
+            self.optimizer.found_inf = (~torch.isfinite(loss.detach())).float()  # 1: the fused kernel skips the step
+            try:
+                self.optimizer.step()
+            finally:
+                self.optimizer.found_inf = None
+            self.steps += 1
+            return loss.detach()
         if not bool(torch.isfinite(loss)):
             self.optimizer.zero_grad(set_to_none=True)
-            raise DivergenceError(f"scene LoRA loss is {loss.item()} at LoRA step {self.steps}; lower the scene LoRA lr "
-                                  f"({self.config.lr}) or use float32/bf16", step=self.steps)
+            raise self.divergence(loss)
         self.optimizer.step()
         self.steps += 1
         return loss.detach()
+
+    def divergence(self, loss: torch.Tensor) -> DivergenceError:
+        """The error for a non-finite LoRA loss (raised by :meth:`train_step`, or by a caller that deferred the check)."""
+        return DivergenceError(f"scene LoRA loss is {float(loss.detach())} at LoRA step {self.steps}; lower the scene LoRA lr "
+                               f"({self.config.lr}) or use float32/bf16", step=self.steps)
 
     def parameters_to_train(self) -> List[torch.nn.Parameter]:
         """LoRA weights (inside the UNet) + camera MLP weights."""

@@ -44,6 +44,7 @@ class APFOGuidance(Guidance):
         return self.schedule.at(step, self.denoiser.sigma)
 
     def __call__(self, latents, embeds, camera, step: int) -> GuidanceOutput:
+        self.join()  # the scene model below reads the LoRA the last update's steps wrote
         x = latents.float()
         B = x.shape[0]
         t_i, t_next = self.timesteps(step)

@@ -13,12 +13,13 @@ Every method writes its update as a stop-gradient target (threestudio's formulat
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
 import torch
 
-from ..errors import check
+from ..errors import DivergenceError, check
 from ..seeding import derived_seed
 
 METHODS = ("apfo", "sds", "vsd")
@@ -95,6 +96,7 @@ class Guidance:
         check(self.total_updates >= 1, f"iterations={total_updates} must be >= 1")
         self.generator = torch.Generator(device=denoiser.device).manual_seed(derived_seed(seed, 0))
         self.scene = None
+        self._side, self._pending = None, False  # the LoRA steps' CUDA stream (fast path overlap_lora)
         if self.uses_scene_lora:
             from ..denoisers.scene import SceneDenoiser
 
@@ -131,11 +133,60 @@ class Guidance:
         """``0.5 * ||x - stopgrad(x_hat)||^2`` summed per view, averaged over views."""
         return 0.5 * (x - x_hat.detach()).pow(2).sum() / x.shape[0]
 
+    def _lora_stream(self, x: torch.Tensor) -> Optional["torch.cuda.Stream"]:
+        """The CUDA stream the LoRA steps run on when the fast path overlaps them (FastPathConfig.overlap_lora)."""
+        fast = getattr(self.denoiser, "fast_path", None)
+        if fast is None or not fast.config.overlap_lora or not x.is_cuda:
+            return None
+        if self._side is None:
+            self._side = torch.cuda.Stream(x.device)
+        return self._side
+
     def _train_lora(self, x: torch.Tensor, embeds, camera, t: Optional[torch.Tensor]):
+        """``lora_steps_per_update`` LoRA steps; returns the last loss, or the first non-finite one. With a fused
+        optimiser the steps make no host sync (``defer_check``): :meth:`check_finite` then does it.
+
+        With the fast path's ``overlap_lora`` the steps are queued on a second CUDA stream: they read only the
+        detached latents and write only the LoRA, so the GPU runs them alongside the scene's backward (the
+        render and VAE gradients). :meth:`join` orders the main stream after them; every reader of the LoRA
+        (the next update's scene prediction, :meth:`check_finite`, the state, ``close``) joins first."""
+        side = self._lora_stream(x)
+        if side is not None:
+            main = torch.cuda.current_stream(x.device)
+            side.wait_stream(main)
+            for tensor in (x, t, camera, *(v for v in vars(embeds).values() if torch.is_tensor(v))):
+                if torch.is_tensor(tensor) and tensor.is_cuda:
+                    tensor.record_stream(side)  # freed on the main stream while the LoRA may still read it
         loss = None
-        for _ in range(self.config.lora_steps_per_update):
-            loss = self.scene.train_step(x.detach(), embeds, camera, t=t, generator=self.generator)
+        with (torch.cuda.stream(side) if side is not None else nullcontext()):
+            for _ in range(self.config.lora_steps_per_update):
+                step_loss = self.scene.train_step(x.detach(), embeds, camera, t=t, generator=self.generator,
+                                                   defer_check=True)
+                loss = step_loss if loss is None else torch.where(torch.isfinite(loss), step_loss, loss)
+        if side is not None:
+            if loss is not None:
+                loss.record_stream(main)
+            self._pending = True
         return loss
+
+    def join(self) -> None:
+        """Order the current stream after the LoRA steps queued on the side stream (no host sync)."""
+        if self._pending:
+            torch.cuda.current_stream(self._side.device).wait_stream(self._side)
+            self._pending = False
+
+    def check_finite(self, loss: torch.Tensor, log: Dict[str, object]) -> None:
+        """One host sync: raise DivergenceError if the scene ``loss`` or this update's LoRA loss is not finite."""
+        self.join()
+        lora_loss = log.get("lora_loss")
+        ok = torch.isfinite(loss)
+        if torch.is_tensor(lora_loss):
+            ok = ok & torch.isfinite(lora_loss)
+        if bool(ok):
+            return
+        if torch.is_tensor(lora_loss) and not bool(torch.isfinite(lora_loss)) and self.scene is not None:
+            raise self.scene.divergence(lora_loss)  # its optimiser step was skipped on the device
+        raise DivergenceError("non-finite loss", step=None)
 
     # -- interface ------------------------------------------------------------------------------
     def __call__(self, latents: torch.Tensor, embeds, camera: Optional[torch.Tensor], step: int) -> GuidanceOutput:
@@ -144,14 +195,17 @@ class Guidance:
 
     def state_tensors(self) -> Dict[str, torch.Tensor]:
         """Tensors needed to resume (the scene LoRA), empty for SDS."""
+        self.join()
         return {} if self.scene is None else self.scene.state_tensors()
 
     def load_state_tensors(self, tensors: Dict[str, torch.Tensor]) -> None:
+        self.join()
         if self.scene is not None and tensors:
             self.scene.load_state_tensors(tensors)
 
     def close(self) -> None:
         """Remove the scene LoRA from the shared UNet (restores it exactly as loaded)."""
+        self.join()
         if self.scene is not None:
             self.scene.remove()
             self.scene = None

@@ -21,6 +21,7 @@ class VSDGuidance(Guidance):
     uses_scene_lora = True
 
     def __call__(self, latents, embeds, camera, step: int) -> GuidanceOutput:
+        self.join()  # the scene model below reads the LoRA the last update's steps wrote
         x = latents.float()
         B = x.shape[0]
         t = self._random_t(B)

@@ -102,26 +102,21 @@ def level_layout(cfg: HashGridConfig):
 LevelSpec = Tuple[int, int, int, bool]  # (resolution, entries T_l, offset, hashed), Python ints: static per config
 
 
-def hash_grid_torch(x: torch.Tensor, table: torch.Tensor, scale: torch.Tensor,
-                    levels: Sequence[LevelSpec]) -> torch.Tensor:
-    """Encode points with the hash grid in plain torch.
+def grid_corners(x: torch.Tensor, scale: torch.Tensor, levels: Sequence[LevelSpec]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Table rows and trilinear weights of the 8 cell corners of each point at each level (tcnn semantics).
 
-    Positions, weights and the table gather are vectorised over points and levels; only the integer
-    index maths loops over the (<= 32) levels, branching on each level's *static* kind (dense or
-    hashed, fixed by the config), so ``torch.compile(fullgraph=True)`` traces it and each level does
+    Only the integer index maths loops over the (<= 32) levels, branching on each level's *static* kind
+    (dense or hashed, fixed by the config), so ``torch.compile(fullgraph=True)`` traces it and each level does
     only the arithmetic it needs (2x faster on CPU than computing both kinds for every level).
 
-    Args:
-        x: [N, 3] float32 in [0, 1] (clamped by the caller).
-        table: [total, F] float parameters (tcnn layout).
-        scale: [L] float32 per-level scales; levels: L tuples from :func:`level_specs`.
-    Returns:
-        [N, L * F] features, level-major (columns l*F .. l*F+F-1 belong to level l), dtype of ``table``.
+    Args: x [N, 3] float32 in [0, 1]; scale [L] float32; levels: L tuples from :func:`level_specs`.
+    Returns: ``index`` [N, L, 8] int64 rows of the [total, F] table, ``w`` [N, L, 8] weights (float32,
+        differentiable in x: d frac / dx = scale, tcnn's dy_dx).
     """
     N, L = x.shape[0], scale.shape[0]
     pos = x[:, None, :] * scale[None, :, None] + 0.5  # [N, L, 3]
     pos_floor = torch.floor(pos)
-    frac = pos - pos_floor  # differentiable in x: d frac / dx = scale (tcnn's dy_dx)
+    frac = pos - pos_floor
     grid = pos_floor.to(torch.int64)
     # Corner quantities separate per dimension: build [N, 2] tables (bit 0 / 1 of that dimension) and
     # combine them by broadcasting to [N, 2(z), 2(y), 2(x)]; flattened, corner c = 4 b_z + 2 b_y + b_x
@@ -144,10 +139,65 @@ def hash_grid_torch(x: torch.Tensor, table: torch.Tensor, scale: torch.Tensor,
     # trilinear weights prod_d (frac_d if bit else 1 - frac_d), same broadcast
     wx, wy, wz = (torch.stack([1 - frac[:, :, d], frac[:, :, d]], dim=-1) for d in range(3))  # [N, L, 2]
     w = (wx[:, :, None, None, :] * wy[:, :, None, :, None]) * wz[:, :, :, None, None]  # [N, L, 2, 2, 2]
+    return index, w.reshape(N, L, 8)
+
+
+def hash_grid_torch(x: torch.Tensor, table: torch.Tensor, scale: torch.Tensor,
+                    levels: Sequence[LevelSpec]) -> torch.Tensor:
+    """Encode points with the hash grid in plain torch (vectorised over points and levels).
+
+    Args:
+        x: [N, 3] float32 in [0, 1] (clamped by the caller).
+        table: [total, F] float parameters (tcnn layout).
+        scale: [L] float32 per-level scales; levels: L tuples from :func:`level_specs`.
+    Returns:
+        [N, L * F] features, level-major (columns l*F .. l*F+F-1 belong to level l), dtype of ``table``.
+    """
+    N, L = x.shape[0], scale.shape[0]
+    index, w = grid_corners(x, scale, levels)
     # index_select's backward (index_add) measured 7x faster on CPU than embedding's (2 cores, 65k points)
     feats = table.index_select(0, index.reshape(-1)).view(N, L, 8, table.shape[1])  # [N, L, 8, F]
-    out = (w.reshape(N, L, 8, 1).to(feats.dtype) * feats).sum(dim=2)  # [N, L, F]
+    out = (w[..., None].to(feats.dtype) * feats).sum(dim=2)  # [N, L, F]
     return out.reshape(N, L * table.shape[1])
+
+
+def hash_grid_table_grad(x: torch.Tensor, grad_out: torch.Tensor, scale: torch.Tensor,
+                         levels: Sequence[LevelSpec], total: int, n_features: int) -> torch.Tensor:
+    """The gradient of :func:`hash_grid_torch`'s output w.r.t. the table, recomputing the corners from ``x``.
+
+    ``grad_table[index[n, l, c]] += w[n, l, c] * grad_out[n, l]`` (what autograd's index_add computes, without
+    keeping index / w alive between the forward and the backward). Returns [total, F] in ``grad_out.dtype``.
+    """
+    N, L = x.shape[0], scale.shape[0]
+    index, w = grid_corners(x, scale, levels)
+    vals = w[..., None].to(grad_out.dtype) * grad_out.reshape(N, L, 1, n_features)  # [N, L, 8, F]
+    grad = torch.zeros(total, n_features, device=grad_out.device, dtype=grad_out.dtype)
+    return grad.index_add_(0, index.reshape(-1), vals.reshape(-1, n_features))
+
+
+class _RecomputedGrid(torch.autograd.Function):
+    """Hash grid encoding whose backward recomputes the corner indices and weights from the saved points.
+
+    Autograd through :func:`hash_grid_torch` keeps ``index`` (int64) and ``w`` for every point, level and corner
+    -- 16 levels x 8 corners x 12 bytes ~ 1.5 KB per point, gigabytes at a NeRF stage's millions of samples.
+    Here only the points are kept (12 bytes each), as tiny-cuda-nn does. For inputs that do not need gradients
+    (ray samples); the table's gradient is the only one returned.
+    """
+
+    @staticmethod
+    def forward(ctx, x, table, scale, levels, encode, table_grad):
+        ctx.save_for_backward(x, scale)
+        ctx.levels, ctx.table_grad, ctx.table_shape = levels, table_grad, tuple(table.shape)
+        return encode(x, table, scale, levels)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if not ctx.needs_input_grad[1]:
+            return None, None, None, None, None, None
+        x, scale = ctx.saved_tensors
+        total, n_features = ctx.table_shape
+        grad = ctx.table_grad(x, grad_out.contiguous(), scale, ctx.levels, total, n_features)
+        return None, grad, None, None, None, None
 
 
 def level_specs(cfg: HashGridConfig) -> Tuple[LevelSpec, ...]:
@@ -179,7 +229,7 @@ class HashGrid(nn.Module):
         self.levels = level_specs(cfg)
         self.backend = pick("hashgrid", cfg.backend)
         self._tcnn = None  # built on the first CUDA forward (native objects neither copy nor pickle)
-        self._compiled = None  # torch.compile(hash_grid_torch), made on the first CUDA forward
+        self._compiled = None  # compiled (hash_grid_torch, hash_grid_table_grad), made on the first CUDA forward
 
     def _make_tcnn(self):
         from ..render.backends import tinycudann
@@ -198,17 +248,26 @@ class HashGrid(nn.Module):
         return self.params.view(self.total_entries, self.config.n_features_per_level)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x [N, 3] float in [0, 1]. Returns: [N, L * F] float32 (differentiable in x and params)."""
+        """Args: x [N, 3] float in [0, 1]. Returns: [N, L * F] float32 (differentiable in x and params).
+
+        When ``x`` needs no gradient (ray samples) and the table does, the torch path keeps only ``x`` for the
+        backward and recomputes the corners there (:class:`_RecomputedGrid`); otherwise (analytic normals, mesh
+        positions) autograd differentiates :func:`hash_grid_torch` itself.
+        """
         x = x.float().clamp(0.0, 1.0)
         if self.backend == "cuda" and x.is_cuda:
             if self._tcnn is None:
                 self._tcnn = self._make_tcnn()
             return self._tcnn(x).float()
+        encode, table_grad = hash_grid_torch, hash_grid_table_grad
         if self.config.compile and x.is_cuda:
             if self._compiled is None:
-                self._compiled = torch.compile(hash_grid_torch, dynamic=True)
-            return self._compiled(x, self.table, self.scale, self.levels)
-        return hash_grid_torch(x, self.table, self.scale, self.levels)
+                self._compiled = (torch.compile(hash_grid_torch, dynamic=True),
+                                  torch.compile(hash_grid_table_grad, dynamic=True))
+            encode, table_grad = self._compiled
+        if torch.is_grad_enabled() and self.params.requires_grad and not x.requires_grad:
+            return _RecomputedGrid.apply(x, self.table, self.scale, self.levels, encode, table_grad)
+        return encode(x, self.table, self.scale, self.levels)
 
     def __getstate__(self):
         # deepcopy / pickle: drop the native tcnn module; the copy rebuilds it around its own params

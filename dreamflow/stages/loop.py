@@ -127,9 +127,9 @@ def optimise(*, stage: str, denoiser, prompt: str, negative_prompt: str, config,
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     # One host sync per update, after the backward is queued (the GPU stays busy meanwhile) and
-                    # before the step: a non-finite loss never reaches the parameters.
-                    if not bool(torch.isfinite(loss)):
-                        raise DivergenceError("non-finite loss", step=step)
+                    # before the step: a non-finite loss never reaches the parameters. It covers the LoRA's loss
+                    # too (a fused LoRA optimiser skipped its own step on the device).
+                    guidance.check_finite(loss, out.log)
                 except DivergenceError as e:  # the scene loss, or the LoRA's (which counts its own steps)
                     log.extend(_log_row(s, l, g) for s, l, g in pending)
                     raise DivergenceError(

@@ -69,11 +69,12 @@ class FastPathConfig:
     """Queue the scene LoRA's training steps on a second CUDA stream, so they run alongside the scene's backward
     (they share no tensors until the next update's scene prediction, which waits for them; Guidance.join)."""
     vae_matmul_attention: bool = True
-    """Run the VAE's self-attention (one head of width 512 in the SD / SDXL VAEs' mid-blocks) as two cuBLAS
-    matmuls and a softmax (diffusers' ``AttnProcessor``, softmax in the VAE's dtype) instead of SDPA, for
-    bfloat16 / float32 VAEs: SDPA has no flash kernel for width 512, and the memory-efficient kernel's backward
-    took 96 of the 193 ms of the refiner's 2 x 1024 px encode + backward on an H100 (bench/RESULTS.md run 4).
-    Costs one [B, N, N] attention matrix (1 GiB at 2 x 1024 px). float16 VAEs keep SDPA (scores could overflow)."""
+    """Run the VAE's self-attention (one head of width 512 in the SD / SDXL VAEs' mid-blocks) as cuBLAS matmuls and a
+    softmax (:class:`MatmulAttention`) instead of SDPA: SDPA has no flash kernel for width 512, and the
+    memory-efficient kernel's backward took 96 of the 193 ms of the refiner's 2 x 1024 px encode + backward and
+    19 ms of a NeRF-stage update on an H100 (bench/RESULTS.md run 4). In the VAE's dtype, except float16 VAEs
+    (SD 2.1), which compute it in bfloat16 (float16 scores could overflow). Costs one [B, N, N] attention matrix
+    (1 GiB at 2 x 1024 px)."""
     compile: str = "blocks"
     """``torch.compile`` (default mode, static shapes) under the graphs: "blocks" compiles the UNet's repeated
     blocks (ResnetBlock2D, BasicTransformerBlock; regional compilation: each block class compiles once per
@@ -130,18 +131,46 @@ def compile_blocks(root: torch.nn.Module, mode: str, blocks: Tuple[str, ...] = C
     return mods
 
 
-def use_matmul_attention(vae: torch.nn.Module) -> List[Tuple[torch.nn.Module, object, bool]]:
-    """Switch every diffusers ``Attention`` of ``vae`` to ``AttnProcessor`` (baddbmm, softmax, bmm) with the softmax
-    in the VAE's dtype (FastPathConfig.vae_matmul_attention). Returns (module, old processor, old upcast_softmax)
-    triples to restore."""
-    from diffusers.models.attention_processor import Attention, AttnProcessor
+class MatmulAttention:
+    """A diffusers attention processor for the VAEs' spatial self-attention: ``softmax(scale q k^T) v`` as cuBLAS
+    matmuls (baddbmm, softmax, bmm) in ``compute_dtype`` (FastPathConfig.vae_matmul_attention). Anything else
+    (masks, cross-attention, spatial norms, 3-D inputs) goes to ``fallback``, the processor it replaced."""
+
+    def __init__(self, compute_dtype: torch.dtype, fallback):
+        self.compute_dtype = compute_dtype
+        self.fallback = fallback
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        if (encoder_hidden_states is not None or attention_mask is not None or attn.spatial_norm is not None
+                or hidden_states.ndim != 4):
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        B, C, H, W = hidden_states.shape
+        h = hidden_states.view(B, C, H * W).transpose(1, 2)  # [B, N, C] tokens
+        if attn.group_norm is not None:
+            h = attn.group_norm(h.transpose(1, 2)).transpose(1, 2)
+        q, k, v = (attn.head_to_batch_dim(f(h)).to(self.compute_dtype) for f in (attn.to_q, attn.to_k, attn.to_v))
+        scores = torch.baddbmm(q.new_empty(q.shape[0], q.shape[1], k.shape[1]), q, k.transpose(1, 2), beta=0,
+                               alpha=attn.scale)
+        out = torch.bmm(scores.softmax(dim=-1), v).to(h.dtype)
+        out = attn.to_out[1](attn.to_out[0](attn.batch_to_head_dim(out)))
+        out = out.transpose(1, 2).reshape(B, C, H, W)
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+def use_matmul_attention(vae: torch.nn.Module, compute_dtype: Optional[torch.dtype] = None) -> List[Tuple[torch.nn.Module, object]]:
+    """Give every diffusers ``Attention`` of ``vae`` a :class:`MatmulAttention` processor. ``compute_dtype``: the
+    VAE's dtype by default; float16 VAEs should pass bfloat16 (float16 scores could overflow). Returns (module,
+    old processor) pairs to restore with ``module.set_processor``."""
+    from diffusers.models.attention_processor import Attention
 
     saved = []
     for m in vae.modules():
         if isinstance(m, Attention):
-            saved.append((m, m.processor, m.upcast_softmax))
-            m.set_processor(AttnProcessor())
-            m.upcast_softmax = False
+            dtype = compute_dtype or next(m.parameters()).dtype
+            saved.append((m, m.processor))
+            m.set_processor(MatmulAttention(dtype, m.processor))
     return saved
 
 
@@ -310,17 +339,19 @@ class FastPath:
         self.compiled = compile_blocks(denoiser.unet, self.config.compile)
         if self.config.compile != "off" and self.config.compile_vae and not denoiser.cpu_offload:
             self.compiled += compile_blocks(denoiser.vae.encoder, "blocks", blocks=("ResnetBlock2D",))
-        self._vae_attention = (use_matmul_attention(denoiser.vae) if self.config.vae_matmul_attention
-                               and denoiser.vae_dtype in (torch.bfloat16, torch.float32) else [])
+        self._vae_attention = []
+        if self.config.vae_matmul_attention:  # float16 VAEs compute it in bfloat16 (same range as float32)
+            half = denoiser.vae_dtype == torch.float16
+            if not half or torch.cuda.is_bf16_supported():
+                self._vae_attention = use_matmul_attention(denoiser.vae, torch.bfloat16 if half else None)
 
     def close(self) -> None:
         """Drop the graphs, undo the compilation and the VAE attention switch (``Denoiser.disable_fast_path``)."""
         self.clear()
         uncompile(self.compiled)
         self.compiled = []
-        for module, processor, upcast in self._vae_attention:
+        for module, processor in self._vae_attention:
             module.set_processor(processor)
-            module.upcast_softmax = upcast
         self._vae_attention = []
 
     # ------------------------------------------------------------------ bookkeeping

@@ -71,10 +71,11 @@ class FastPathConfig:
     vae_matmul_attention: bool = True
     """Run the VAE's self-attention (one head of width 512 in the SD / SDXL VAEs' mid-blocks) as cuBLAS matmuls and a
     softmax (:class:`MatmulAttention`) instead of SDPA: SDPA has no flash kernel for width 512, and the
-    memory-efficient kernel's backward took 96 of the 193 ms of the refiner's 2 x 1024 px encode + backward and
-    19 ms of a NeRF-stage update on an H100 (bench/RESULTS.md run 4). In the VAE's dtype, except float16 VAEs
-    (SD 2.1), which compute it in bfloat16 (float16 scores could overflow). Costs one [B, N, N] attention matrix
-    (1 GiB at 2 x 1024 px)."""
+    memory-efficient kernel's backward took 96 of the 193 ms of the refiner's 2 x 1024 px encode + backward on an
+    H100 (bench/RESULTS.md run 4). For bfloat16 / float32 VAEs (the refiner's), in the VAE's dtype; float16 VAEs
+    (SD 2.1) keep SDPA: float16 scores could overflow, and bfloat16 maths for them (``use_matmul_attention(vae,
+    torch.bfloat16)``) is not measured on a GPU yet (their SDPA backward is 19 ms of a NeRF-stage update). Costs
+    one [B, N, N] attention matrix (1 GiB at 2 x 1024 px)."""
     compile: str = "blocks"
     """``torch.compile`` (default mode, static shapes) under the graphs: "blocks" compiles the UNet's repeated
     blocks (ResnetBlock2D, BasicTransformerBlock; regional compilation: each block class compiles once per
@@ -339,11 +340,8 @@ class FastPath:
         self.compiled = compile_blocks(denoiser.unet, self.config.compile)
         if self.config.compile != "off" and self.config.compile_vae and not denoiser.cpu_offload:
             self.compiled += compile_blocks(denoiser.vae.encoder, "blocks", blocks=("ResnetBlock2D",))
-        self._vae_attention = []
-        if self.config.vae_matmul_attention:  # float16 VAEs compute it in bfloat16 (same range as float32)
-            half = denoiser.vae_dtype == torch.float16
-            if not half or torch.cuda.is_bf16_supported():
-                self._vae_attention = use_matmul_attention(denoiser.vae, torch.bfloat16 if half else None)
+        self._vae_attention = (use_matmul_attention(denoiser.vae) if self.config.vae_matmul_attention
+                               and denoiser.vae_dtype in (torch.bfloat16, torch.float32) else [])
 
     def close(self) -> None:
         """Drop the graphs, undo the compilation and the VAE attention switch (``Denoiser.disable_fast_path``)."""

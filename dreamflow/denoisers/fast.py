@@ -82,7 +82,7 @@ class FastPathConfig:
     shape and is shared by its instances), "unet" the whole UNet, "off" none. Measured on an H100, SD 2.1
     CFG call 8 x 64^2 replayed: 25.7 ms plain, 20.4 ms "blocks", 19.4 ms "unet" (68 s to compile); refiner
     CFG 84.5 -> 69.1 ms "blocks" (bench/RESULTS.md run 3). Fuses GroupNorm + SiLU, residual adds and attention's
-    reshapes. The first use of a model in a process compiles for ~1.5-4 min (cold cache, measured)."""
+    reshapes. The first use of a model in a process compiles for ~2-5 min (cold cache, measured on an H100)."""
     compile_vae: bool = True
     """With ``compile`` on, also compile the VAE encoder's ResnetBlock2D blocks (the stages differentiate
     through the encoder every update; its GroupNorm + SiLU forward and backward are memory-bound in eager

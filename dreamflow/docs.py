@@ -20,10 +20,12 @@ NODES_BEGIN, NODES_END = "<!-- nodes:begin -->", "<!-- nodes:end -->"
 
 
 def _config_classes():
+    from .denoisers.fast import FastPathConfig
     from .denoisers.scene import SceneLoRAConfig
     from .export import ExportConfig
     from .guidance import GuidanceConfig
     from .render.cameras import CameraConfig
+    from .render.occupancy import OccupancyConfig
     from .render.shading import ShadingConfig
     from .render.volume import VolumeRenderConfig
     from .scene.hashgrid import HashGridConfig
@@ -32,8 +34,8 @@ def _config_classes():
     from .stages import ExtractConfig, MeshStageConfig, NeRFStageConfig, RefineConfig
 
     return [NeRFStageConfig, ExtractConfig, MeshStageConfig, RefineConfig, GuidanceConfig, SceneLoRAConfig,
-            CameraConfig, NeRFFieldConfig, HashGridConfig, BackgroundConfig, VolumeRenderConfig, ShadingConfig,
-            MeshModelConfig, ExportConfig]
+            CameraConfig, NeRFFieldConfig, HashGridConfig, BackgroundConfig, VolumeRenderConfig, OccupancyConfig,
+            ShadingConfig, MeshModelConfig, ExportConfig, FastPathConfig]
 
 
 def field_docs(cls) -> Dict[str, str]:

@@ -7,7 +7,7 @@ TOOLS  := .tools
 PROMPT ?= a red cube
 PYTEST_ARGS ?=
 
-.PHONY: test demo setup clean bench-cpu
+.PHONY: test demo setup clean bench-smoke gpu-test
 
 # The venv is (re)made when the requirements change. torch is installed only when none is
 # importable there: the CPU wheel 2.13.0 here; in ComfyUI, the user's torch is used as is.
@@ -29,8 +29,13 @@ test: setup
 demo: $(VENV)/.stamp
 	$(PY) -m dreamflow demo --prompt "$(PROMPT)"
 
-bench-cpu: setup
-	$(PY) bench/bench_cpu.py
+# The GPU benchmark's code end to end on the CPU with tiny models (seconds); on a GPU: python3 bench/bench_gpu.py.
+bench-smoke: $(VENV)/.stamp
+	$(PY) bench/bench_gpu.py --smoke --out .bench-smoke
+
+# On a CUDA machine with the requirements installed (e.g. `make gpu-test PY=python3`): the GPU-marked tests only.
+gpu-test:
+	$(PY) -m pytest -q -m gpu tests/test_fast_path.py tests/test_hashgrid.py tests/test_occupancy.py tests/test_volume.py tests/test_raster.py
 
 clean:
-	rm -rf $(VENV) $(TOOLS) .pytest_cache
+	rm -rf $(VENV) $(TOOLS) .pytest_cache .bench-smoke

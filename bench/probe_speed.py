@@ -153,7 +153,8 @@ def vae_profile(name, B, size, dtype):
 def vae_compile_probe(name, B, size, dtype, variants, profile_variants=(), out_dir=None):
     """VAE encode + backward under the ways it could be compiled (issue 6, stage 3's biggest piece):
     ``blocks`` = the fast path's default (the encoder's ResnetBlock2D compiled), ``encoder`` = the whole
-    encoder compiled; ``CL`` = channels_last weights and input (cuDNN's native layout for tensor-core convs; in
+    encoder compiled; ``mm`` = :class:`MatmulAttention` (bfloat16 maths for a float16 VAE); ``CL`` = channels_last
+    weights and input (cuDNN's native layout for tensor-core convs; in
     eager mode GroupNorm is slow there, compiled GroupNorm is not). Prints ms, peak GiB, compile seconds and,
     for ``profile_variants``, the top kernels (the whole table goes to ``out_dir``)."""
     from torch.profiler import ProfilerActivity, profile
@@ -179,6 +180,11 @@ def vae_compile_probe(name, B, size, dtype, variants, profile_variants=(), out_d
             mods = compile_blocks(vae.encoder, "unet")
         if "ckpt" in v:
             vae.enable_gradient_checkpointing()
+        attn = []
+        if "mm" in v.split():  # MatmulAttention; float16 VAEs compute it in bfloat16
+            from dreamflow.denoisers.fast import use_matmul_attention
+
+            attn = use_matmul_attention(vae, torch.bfloat16 if dtype == torch.float16 else None)
 
         def step():
             z = vae.encode(img).latent_dist.mean
@@ -192,13 +198,20 @@ def vae_compile_probe(name, B, size, dtype, variants, profile_variants=(), out_d
             peak_reset(dev)
             ms = median_ms(step, dev, 5, warmup=1)
             row(f"{name} VAE {B}x{size}^2 {str(dtype)[6:]} {v}", ms, f"peak {peak_gib(dev):.1f} GiB, first call {first:.0f} s")
+            img.grad = None
+            step()  # one clean gradient to compare
+            if v == variants[0]:
+                ref = img.grad.detach().clone()
+            else:
+                row(f"  input-gradient rel. diff vs {variants[0]}", float(
+                    (img.grad.double() - ref.double()).norm() / ref.double().norm()), "")
             if v in profile_variants:
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
                     step()
                     torch.cuda.synchronize()
                 table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=100)
                 if out_dir:
-                    with open(os.path.join(out_dir, f"vaeprof_{name}_{v}.txt"), "w") as f:
+                    with open(os.path.join(out_dir, f"vaeprof_{name}_{v.replace(' ', '-')}.txt"), "w") as f:
                         f.write(table)
                 ka = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:18]
                 for e in ka:
@@ -208,6 +221,8 @@ def vae_compile_probe(name, B, size, dtype, variants, profile_variants=(), out_d
         finally:
             if "ckpt" in v:
                 vae.disable_gradient_checkpointing()
+            for m, processor in attn:
+                m.set_processor(processor)
             uncompile(mods)
             torch._dynamo.reset()
             img.grad = None
@@ -262,7 +277,10 @@ def main():
     ap.add_argument("--only", default="unet,vae,field")
     ap.add_argument("--points", type=float, default=8e6)
     ap.add_argument("--vae-variants", default="blocks,blocks CL,encoder CL,blocks ckpt",
-                    help="vae2: comma-separated, from eager / blocks / encoder [+ CL] [+ ckpt]")
+                    help="vae2: comma-separated, from eager / blocks / encoder [+ CL] [+ ckpt] [+ mm]")
+    ap.add_argument("--vae-model", default="refiner", choices=["refiner", "sd21"],
+                    help="vae2: the refiner's VAE (2 x 1024 px bf16) or SD 2.1's (4 x 512 px fp16)")
+    ap.add_argument("--vae-profile", default="blocks", help="vae2: variants whose top kernels are printed")
     a = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     dev = torch.device("cuda")
@@ -273,8 +291,10 @@ def main():
     only = a.only.split(",")
     if "vae2" in only:
         out_dir = os.environ.get("OUT")
-        vae_compile_probe("sdxl-refiner", 2, 1024, torch.bfloat16,
-                          a.vae_variants.split(","), profile_variants=("blocks", "encoder CL"), out_dir=out_dir)
+        model, B, size, dtype = (("sd21-base", 4, 512, torch.float16) if a.vae_model == "sd21" else
+                                 ("sdxl-refiner", 2, 1024, torch.bfloat16))
+        vae_compile_probe(model, B, size, dtype, a.vae_variants.split(","),
+                          profile_variants=tuple(a.vae_profile.split(",")), out_dir=out_dir)
     if "vaeprof" in only:
         vae = vae_profile("sdxl-refiner", 2, 1024, torch.bfloat16)
         vae_probe(vae, "refiner", 2, 1024)

@@ -241,7 +241,7 @@ def test_deferred_check_skips_the_step_on_the_device_and_the_guidance_check_rais
     assert all(torch.equal(v, before[k]) for k, v in scene.state_tensors().items())
     for p, st in scene.optimizer.state.items():
         assert all(torch.equal(v, moments[id(p)][k]) for k, v in st.items())
-    with pytest.raises(DivergenceError, match="scene LoRA loss is nan"):
+    with pytest.raises(DivergenceError, match="scene LoRA loss is nan at LoRA step 2;"):
         guidance.check_finite(torch.tensor(1.0), {"lora_loss": loss})
     with pytest.raises(DivergenceError, match="non-finite loss"):
         guidance.check_finite(torch.tensor(float("inf")), {"lora_loss": torch.tensor(0.5)})

@@ -209,7 +209,8 @@ class SceneDenoiser(torch.nn.Module):
         """One AdamW step on || output(x_t, t) - target ||^2, target = noise (eps models) or v (v-prediction).
 
         Host syncs: exactly one, the finiteness check of the loss, made after the backward is queued (the
-        dropout coin is applied on the device and the loss is returned as a tensor).
+        dropout coin is applied on the device and the loss is returned as a tensor); none with ``defer_check``
+        and a fused optimiser.
 
         Args:
             x0: clean latents of the current renders [B, C, h, w]; detached (the scene model must not push
@@ -274,10 +275,12 @@ class SceneDenoiser(torch.nn.Module):
         self.steps += 1
         return loss.detach()
 
-    def divergence(self, loss: torch.Tensor) -> DivergenceError:
-        """The error for a non-finite LoRA loss (raised by :meth:`train_step`, or by a caller that deferred the check)."""
-        return DivergenceError(f"scene LoRA loss is {float(loss.detach())} at LoRA step {self.steps}; lower the scene LoRA lr "
-                               f"({self.config.lr}) or use float32/bf16", step=self.steps)
+    def divergence(self, loss: torch.Tensor, step: Optional[int] = None) -> DivergenceError:
+        """The error for a non-finite LoRA loss at LoRA step ``step`` (default: the next one), raised by
+        :meth:`train_step` or by a caller that deferred the check."""
+        step = self.steps if step is None else step
+        return DivergenceError(f"scene LoRA loss is {float(loss.detach())} at LoRA step {step}; lower the scene LoRA lr "
+                               f"({self.config.lr}) or use float32/bf16", step=step)
 
     def parameters_to_train(self) -> List[torch.nn.Parameter]:
         """LoRA weights (inside the UNet) + camera MLP weights."""

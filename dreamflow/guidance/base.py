@@ -185,7 +185,8 @@ class Guidance:
         if bool(ok):
             return
         if torch.is_tensor(lora_loss) and not bool(torch.isfinite(lora_loss)) and self.scene is not None:
-            raise self.scene.divergence(lora_loss)  # its optimiser step was skipped on the device
+            # the last step was counted, but the fused optimiser skipped it on the device
+            raise self.scene.divergence(lora_loss, step=self.scene.steps - 1)
         raise DivergenceError("non-finite loss", step=None)
 
     # -- interface ------------------------------------------------------------------------------

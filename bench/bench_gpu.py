@@ -666,11 +666,15 @@ def options_refiner(d, res, guarded, device, smoke, warmup, iters, load) -> None
         d.vae.to(dtype)
         d.vae_dtype = dtype
         old_ckpt = d.vae_checkpointing
-        if checkpointing != "large":  # True / False for every encode ("large": the default's per-size choice)
-            d.vae.enable_gradient_checkpointing() if checkpointing else d.vae.disable_gradient_checkpointing()
-        elif not old_ckpt:
-            d.vae.enable_gradient_checkpointing()
-        d.vae_checkpointing = checkpointing
+
+        def set_checkpointing(value):  # True / False for every encode; "large": encode_images decides per size
+            if value:
+                d.vae.enable_gradient_checkpointing()
+            else:
+                d.vae.disable_gradient_checkpointing()
+            d.vae_checkpointing = value
+
+        set_checkpointing(checkpointing)
         try:
             with torch.no_grad():
                 err = rel_err(d.encode_images(img, sample=False), z32)
@@ -679,8 +683,7 @@ def options_refiner(d, res, guarded, device, smoke, warmup, iters, load) -> None
             out["vae_dtype"] = str(dtype)
             return out
         finally:
-            d.vae_checkpointing = old_ckpt
-            d.vae.enable_gradient_checkpointing() if old_ckpt else d.vae.disable_gradient_checkpointing()
+            set_checkpointing(old_ckpt)
             d.vae.to(old)
             d.vae_dtype = old
 

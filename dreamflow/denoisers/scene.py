@@ -260,18 +260,17 @@ class SceneDenoiser(torch.nn.Module):
         # Queue the backward before the one host sync of the step (the finiteness check), so the GPU is
         # busy with it while the host waits; the step itself only runs on a finite loss.
         loss.backward()
-        if defer_check and self.optimizer.defaults.get("fused"):
-            self.optimizer.found_inf = (~torch.isfinite(loss.detach())).float()  # 1: the fused kernel skips the step
-            try:
-                self.optimizer.step()
-            finally:
-                self.optimizer.found_inf = None
-            self.steps += 1
-            return loss.detach()
-        if not bool(torch.isfinite(loss)):
+        on_device = defer_check and self.optimizer.defaults.get("fused")
+        if on_device:  # 1: the fused kernel skips the step
+            self.optimizer.found_inf = (~torch.isfinite(loss.detach())).float()
+        elif not bool(torch.isfinite(loss)):
             self.optimizer.zero_grad(set_to_none=True)
             raise self.divergence(loss)
-        self.optimizer.step()
+        try:
+            self.optimizer.step()
+        finally:
+            if on_device:
+                self.optimizer.found_inf = None
         self.steps += 1
         return loss.detach()
 

@@ -154,7 +154,7 @@ class Guidance:
         if side is not None:
             main = torch.cuda.current_stream(x.device)
             side.wait_stream(main)
-            for tensor in (x, t, camera, *(v for v in vars(embeds).values() if torch.is_tensor(v))):
+            for tensor in (x, t, camera, *vars(embeds).values()):
                 if torch.is_tensor(tensor) and tensor.is_cuda:
                     tensor.record_stream(side)  # freed on the main stream while the LoRA may still read it
         loss = None

@@ -365,6 +365,16 @@ def gpu_profile_summary(prof, updates: int, top: int = 12) -> Dict[str, object]:
             "top_kernels": [(k[:90], t / 1e6 / updates, n / updates) for k, (t, n) in rows]}
 
 
+def print_profile(stage: str, out: Dict[str, object]) -> None:
+    """One stage's profile (:func:`gpu_profile_summary`) as a few lines."""
+    pr = out.get("profile", {})
+    print(f"  profile {stage}: wall {out['ms_per_update']:.1f} ms/update, GPU busy "
+          f"{pr.get('gpu_busy_ms_per_update', float('nan')):.1f} ms "
+          f"({pr.get('busy_fraction', float('nan')):.0%} of its span)", flush=True)
+    for k, ms, n in pr.get("top_kernels", []):
+        print(f"    {ms:7.2f} ms {n:6.1f}x  {k}", flush=True)
+
+
 def run_stage(stage: str, d, variant: Dict[str, object], device: torch.device, smoke: bool, warmup: int,
               iters: int, acc: Optional[Dict[str, float]] = None, profile: bool = False) -> Dict[str, object]:
     """Run the real stage for warmup + iters updates; time the last ``iters`` (host clock after a sync).
@@ -610,25 +620,16 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
             if name == "options":
                 options_refiner(d, res, guarded, device, smoke, warmup, iters, load)
                 continue
-            if name.startswith("pf:"):
-                variant = VARIANTS_BY_STAGE[stage][name[3:]]
-                out = guarded(f"profile {stage} {name[3:]}", lambda: run_stage(
-                    stage, d, variant, device, smoke, 1, 3, profile=True))
+            mode, _, vname = name.rpartition(":")
+            if mode:  # "bd": synced per-piece timers, "pf": CUDA profile; 3 updates after 1
+                key = {"bd": "breakdown", "pf": "profile"}[mode]
+                variant = VARIANTS_BY_STAGE[stage][vname]
+                out = guarded(f"{key} {stage} {vname}", lambda: run_stage(
+                    stage, d, variant, device, smoke, 1, 3, acc={} if mode == "bd" else None, profile=mode == "pf"))
                 if out:
-                    res.setdefault("profile", {}).setdefault(stage, {})[name[3:]] = out
-                    pr = out.get("profile", {})
-                    print(f"  profile {stage}: wall {out['ms_per_update']:.1f} ms/update, GPU busy "
-                          f"{pr.get('gpu_busy_ms_per_update', float('nan')):.1f} ms "
-                          f"({pr.get('busy_fraction', float('nan')):.0%} of its span)", flush=True)
-                    for k, ms, n in pr.get("top_kernels", []):
-                        print(f"    {ms:7.2f} ms {n:6.1f}x  {k}", flush=True)
-                continue
-            if name.startswith("bd:"):
-                variant = VARIANTS_BY_STAGE[stage][name[3:]]
-                out = guarded(f"breakdown {stage} {name[3:]}", lambda: run_stage(
-                    stage, d, variant, device, smoke, 1, 3, acc={}))
-                if out:
-                    res["breakdown"].setdefault(stage, {})[name[3:]] = out
+                    res.setdefault(key, {}).setdefault(stage, {})[vname] = out
+                    if mode == "pf":
+                        print_profile(stage, out)
                 continue
             variant = VARIANTS_BY_STAGE[stage][name]
             out = guarded(f"stage {stage} {name}", lambda: run_stage(stage, d, variant, device, smoke, warmup, iters))

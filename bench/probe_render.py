@@ -1,6 +1,6 @@
 """Stage-1 render alone on the GPU: 4 x 256 px, default NeRF field and sampling, forward + backward, with and
 without the occupancy grid (ms, peak GiB, occupied fraction). ``PYTHONPATH=. python bench/probe_render.py``"""
-import sys, time, torch
+import time, torch
 from dreamflow.scene.nerf import NeRFField
 from dreamflow.render.occupancy import OccupancyGrid
 from dreamflow.render.volume import render_volume, VolumeRenderConfig

@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional
 
 from .errors import DreamFlowError, DreamFlowInterrupted
@@ -101,8 +101,6 @@ def stage_configs(cfg: DemoConfig):
 
 def run_direct(prompt: str, cfg: DemoConfig, output_dir: str, log=print) -> str:
     """Route 2: call the stages; returns the GLB path (a turntable PNG is written beside it)."""
-    import torch
-
     from .denoisers import Denoiser
     from .export import ExportConfig, turntable_path
     from .hosting import comfy_progress

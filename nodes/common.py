@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from typing import Any, Dict, Iterator
 
 from dreamflow import hosting
-from dreamflow.errors import DreamFlowError, check
+from dreamflow.errors import check
 from dreamflow.guidance import METHODS  # the dropdown's order: DreamFlow's APFO first
 from dreamflow.runner.defs import DYNAMIC_LIST
 

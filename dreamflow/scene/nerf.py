@@ -8,7 +8,7 @@ the box [-radius, radius]^3 (+Y up, object facing +Z; see render/cameras.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn

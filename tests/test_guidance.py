@@ -54,10 +54,11 @@ def _latents(tiny_sd, b=2, seed=0):
 
 
 class _Spy:
-    """Stands in for the scene LoRA: a fixed prediction, records train_step calls."""
+    """Stands in for the scene LoRA: a fixed prediction, records the t of each LoRA step (train_step, or a
+    begin_step / finish pair: APFO's shared forward)."""
 
-    def __init__(self, fn):
-        self.fn, self.calls = fn, []
+    def __init__(self, fn, denoiser=None):
+        self.fn, self.calls, self.denoiser = fn, [], denoiser
 
     def eps(self, x_t, t, embeds, camera):
         return self.fn(x_t, t)
@@ -65,6 +66,19 @@ class _Spy:
     def train_step(self, x0, embeds, camera, t=None, generator=None, defer_check=False):
         self.calls.append(None if t is None else t.clone())
         return torch.tensor(0.0)
+
+    def begin_step(self, x0, embeds, camera, t=None, generator=None, noise=None):
+        spy = self
+        x_t = self.denoiser.add_noise(x0, noise, t)
+
+        class Step:
+            eps = spy.fn(x_t, t)
+
+            def finish(self, defer_check=False):
+                spy.calls.append(t.clone())
+                return torch.tensor(0.0)
+
+        return Step()
 
     def state_tensors(self):
         return {}
@@ -77,7 +91,7 @@ def test_apfo_target_matches_formula(tiny_sd):
     cfg = GuidanceConfig(method="apfo", cfg_scale=3.0, t_start=0.9, t_end=0.1, updates_per_t=2)
     g = make_guidance(tiny_sd, cfg, total_updates=8, seed=3)
     g.close()
-    g.scene = _Spy(lambda x_t, t: 0.25 * x_t)
+    g.scene = _Spy(lambda x_t, t: 0.25 * x_t, tiny_sd)
     x = _latents(tiny_sd).requires_grad_(True)
     embeds = tiny_sd.encode_prompt(["a red cube, front view", "a red cube, side view"])
     cam = torch.eye(4).flatten().expand(2, 16)
@@ -107,7 +121,7 @@ def test_apfo_target_is_x_when_scene_equals_pretrained(tiny_sd):
     g = make_guidance(tiny_sd, cfg, total_updates=4, seed=0)
     g.close()
     embeds = tiny_sd.encode_prompt(["a cube"] * 2)
-    g.scene = _Spy(lambda x_t, t: tiny_sd.predict_eps(x_t, t, embeds, 5.0))
+    g.scene = _Spy(lambda x_t, t: tiny_sd.predict_eps(x_t, t, embeds, 5.0), tiny_sd)
     x = _latents(tiny_sd)
     out = g(x, embeds, None, 0)
     torch.testing.assert_close(out.target, x, rtol=0, atol=1e-6)
@@ -130,6 +144,73 @@ def test_apfo_with_real_scene_lora_is_deterministic_and_restores_unet(tiny_sd):
     after = tiny_sd.unet.state_dict()
     assert set(after) == set(before)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _count_unet_calls(denoiser):
+    calls = []
+    handle = denoiser.unet.register_forward_hook(lambda m, inp, out: calls.append(inp[0].shape[0]))
+    return calls, handle
+
+
+@pytest.mark.parametrize("shares", [True, False])
+def test_apfo_shared_lora_forward_reads_eps_phi_before_the_step(tiny_sd, shares):
+    """lora_shares_noise: eps_scene is the LoRA's prediction at the target's x_t *before* this update's LoRA step,
+    the LoRA's loss is ||eps_phi(x_t) - eps||^2 at that same x_t, the step then changes the LoRA, and the update
+    runs 2 UNet calls (CFG + one scene forward) instead of 3. Without sharing: 3 calls, the same target."""
+    cfg = GuidanceConfig(method="apfo", t_start=0.9, t_end=0.2, lora_shares_noise=shares)
+    cfg.lora.camera_dropout = 0.0
+    cfg.lora.lr = 1e-2  # the LoRA moves visibly in 3 steps
+    embeds = tiny_sd.encode_prompt(["a red cube, front view"] * 2)
+    cam = torch.eye(4).flatten().expand(2, 16).clone()
+    g = make_guidance(tiny_sd, cfg, total_updates=8, seed=4)
+    try:
+        for s in range(3):  # B matrices leave zero: eps_phi differs from the pretrained model
+            g(_latents(tiny_sd, seed=s), embeds, cam, s)
+        x = _latents(tiny_sd, seed=9)
+        before = {k: v.clone() for k, v in g.scene.state_tensors().items()}
+        gen_state = g.generator.get_state()
+        calls, handle = _count_unet_calls(tiny_sd)
+        try:
+            out = g(x, embeds, cam, 3)
+        finally:
+            handle.remove()
+        after = g.scene.state_tensors()
+        assert any(not torch.equal(before[k], after[k]) for k in before)  # the LoRA stepped
+        # replay the draw against the LoRA as it was before the step
+        g.scene.load_state_tensors(before)
+        gen = torch.Generator().manual_seed(0)
+        gen.set_state(gen_state)
+        eps = torch.randn(x.shape, generator=gen)
+        t_i, t_next = g.schedule.at(3)
+        t = torch.full((2,), t_i)
+        x_t = tiny_sd.add_noise(x, eps, t)
+        with torch.no_grad():
+            eps_phi = g.scene.eps(x_t, t, embeds, cam).float()
+            eps_pre = tiny_sd.predict_eps(x_t, t, embeds, cfg.cfg_scale)
+        assert not torch.allclose(eps_phi, tiny_sd.predict_eps(x_t, t, embeds, 1.0), atol=1e-4)
+        delta = (tiny_sd.sigma(t) - tiny_sd.sigma(torch.full((2,), t_next))).view(2, 1, 1, 1)
+        torch.testing.assert_close(out.target, x - delta * (eps_pre - eps_phi), rtol=1e-5, atol=1e-5)
+        if shares:
+            assert float(out.log["lora_loss"]) == pytest.approx(float((eps_phi - eps).pow(2).mean()), rel=1e-5)
+        assert sorted(calls) == ([2, 4] if shares else [2, 2, 4])  # CFG batch 2B, scene forward(s) B
+    finally:
+        g.close()
+
+
+def test_apfo_shared_forward_is_joined_before_the_cfg_call(tiny_sd, monkeypatch):
+    """With lora_shares_noise the main stream takes eps_phi (waiting for the LoRA stream's forward) before the
+    pretrained CFG call is queued: the LoRA's forward graph and the CFG graph never replay side by side (doing so
+    hung an H100; graphs captured on one capture stream share cuBLAS's workspace)."""
+    order = []
+    g = make_guidance(tiny_sd, GuidanceConfig(method="apfo", lora_shares_noise=True), total_updates=2, seed=0)
+    try:
+        scene_eps, predict = g._scene_eps, tiny_sd.predict_eps
+        monkeypatch.setattr(g, "_scene_eps", lambda step: (order.append("join lora forward"), scene_eps(step))[1])
+        monkeypatch.setattr(tiny_sd, "predict_eps", lambda *a, **k: (order.append("cfg"), predict(*a, **k))[1])
+        g(_latents(tiny_sd), tiny_sd.encode_prompt(["a cube"] * 2), torch.eye(4).flatten().expand(2, 16), 0)
+    finally:
+        g.close()
+    assert order == ["join lora forward", "cfg"]
 
 
 # ---------------------------------------------------------------------------------------------- SDS / VSD

@@ -206,7 +206,8 @@ class SceneDenoiser(torch.nn.Module):
     def train_step(self, x0: torch.Tensor, embeds: PromptEmbeds, camera: Optional[torch.Tensor],
                    t: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
                    noise: Optional[torch.Tensor] = None, defer_check: bool = False) -> torch.Tensor:
-        """One AdamW step on || output(x_t, t) - target ||^2, target = noise (eps models) or v (v-prediction).
+        """One AdamW step on || output(x_t, t) - target ||^2, target = noise (eps models) or v (v-prediction):
+        ``begin_step(...).finish(defer_check)``.
 
         Host syncs: exactly one, the finiteness check of the loss, made after the backward is queued (the
         dropout coin is applied on the device and the loss is returned as a tensor); none with ``defer_check``
@@ -231,6 +232,16 @@ class SceneDenoiser(torch.nn.Module):
             DivergenceError when the loss is not finite; the LoRA and camera-MLP weights are then left as
             they were (no optimiser step) and their gradients cleared.
         """
+        return self.begin_step(x0, embeds, camera, t=t, generator=generator, noise=noise).finish(defer_check)
+
+    def begin_step(self, x0: torch.Tensor, embeds: PromptEmbeds, camera: Optional[torch.Tensor],
+                   t: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+                   noise: Optional[torch.Tensor] = None) -> "LoRAStep":
+        """The first half of :meth:`train_step` (same arguments): draw t, the noise and the dropout coin, run the
+        scene model's forward with autograd. The returned :class:`LoRAStep` holds the prediction, so a caller
+        that needs ``eps_phi`` at these very noisy latents (APFO with ``GuidanceConfig.lora_shares_noise``) reads
+        ``step.eps`` instead of running the UNet again, then calls ``step.finish()`` for the backward and the
+        optimiser step. No host sync."""
         self._check_alive()
         d = self.denoiser
         nb = d.device.type == "cuda"  # host -> device copies need no sync (pageable memory is staged first)
@@ -254,8 +265,14 @@ class SceneDenoiser(torch.nn.Module):
                 camera = torch.zeros_like(camera)
         x_t = d.add_noise(x0, noise, t)
         target = d.target(x0, noise, t)
-        out = self.output(x_t, t, embeds, camera)
-        loss = F.mse_loss(out.float(), target.float())
+        with torch.enable_grad():
+            out = self.output(x_t, t, embeds, camera)
+            loss = F.mse_loss(out.float(), target.float())
+        return LoRAStep(self, loss, out.detach(), x_t, t)
+
+    def _finish(self, loss: torch.Tensor, defer_check: bool) -> torch.Tensor:
+        """Backward and optimiser step of a :class:`LoRAStep` (see :meth:`train_step`)."""
+        self._check_alive()
         self.optimizer.zero_grad(set_to_none=True)
         # Queue the backward before the one host sync of the step (the finiteness check), so the GPU is
         # busy with it while the host waits; the step itself only runs on a finite loss.
@@ -333,3 +350,23 @@ class SceneDenoiser(torch.nn.Module):
     def _check_alive(self) -> None:
         if self._removed:
             raise DreamFlowError("this SceneDenoiser was removed; create a new one")
+
+
+class LoRAStep:
+    """One scene-LoRA training step between its forward and its backward (:meth:`SceneDenoiser.begin_step`).
+
+    Attributes:
+        eps: eps_phi(x_t, t, y, c) of the forward, detached, float32 [B, C, h, w]: the scene model's prediction
+            before this step's update, under the step's camera (zeros when the dropout coin fell).
+        x_t, t: the noisy latents and times it saw.
+    """
+
+    def __init__(self, scene: SceneDenoiser, loss: torch.Tensor, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
+        self.scene, self._loss, self.x_t, self.t = scene, loss, x_t, t
+        self.eps = scene.denoiser.eps_from_output(out, x_t, t).float()
+
+    def finish(self, defer_check: bool = False) -> torch.Tensor:
+        """Backward + AdamW step; returns the loss (see :meth:`SceneDenoiser.train_step`). Once only."""
+        check(self._loss is not None, "this LoRA step was already finished; begin a new one")
+        loss, self._loss = self._loss, None
+        return self.scene._finish(loss, defer_check)

@@ -18,6 +18,9 @@ eps_scene) to the text-conditioned data distribution (eps_pretrained), from sigm
 The gradient w.r.t. x is (sigma_i - sigma_{i+1}) (eps_pretrained - eps_scene): it moves the 3D model so
 that its renders take that step. The LoRA is trained on the current renders at the same t_i, so it
 tracks the scene as the scene moves. ``updates_per_t`` updates (on fresh random views) share each t_i.
+With ``GuidanceConfig.lora_shares_noise`` the LoRA's step uses the very x_t of the target, so one scene-model
+forward gives eps_scene and the LoRA's loss ||eps_phi(x_t) - eps||^2 (ProlificDreamer's Algorithm 1 draws once
+for both updates too); eps_scene is read before that step changes the LoRA.
 """
 
 from __future__ import annotations
@@ -51,13 +54,27 @@ class APFOGuidance(Guidance):
         t = self._t(t_i, B)
         sigma_i = self.denoiser.sigma(t)
         sigma_next = self.denoiser.sigma(self._t(t_next, B))
-        _, x_t, eps_pretrained = self._noisy_prediction(x, t, embeds)
+        begun = None
+        if self.config.lora_shares_noise and self.config.lora_steps_per_update > 0:
+            # One scene-model forward: eps_phi for the target and the first LoRA step's loss, at the same x_t.
+            with torch.no_grad():
+                eps = self._noise(x)
+                x_t = self.denoiser.add_noise(x.detach(), eps, t)
+            begun = self._begin_shared_lora(x, eps, t, embeds, camera)
+            # The main stream waits for that forward before the CFG call: two CUDA-graph replays side by side
+            # (the LoRA's forward graph and the CFG graph, captured on one capture stream) hung an H100.
+            eps_scene = self._scene_eps(begun)
+            with torch.no_grad():
+                eps_pretrained = self.denoiser.predict_eps(x_t, t, embeds, self.config.cfg_scale).float()
+        else:
+            _, x_t, eps_pretrained = self._noisy_prediction(x, t, embeds)
+            with torch.no_grad():
+                eps_scene = self.scene.eps(x_t, t, embeds, camera).float()
         with torch.no_grad():
-            eps_scene = self.scene.eps(x_t, t, embeds, camera).float()
             delta = (sigma_i - sigma_next).view(B, 1, 1, 1)
             x_hat = x.detach() - delta * (eps_pretrained - eps_scene)
         loss = self.target_loss(x, x_hat)
-        lora_loss = self._train_lora(x, embeds, camera, t)
+        lora_loss = self._train_lora(x, embeds, camera, t, begun=begun)
         log = {"t": t_i, "t_next": t_next, "sigma": sigma_i[0].detach(), "sigma_next": sigma_next[0].detach(),
                "grad_norm": (x.detach() - x_hat).flatten(1).norm(dim=1).mean(), "lora_loss": lora_loss}
         return GuidanceOutput(loss=loss, target=x_hat, log=log)

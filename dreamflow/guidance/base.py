@@ -54,6 +54,16 @@ class GuidanceConfig:
     """APFO/VSD: the scene LoRA (SceneLoRAConfig: rank 4, lr 1e-4, camera-conditioned; threestudio VSD)."""
     lora_steps_per_update: int = 1
     """APFO/VSD: LoRA optimiser steps per scene update (threestudio: 1)."""
+    lora_shares_noise: bool = False
+    """APFO: True = the update's first LoRA step trains on the same noisy latents x_t (same t_i, same eps) whose
+    scene prediction eps_phi enters the target, so one scene-model UNet forward serves both (ProlificDreamer's
+    Algorithm 1 updates the particle and the LoRA with one draw; eps_phi is still read before the LoRA step). It
+    saves one scene-model call per update (run 3 timed that call alone at 15 ms for SD 2.1 at 4 views, 48 ms for
+    the refiner at 2 views), but it has no stage timing on a GPU yet: the one attempt, which let the LoRA's forward
+    graph replay beside the CFG graph, hung an H100 from its second update (bench/RESULTS.md, run 5 attempt); the
+    two calls now run one after the other. With the camera-dropout coin fallen (camera_dropout, 10% of updates)
+    eps_phi is then the camera-free prediction. False (default, measured): the LoRA step draws fresh noise at the
+    same t_i and runs its own forward (threestudio's way)."""
 
     def validate(self) -> "GuidanceConfig":
         check(self.method in METHODS, f"guidance method '{self.method}' is unknown; use one of: {', '.join(METHODS)}")
@@ -142,30 +152,57 @@ class Guidance:
             self._side = torch.cuda.Stream(x.device)
         return self._side
 
-    def _train_lora(self, x: torch.Tensor, embeds, camera, t: Optional[torch.Tensor]):
+    def _begin_shared_lora(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, embeds, camera):
+        """APFO's ``lora_shares_noise``: the forward of the first LoRA step at the target's noise (a
+        :class:`~dreamflow.denoisers.scene.LoRAStep`; its ``eps`` is eps_phi at x_t), on the LoRA stream when the
+        fast path overlaps (autograd runs a backward on its forward's stream: the step's backward then overlaps
+        the scene's). Finish it with :meth:`_train_lora`, after reading ``step.eps`` through :meth:`_scene_eps`."""
+        side = self._to_lora_stream(x, (noise, t, camera, *vars(embeds).values()))
+        with (torch.cuda.stream(side) if side is not None else nullcontext()):
+            return self.scene.begin_step(x.detach(), embeds, camera, t=t, generator=self.generator, noise=noise)
+
+    def _scene_eps(self, step) -> torch.Tensor:
+        """``step.eps`` for the main stream (which waits for the LoRA stream's forward when there is one)."""
+        if self._side is not None and step.eps.is_cuda:
+            main = torch.cuda.current_stream(step.eps.device)
+            main.wait_stream(self._side)
+            step.eps.record_stream(main)
+        return step.eps
+
+    def _to_lora_stream(self, x: torch.Tensor, extra=()) -> Optional["torch.cuda.Stream"]:
+        """The LoRA stream after the main stream's work so far (None without overlap); the tensors it will read
+        are marked as used there (the main stream may free them while the LoRA still reads them)."""
+        side = self._lora_stream(x)
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            for tensor in (x, *extra):
+                if torch.is_tensor(tensor) and tensor.is_cuda:
+                    tensor.record_stream(side)
+        return side
+
+    def _train_lora(self, x: torch.Tensor, embeds, camera, t: Optional[torch.Tensor], begun=None):
         """``lora_steps_per_update`` LoRA steps; returns the last loss, or the first non-finite one. With a fused
         optimiser the steps make no host sync (``defer_check``): :meth:`check_finite` then does it.
 
         With the fast path's ``overlap_lora`` the steps are queued on a second CUDA stream: they read only the
         detached latents and write only the LoRA, so the GPU runs them alongside the scene's backward (the
         render and VAE gradients). :meth:`join` orders the main stream after them; every reader of the LoRA
-        (the next update's scene prediction, :meth:`check_finite`, the state, ``close``) joins first."""
-        side = self._lora_stream(x)
-        if side is not None:
-            main = torch.cuda.current_stream(x.device)
-            side.wait_stream(main)
-            for tensor in (x, t, camera, *vars(embeds).values()):
-                if torch.is_tensor(tensor) and tensor.is_cuda:
-                    tensor.record_stream(side)  # freed on the main stream while the LoRA may still read it
+        (the next update's scene prediction, :meth:`check_finite`, the state, ``close``) joins first.
+
+        ``begun``: a step from :meth:`_begin_shared_lora`, finished here as the first of the steps."""
+        side = self._to_lora_stream(x, (t, camera, *vars(embeds).values()))
         loss = None
         with (torch.cuda.stream(side) if side is not None else nullcontext()):
-            for _ in range(self.config.lora_steps_per_update):
-                step_loss = self.scene.train_step(x.detach(), embeds, camera, t=t, generator=self.generator,
-                                                   defer_check=True)
+            for i in range(self.config.lora_steps_per_update):
+                if i == 0 and begun is not None:
+                    step_loss = begun.finish(defer_check=True)
+                else:
+                    step_loss = self.scene.train_step(x.detach(), embeds, camera, t=t, generator=self.generator,
+                                                       defer_check=True)
                 loss = step_loss if loss is None else torch.where(torch.isfinite(loss), step_loss, loss)
         if side is not None:
             if loss is not None:
-                loss.record_stream(main)
+                loss.record_stream(torch.cuda.current_stream(x.device))
             self._pending = True
         return loss
 

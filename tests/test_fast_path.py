@@ -53,7 +53,7 @@ def test_fast_path_needs_cuda_and_valid_config(tiny_sd_path):
 
 def test_vae_matmul_attention_matches_sdpa_and_restores(tiny_sd_path):
     """FastPathConfig.vae_matmul_attention: the VAE's attention through baddbmm / softmax / bmm gives SDPA's latents
-    and image gradients (float32: to rounding; bfloat16 maths: within 2% / 5%); the returned pairs put the SDPA
+    and image gradients (float32: to rounding; bfloat16 / float16 maths: within 2% / 5%); the returned pairs put the SDPA
     processors back."""
     from dreamflow.denoisers.fast import use_matmul_attention
 
@@ -75,12 +75,13 @@ def test_vae_matmul_attention_matches_sdpa_and_restores(tiny_sd_path):
     torch.testing.assert_close(out[1], ref[1], rtol=1e-5, atol=1e-6)
     for m, processor in saved:
         m.set_processor(processor)
-    # bfloat16 maths inside a float32 VAE (what float16 VAEs get): close, not equal
-    saved = use_matmul_attention(den.vae, torch.bfloat16)
-    low = encode()
-    assert 0 < rel(low[0], ref[0]) < 2e-2 and rel(low[1], ref[1]) < 5e-2
-    for m, processor in saved:
-        m.set_processor(processor)
+    # bfloat16 (what float16 VAEs get) and float16 maths inside a float32 VAE: close, not equal
+    for dtype in (torch.bfloat16, torch.float16):
+        saved = use_matmul_attention(den.vae, dtype)
+        low = encode()
+        assert 0 < rel(low[0], ref[0]) < 2e-2 and rel(low[1], ref[1]) < 5e-2
+        for m, processor in saved:
+            m.set_processor(processor)
     assert {id(m): type(m.processor).__name__ for m in den.vae.modules() if hasattr(m, "processor")} == before
 
 
@@ -239,6 +240,41 @@ def test_graphed_cfg_prediction_matches_eager(which, request):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_graphs_have_own_capture_streams_and_survive_dropped_graphs(tiny_sd_path):
+    """A stage's scene-model graphs are dropped when it ends while the CFG graph lives on into the next stage
+    (one denoiser, several stages: the ComfyUI workflow). Each graph has its own capture stream, so dropping
+    some frees no cuBLAS workspace the others use (pytorch/pytorch#193402): the CFG graph still replays the
+    eager result."""
+    import gc
+
+    from dreamflow.guidance import GuidanceConfig, make_guidance
+
+    den = _cuda(tiny_sd_path)
+    x, t, e = _inputs(den, 2, 0)
+    with torch.no_grad():
+        ref = den.predict_eps(x, t, e, 7.5)
+        fast = den.enable_fast_path(EXACT)
+        first = den.predict_eps(x, t, e, 7.5)
+    cfg_graph = next(iter(fast._unet_graphs.graphs.values()))
+    for shares in (False, True):  # the scene-eps graph, then the shared LoRA forward
+        guidance = make_guidance(den, GuidanceConfig(method="apfo", lora_shares_noise=shares), total_updates=2, seed=0)
+        fast.prepare_guidance(guidance)
+        guidance(x, e, torch.eye(4, device="cuda").flatten().expand(2, 16), 0)
+        guidance.join()
+        scene_graphs = list(guidance.scene.output.graphs.graphs.values()) + list(guidance.scene.eps.graphs.graphs.values())
+        assert scene_graphs and all(g.capture_stream != cfg_graph.capture_stream for g in scene_graphs)
+        guidance.close()
+        del guidance, scene_graphs
+        gc.collect()
+        torch.cuda.synchronize()
+        with torch.no_grad():
+            again = den.predict_eps(x, t, e, 7.5)
+        assert rel(first, ref) <= 1e-3 and rel(again, ref) <= 1e-3
+    den.disable_fast_path()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_enabled_scene_lora_falls_back_to_eager(tiny_sd_path):
     den = _cuda(tiny_sd_path)
     x, t, e = _inputs(den, 2, 0)
@@ -262,9 +298,11 @@ def test_enabled_scene_lora_falls_back_to_eager(tiny_sd_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_apfo_targets_fast_match_eager_over_lora_steps(tiny_sd_path):
+@pytest.mark.parametrize("shares", [True, False])
+def test_apfo_targets_fast_match_eager_over_lora_steps(tiny_sd_path, shares):
     """Graphed pretrained + scene predictions and fused AdamW give the eager targets x_hat, step after step,
-    while the LoRA trains (the scene graphs read its weights in place)."""
+    while the LoRA trains (the scene graphs read its weights in place). With ``lora_shares_noise``
+    eps_phi comes from the LoRA step's graphed forward on the side stream, else from the scene-eps graph."""
     from dreamflow.denoisers.fast import GraphedSceneEps, GraphedSceneOutput
     from dreamflow.guidance import GuidanceConfig, make_guidance
 
@@ -273,7 +311,7 @@ def test_apfo_targets_fast_match_eager_over_lora_steps(tiny_sd_path):
     latents = torch.randn(2, 4, 8, 8, device="cuda", generator=g)
     cam = torch.randn(2, 16, device="cuda", generator=g)
     e = den.encode_prompt(["a red cube, front view", "a red cube, side view"])
-    cfg = GuidanceConfig(method="apfo", t_start=0.9, t_end=0.1, updates_per_t=1)
+    cfg = GuidanceConfig(method="apfo", t_start=0.9, t_end=0.1, updates_per_t=1, lora_shares_noise=shares)
     cfg.lora.lr = 1e-2  # large steps, so that stale LoRA weights in a graph would show
 
     def run(fast: bool):
@@ -292,7 +330,8 @@ def test_apfo_targets_fast_match_eager_over_lora_steps(tiny_sd_path):
 
     eager, moved, _ = run(False)
     fast, _, replays = run(True)
-    assert moved and replays == (4, 4)  # scene eps and the LoRA training forward/backward, once per update
+    # scene eps (unless shared) and the LoRA training forward/backward, once per update
+    assert moved and replays == ((0, 4) if shares else (4, 4))
     for step, (a, b) in enumerate(zip(fast, eager)):
         assert rel(a, b) <= 1e-2, f"update {step}"
     den.disable_fast_path()
@@ -392,9 +431,9 @@ def test_compiled_fast_path_matches_eager_within_fp16_tolerance(tiny_sd_path):
     fast = den.enable_fast_path()
     assert fast.config.compile == "blocks" and len(fast.compiled) > 0
     matmul = any(type(getattr(m, "processor", None)).__name__ == "MatmulAttention" for m in den.vae.modules())
-    assert matmul == (den.vae_dtype != torch.float16)  # float16 VAEs keep SDPA
+    assert matmul  # every VAE dtype, float16 too
     eps_f, tg_f = run()
-    z_f, dz_f = encode()  # compiled encoder blocks (+ matmul attention for bfloat16 / float32 VAEs)
+    z_f, dz_f = encode()  # compiled encoder blocks + matmul attention
     assert rel(eps_f, eps_e) <= 2e-2
     assert all(rel(a, b) <= 2e-2 for a, b in zip(tg_f, tg_e))
     assert rel(z_f, z_e) <= 2e-2 and rel(dz_f, dz_e) <= 5e-2

@@ -22,7 +22,10 @@ calls it). LoRA and camera-MLP weights change every update; the graphs read them
 Graph safety: static input buffers live outside the graphs' memory pool and are filled with ``copy_`` (which
 casts exactly like the eager ``.to(dtype)``); outputs are copied out right after each replay, so the no-grad
 graphs of one denoiser share one memory pool (the training graphs have their own: saved activations live
-from a forward replay to its backward). Nothing inside a captured call synchronises with the host. A call falls
+from a forward replay to its backward). Two graphs never replay side by side with a shared pool: the
+overlapped LoRA step (FastPathConfig.overlap_lora) replays only the training graphs on its stream, and every
+graph has a capture stream of its own (see ``_capture_stream_note``). Nothing inside a captured call
+synchronises with the host. A call falls
 back to the eager path (same result) whenever a graph would not be the same function: a scene LoRA enabled on
 the UNet, a forward hook on its time embedding, autocast active, inputs that need gradients, a stream capture
 in progress, or non-CUDA tensors. Graphs are recaptured when the UNet's weights move (``unload()``, ``.to``).
@@ -71,11 +74,12 @@ class FastPathConfig:
     vae_matmul_attention: bool = True
     """Run the VAE's self-attention (one head of width 512 in the SD / SDXL VAEs' mid-blocks) as cuBLAS matmuls and a
     softmax (:class:`MatmulAttention`) instead of SDPA: SDPA has no flash kernel for width 512, and the
-    memory-efficient kernel's backward took 96 of the 193 ms of the refiner's 2 x 1024 px encode + backward on an
-    H100 (bench/RESULTS.md run 4). For bfloat16 / float32 VAEs (the refiner's), in the VAE's dtype; float16 VAEs
-    (SD 2.1) keep SDPA: float16 scores could overflow, and bfloat16 maths for them (``use_matmul_attention(vae,
-    torch.bfloat16)``) is not measured on a GPU yet (their SDPA backward is 19 ms of a NeRF-stage update). Costs
-    one [B, N, N] attention matrix (1 GiB at 2 x 1024 px)."""
+    memory-efficient kernel's backward took 96 of the 193 ms of the refiner's 2 x 1024 px encode + backward and 19 ms
+    of every SD 2.1 NeRF / mesh update on an H100 (bench/RESULTS.md run 4). bfloat16 / float32 VAEs compute it in
+    their dtype, float16 VAEs (SD 2.1) in bfloat16: float16's range underflows the attention's small backward
+    gradients (real SD 2.1 VAE architecture, float32 weights, CPU: image-gradient error 1.6% with float16 maths, 0.07%
+    with bfloat16) and was slower (H100, 4 x 512 px encode + backward: SDPA 86.9 ms, float16 85.3, bfloat16 72.1).
+    Costs one [B, N, N] attention matrix (1 GiB at 2 x 1024 px)."""
     compile: str = "blocks"
     """``torch.compile`` (default mode, static shapes) under the graphs: "blocks" compiles the UNet's repeated
     blocks (ResnetBlock2D, BasicTransformerBlock; regional compilation: each block class compiles once per
@@ -162,8 +166,8 @@ class MatmulAttention:
 
 def use_matmul_attention(vae: torch.nn.Module, compute_dtype: Optional[torch.dtype] = None) -> List[Tuple[torch.nn.Module, object]]:
     """Give every diffusers ``Attention`` of ``vae`` a :class:`MatmulAttention` processor. ``compute_dtype``: the
-    VAE's dtype by default; float16 VAEs should pass bfloat16 (float16 scores could overflow). Returns (module,
-    old processor) pairs to restore with ``module.set_processor``."""
+    VAE's dtype by default; float16 VAEs should pass bfloat16 (FastPathConfig.vae_matmul_attention says why).
+    Returns (module, old processor) pairs to restore with ``module.set_processor``."""
     from diffusers.models.attention_processor import Attention
 
     saved = []
@@ -185,6 +189,13 @@ def uncompile(modules: List[torch.nn.Module]) -> None:
 # --------------------------------------------------------------------------------------------
 # A graph of one call at fixed shapes
 # --------------------------------------------------------------------------------------------
+#: _capture_stream_note: every graph here is captured on a capture stream of its own, not on
+#: ``torch.cuda.graph``'s one default capture stream. PyTorch keys cuBLAS workspaces by stream, so graphs
+#: captured on one stream share a workspace: replayed side by side they write it at once, and destroying one of
+#: them can free the workspace the others still use (pytorch/pytorch#193402). Here graphs are dropped while
+#: others live (a stage's scene-model graphs when the stage ends, LRU eviction), and an overlapped LoRA step may
+#: replay beside the main stream. Cost: one cuBLAS workspace per captured graph (a few MiB each).
+
 class _Graph:
     """One captured call ``fn(**inputs) -> Tensor`` with static input buffers.
 
@@ -208,7 +219,8 @@ class _Graph:
                 fn(**self.static)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(self.graph, pool=pool):
+        self.capture_stream = torch.cuda.Stream(device)  # its own: see _capture_stream_note
+        with torch.no_grad(), torch.cuda.graph(self.graph, pool=pool, stream=self.capture_stream):
             self.out = fn(**self.static)
 
     def __call__(self, inputs: Dict[str, Tensor]) -> Tensor:
@@ -340,8 +352,8 @@ class FastPath:
         self.compiled = compile_blocks(denoiser.unet, self.config.compile)
         if self.config.compile != "off" and self.config.compile_vae and not denoiser.cpu_offload:
             self.compiled += compile_blocks(denoiser.vae.encoder, "blocks", blocks=("ResnetBlock2D",))
-        self._vae_attention = (use_matmul_attention(denoiser.vae) if self.config.vae_matmul_attention
-                               and denoiser.vae_dtype in (torch.bfloat16, torch.float32) else [])
+        self._vae_attention = (use_matmul_attention(denoiser.vae, torch.bfloat16 if denoiser.vae_dtype == torch.float16
+                                                    else None) if self.config.vae_matmul_attention else [])
 
     def close(self) -> None:
         """Drop the graphs, undo the compilation and the VAE attention switch (``Denoiser.disable_fast_path``)."""
@@ -515,10 +527,11 @@ class _TrainGraphs:
             del out
         torch.cuda.current_stream(device).wait_stream(side)
         self.fwd, self.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        with torch.enable_grad(), torch.cuda.graph(self.fwd, pool=pool):
+        self.capture_stream = torch.cuda.Stream(device)  # its own: see _capture_stream_note
+        with torch.enable_grad(), torch.cuda.graph(self.fwd, pool=pool, stream=self.capture_stream):
             self.out = fn(**self.static)
         self.grad_out = torch.empty_like(self.out)
-        with torch.cuda.graph(self.bwd, pool=pool):
+        with torch.cuda.graph(self.bwd, pool=pool, stream=self.capture_stream):
             self.grads = torch.autograd.grad(self.out, params, grad_outputs=self.grad_out, allow_unused=True)
 
 

@@ -302,12 +302,16 @@ def stage_configs(stage: str, variant: Dict[str, object], smoke: bool, iteration
                       nerf=NeRFFieldConfig(grid=HashGridConfig(n_levels=4, log2_hashmap_size=10, base_resolution=8,
                                                                compile=bool(variant.get("compile")))),
                       render=VolumeRenderConfig(n_samples=12, n_importance=4))
-        return NeRFStageConfig(**kw)
-    cls = MeshStageConfig if stage == "mesh" else RefineConfig
-    kw = dict(iterations=iterations, backend=backend)
-    if smoke:
-        kw.update(views_per_update=2, resolution=24, denoise_resolution=16)
-    return cls(**kw)
+        cfg = NeRFStageConfig(**kw)
+    else:
+        cls = MeshStageConfig if stage == "mesh" else RefineConfig
+        kw = dict(iterations=iterations, backend=backend)
+        if smoke:
+            kw.update(views_per_update=2, resolution=24, denoise_resolution=16)
+        cfg = cls(**kw)
+    if variant.get("shared_lora"):
+        cfg.guidance.lora_shares_noise = True
+    return cfg
 
 
 def default_schedule(stage: str):
@@ -396,6 +400,8 @@ def run_stage(stage: str, d, variant: Dict[str, object], device: torch.device, s
         if step in (1, warmup, total):
             sync(device)
             marks[step] = time.perf_counter()
+            if step == 1:  # a cold compile can take minutes: say where the run is
+                print(f"  ({stage}: first update done after {marks[1] - t0:.1f} s)", flush=True)
         if step == warmup and acc is not None:
             acc.clear()
         if prof is not None and step == warmup:
@@ -405,7 +411,9 @@ def run_stage(stage: str, d, variant: Dict[str, object], device: torch.device, s
 
     cb = Callbacks(progress=progress, should_stop=lambda: False, preview_every=0)
     if variant.get("fast"):
-        d.enable_fast_path()
+        from dreamflow.denoisers.fast import FastPathConfig
+
+        d.enable_fast_path(FastPathConfig(compile="off") if variant.get("graphs_only") else None)
     else:
         d.disable_fast_path()
     mesh = sphere_state(device, smoke, bool(variant.get("compile"))) if stage != "nerf" else None
@@ -428,7 +436,8 @@ def run_stage(stage: str, d, variant: Dict[str, object], device: torch.device, s
            "timed_updates": iters}
     if acc is not None:
         ms_of = {k: v * 1e3 / iters for k, v in acc.items()}
-        ms_of["scene eps + rest of guidance"] = ms_of.get("guidance", 0.0) - ms_of.get("cfg unet", 0.0) - ms_of.get("lora step", 0.0)
+        ms_of["scene eps + rest of guidance"] = ms_of.get("guidance", 0.0) - sum(
+            ms_of.get(k, 0.0) for k in ("cfg unet", "lora fwd", "lora step"))
         ms_of["backward + optimiser + rest"] = ms - sum(ms_of.get(k, 0.0) for k in ("render", "vae encode", "guidance"))
         out["breakdown_ms"] = ms_of
     if prof is not None:
@@ -462,7 +471,8 @@ def breakdown(d, device: torch.device, acc: Dict[str, float]):
         return timed
 
     patches = [(nerf_stage, "render_volume", "render"), (mesh_render, "render_mesh", "render"),
-               (SceneDenoiser, "train_step", "lora step"), (APFOGuidance, "__call__", "guidance"),
+               (SceneDenoiser, "begin_step", "lora fwd"), (SceneDenoiser, "_finish", "lora step"),
+               (APFOGuidance, "__call__", "guidance"),
                (d, "encode_images", "vae encode"), (d, "predict_eps", "cfg unet")]
     # (object, attribute, value to restore; None = delete the instance attribute again)
     saved = [(obj, attr, None if obj is d else obj.__dict__[attr]) for obj, attr, _ in patches]
@@ -488,12 +498,22 @@ def projections(stage: str, ms: float, views: int) -> Dict[str, float]:
 # --------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------
+# "fast-shared": fast with GuidanceConfig(lora_shares_noise=True), one scene-model forward for the target and the
+# LoRA step (A/B of that option); "graphs" / "graphs-shared": the same pair without torch.compile anywhere (no cold
+# compile: a quick A/B on a fresh card)
+_GRAPHS = {"fast": True, "graphs_only": True}
 VARIANTS = {
-    "nerf": [("eager", {}), ("fast", {"compile": True, "fast": True}), ("+grid", {"compile": True})],
+    "nerf": [("eager", {}), ("fast", {"compile": True, "fast": True}), ("+grid", {"compile": True}),
+             ("fast-shared", {"compile": True, "fast": True, "shared_lora": True}),
+             ("graphs", _GRAPHS), ("graphs-shared", {**_GRAPHS, "shared_lora": True})],
     "mesh": [("eager", {}), ("fast", {"nvdiffrast": True, "compile": True, "fast": True}),
-             ("+nvdiffrast", {"nvdiffrast": True})],
+             ("+nvdiffrast", {"nvdiffrast": True}),
+             ("fast-shared", {"nvdiffrast": True, "compile": True, "fast": True, "shared_lora": True}),
+             ("graphs", {**_GRAPHS, "nvdiffrast": True}), ("graphs-shared", {**_GRAPHS, "nvdiffrast": True, "shared_lora": True})],
     "refine": [("eager", {}), ("fast", {"nvdiffrast": True, "compile": True, "fast": True}),
-               ("+nvdiffrast", {"nvdiffrast": True})],
+               ("+nvdiffrast", {"nvdiffrast": True}),
+               ("fast-shared", {"nvdiffrast": True, "compile": True, "fast": True, "shared_lora": True}),
+               ("graphs", {**_GRAPHS, "nvdiffrast": True}), ("graphs-shared", {**_GRAPHS, "nvdiffrast": True, "shared_lora": True})],
 }
 
 
@@ -587,10 +607,14 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
 
     # Phases keep the most important numbers first (a budget stop loses only extras) and one denoiser on the
     # card at a time (peak VRAM per stage is then what that stage needs).
-    plan = [("sd", True, [("nerf", "eager"), ("nerf", "fast"), ("mesh", "eager"), ("mesh", "fast"),
+    plan = [("sd", True, [("nerf", "graphs"), ("nerf", "graphs-shared"), ("mesh", "graphs"), ("mesh", "graphs-shared"),
+                          ("nerf", "eager"), ("nerf", "fast"), ("nerf", "fast-shared"), ("mesh", "eager"), ("mesh", "fast"),
+                          ("mesh", "fast-shared"),
                           ("nerf", "pf:fast"), ("mesh", "pf:fast"),
                           ("nerf", "bd:fast"), ("mesh", "bd:fast"), ("mesh", "bd:eager")]),
-            ("sdxl_refiner", True, [("refine", "eager"), ("refine", "fast"), ("refine", "pf:fast"), ("refine", "bd:fast"),
+            ("sdxl_refiner", True, [("refine", "graphs"), ("refine", "graphs-shared"),
+                                    ("refine", "eager"), ("refine", "fast"), ("refine", "fast-shared"), ("refine", "pf:fast"),
+                                    ("refine", "bd:fast"),
                                     ("refine", "bd:eager"), ("refine", "+nvdiffrast"), ("refine", "options")]),
             ("sd", False, [("nerf", "+grid"), ("mesh", "+nvdiffrast")])]
     for kind, pieces, tasks in plan:
@@ -763,10 +787,10 @@ def print_table(res: Dict[str, object]) -> None:
               f"{r['reference_s'] / 60 if 'reference_s' in r else float('nan'):>8.2f} "
               f"{r['default_s'] / 60 if 'default_s' in r else float('nan'):>8.2f} {r['first_update_s']:>9.1f}")
     if res["breakdown"]:
-        keys = ["render", "vae encode", "cfg unet", "scene eps + rest of guidance", "lora step",
+        keys = ["render", "vae encode", "cfg unet", "lora fwd", "scene eps + rest of guidance", "lora step",
                 "backward + optimiser + rest"]
         print("\nper-update breakdown, ms (synced timers, 3 updates: attribution only)")
-        print(f"{'stage':<7} {'variant':<8} {'total':>7} " + " ".join(f"{k.split(' ')[0][:9]:>9}" for k in keys))
+        print(f"{'stage':<7} {'variant':<8} {'total':>7} " + " ".join(f"{' '.join(k.split(' ')[:2])[:9]:>9}" for k in keys))
         for stage, runs in res["breakdown"].items():
             for name, r in runs.items():
                 b = r["breakdown_ms"]

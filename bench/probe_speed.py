@@ -153,7 +153,8 @@ def vae_profile(name, B, size, dtype):
 def vae_compile_probe(name, B, size, dtype, variants, profile_variants=(), out_dir=None):
     """VAE encode + backward under the ways it could be compiled (issue 6, stage 3's biggest piece):
     ``blocks`` = the fast path's default (the encoder's ResnetBlock2D compiled), ``encoder`` = the whole
-    encoder compiled; ``mm`` = :class:`MatmulAttention` (bfloat16 maths for a float16 VAE); ``CL`` = channels_last
+    encoder compiled; ``mm`` = :class:`MatmulAttention` (bfloat16 maths for a float16 VAE), ``mm16`` = in the VAE's
+    own dtype (the fast path's default); ``CL`` = channels_last
     weights and input (cuDNN's native layout for tensor-core convs; in
     eager mode GroupNorm is slow there, compiled GroupNorm is not). Prints ms, peak GiB, compile seconds and,
     for ``profile_variants``, the top kernels (the whole table goes to ``out_dir``)."""
@@ -181,10 +182,10 @@ def vae_compile_probe(name, B, size, dtype, variants, profile_variants=(), out_d
         if "ckpt" in v:
             vae.enable_gradient_checkpointing()
         attn = []
-        if "mm" in v.split():  # MatmulAttention; float16 VAEs compute it in bfloat16
+        if {"mm", "mm16"} & set(v.split()):  # MatmulAttention: "mm" bfloat16 maths for a float16 VAE, "mm16" its dtype
             from dreamflow.denoisers.fast import use_matmul_attention
 
-            attn = use_matmul_attention(vae, torch.bfloat16 if dtype == torch.float16 else None)
+            attn = use_matmul_attention(vae, torch.bfloat16 if dtype == torch.float16 and "mm" in v.split() else None)
 
         def step():
             z = vae.encode(img).latent_dist.mean
@@ -277,7 +278,7 @@ def main():
     ap.add_argument("--only", default="unet,vae,field")
     ap.add_argument("--points", type=float, default=8e6)
     ap.add_argument("--vae-variants", default="blocks,blocks CL,encoder CL,blocks ckpt",
-                    help="vae2: comma-separated, from eager / blocks / encoder [+ CL] [+ ckpt] [+ mm]")
+                    help="vae2: comma-separated, from eager / blocks / encoder [+ CL] [+ ckpt] [+ mm | mm16]")
     ap.add_argument("--vae-model", default="refiner", choices=["refiner", "sd21"],
                     help="vae2: the refiner's VAE (2 x 1024 px bf16) or SD 2.1's (4 x 512 px fp16)")
     ap.add_argument("--vae-profile", default="blocks", help="vae2: variants whose top kernels are printed")

@@ -194,7 +194,9 @@ def uncompile(modules: List[torch.nn.Module]) -> None:
 #: captured on one stream share a workspace: replayed side by side they write it at once, and destroying one of
 #: them can free the workspace the others still use (pytorch/pytorch#193402). Here graphs are dropped while
 #: others live (a stage's scene-model graphs when the stage ends, LRU eviction), and an overlapped LoRA step may
-#: replay beside the main stream. Cost: one cuBLAS workspace per captured graph (a few MiB each).
+#: replay beside the main stream. Cost: one cuBLAS workspace per capture stream. Caveat: ``torch.cuda.Stream()``
+#: hands out streams from PyTorch's pool (32 per device and priority, round robin), so after many captures two
+#: graphs can still meet on one stream; the stages capture a handful of graphs.
 
 class _Graph:
     """One captured call ``fn(**inputs) -> Tensor`` with static input buffers.

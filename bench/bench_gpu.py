@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import faulthandler
 import gc
 import json
 import math
@@ -379,6 +380,12 @@ def print_profile(stage: str, out: Dict[str, object]) -> None:
         print(f"    {ms:7.2f} ms {n:6.1f}x  {k}", flush=True)
 
 
+#: --stall-s: after a stage's first update (the cold compile), an update that takes longer than this dumps every
+#: thread's Python stack to stderr and ends the process (a GPU hang then costs minutes of device time, not the
+#: whole call; what finished is already in bench_gpu.json). 0 = off.
+STALL_S = 0.0
+
+
 def run_stage(stage: str, d, variant: Dict[str, object], device: torch.device, smoke: bool, warmup: int,
               iters: int, acc: Optional[Dict[str, float]] = None, profile: bool = False) -> Dict[str, object]:
     """Run the real stage for warmup + iters updates; time the last ``iters`` (host clock after a sync).
@@ -397,6 +404,8 @@ def run_stage(stage: str, d, variant: Dict[str, object], device: torch.device, s
         prof = torch.profiler.profile(activities=[ProfilerActivity.CUDA])
 
     def progress(step, _total, _preview):
+        if STALL_S > 0:  # re-armed after every update, cancelled when the stage returns
+            faulthandler.dump_traceback_later(STALL_S, exit=True)
         if step in (1, warmup, total):
             sync(device)
             marks[step] = time.perf_counter()
@@ -421,13 +430,16 @@ def run_stage(stage: str, d, variant: Dict[str, object], device: torch.device, s
     peak_reset(device)
     sync(device)
     t0 = time.perf_counter()
-    with (breakdown(d, device, acc) if acc is not None else contextlib.nullcontext()):
-        if stage == "nerf":
-            state = run_nerf_stage(d, PROMPT, "", cfg, callbacks=cb)
-        elif stage == "mesh":
-            state = run_mesh_stage(d, mesh, PROMPT, "", cfg, callbacks=cb)
-        else:
-            state = run_refine_stage(d, mesh, PROMPT, "", cfg, callbacks=cb)
+    try:
+        with (breakdown(d, device, acc) if acc is not None else contextlib.nullcontext()):
+            if stage == "nerf":
+                state = run_nerf_stage(d, PROMPT, "", cfg, callbacks=cb)
+            elif stage == "mesh":
+                state = run_mesh_stage(d, mesh, PROMPT, "", cfg, callbacks=cb)
+            else:
+                state = run_refine_stage(d, mesh, PROMPT, "", cfg, callbacks=cb)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
     ms = (marks[total] - marks[warmup]) * 1e3 / iters
     out = {"ms_per_update": ms, "views_per_update": cfg.views_per_update, "resolution": cfg.resolution,
            "denoise_resolution": cfg.denoise_resolution, "views_per_s": cfg.views_per_update / (ms * 1e-3),
@@ -545,7 +557,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip what is left after this many seconds")
     ap.add_argument("--profile", action="store_true",
                     help="also run each fast stage once more under a CUDA profiler (GPU-busy fraction, top kernels)")
+    ap.add_argument("--stall-s", type=float, default=180.0,
+                    help="after a stage's first update, stop the process with every thread's stack when one update "
+                         "takes longer than this (a GPU hang); 0 = off")
     args = ap.parse_args(argv)
+    global STALL_S
+    STALL_S = 0.0 if args.smoke else args.stall_s
 
     smoke = args.smoke
     device = torch.device("cpu" if smoke or not torch.cuda.is_available() else "cuda")

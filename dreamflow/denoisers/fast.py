@@ -93,7 +93,7 @@ class FastPathConfig:
     mode; refiner 2 x 1024 px encode + backward 216 -> 192 ms). Skipped with ``cpu_offload`` (the VAE then
     moves between the CPU and the GPU around each stage; compiled blocks were not measured that way)."""
     warmup_calls: int = 2
-    """Eager calls on a side stream before each capture (lazy cuBLAS / cuDNN set-up must not be captured;
+    """Eager calls on the capture stream before each capture (lazy cuBLAS / cuDNN set-up must not be captured;
     PyTorch's CUDA-graph notes use 3, 2 measured enough here)."""
     max_graphs: int = 8
     """Captured shapes kept per call site; the least recently used one is dropped beyond this (each holds
@@ -207,21 +207,22 @@ class _Graph:
         dtypes: name -> dtype of the static buffer when it differs from the input's (``copy_`` then casts
             exactly as the eager ``.to(dtype)`` does).
         pool: memory-pool handle shared with the other graphs of the same owner.
-        warmup: eager calls on a side stream before capture.
+        warmup: eager calls on the capture stream before capture.
     """
 
     def __init__(self, fn: Callable[..., Tensor], example: Dict[str, Tensor], dtypes: Dict[str, torch.dtype],
                  pool, warmup: int):
         self.static = {k: v.detach().to(dtypes.get(k, v.dtype), copy=True) for k, v in example.items()}
         device = next(iter(self.static.values())).device
-        side = torch.cuda.Stream(device)
+        # Warm up on the graph's own capture stream (see _capture_stream_note): cuBLAS's workspace for it is then
+        # set up before the capture.
+        self.capture_stream = side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side), torch.no_grad():
             for _ in range(warmup):
                 fn(**self.static)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        self.capture_stream = torch.cuda.Stream(device)  # its own: see _capture_stream_note
         with torch.no_grad(), torch.cuda.graph(self.graph, pool=pool, stream=self.capture_stream):
             self.out = fn(**self.static)
 
@@ -520,7 +521,7 @@ class _TrainGraphs:
         self.static = {k: v.detach().clone() for k, v in example.items()}
         self.params = params
         device = params[0].device
-        side = torch.cuda.Stream(device)
+        self.capture_stream = side = torch.cuda.Stream(device)  # warm-up and capture: see _Graph
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side), torch.enable_grad():
             for _ in range(warmup):  # autograd.grad leaves .grad untouched
@@ -529,7 +530,6 @@ class _TrainGraphs:
             del out
         torch.cuda.current_stream(device).wait_stream(side)
         self.fwd, self.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        self.capture_stream = torch.cuda.Stream(device)  # its own: see _capture_stream_note
         with torch.enable_grad(), torch.cuda.graph(self.fwd, pool=pool, stream=self.capture_stream):
             self.out = fn(**self.static)
         self.grad_out = torch.empty_like(self.out)

@@ -57,15 +57,12 @@ class APFOGuidance(Guidance):
         begun = None
         if self.config.lora_shares_noise and self.config.lora_steps_per_update > 0:
             # One scene-model forward: eps_phi for the target and the first LoRA step's loss, at the same x_t.
-            with torch.no_grad():
-                eps = self._noise(x)
-                x_t = self.denoiser.add_noise(x.detach(), eps, t)
+            eps, x_t = self._noisy(x, t)
             begun = self._begin_shared_lora(x, eps, t, embeds, camera)
             # The main stream waits for that forward before the CFG call: two CUDA-graph replays side by side
             # (the LoRA's forward graph and the CFG graph, captured on one capture stream) hung an H100.
             eps_scene = self._scene_eps(begun)
-            with torch.no_grad():
-                eps_pretrained = self.denoiser.predict_eps(x_t, t, embeds, self.config.cfg_scale).float()
+            eps_pretrained = self._pretrained_eps(x_t, t, embeds)
         else:
             _, x_t, eps_pretrained = self._noisy_prediction(x, t, embeds)
             with torch.no_grad():

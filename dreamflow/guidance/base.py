@@ -131,12 +131,20 @@ class Guidance:
         return 1.0 - self.denoiser.alpha_bar(t)
 
     @torch.no_grad()
-    def _noisy_prediction(self, x: torch.Tensor, t: torch.Tensor, embeds):
-        """Noise ``x`` at ``t`` with a seeded eps; return (eps, x_t, eps_pretrained with CFG), no grad."""
+    def _noisy(self, x: torch.Tensor, t: torch.Tensor):
+        """Noise ``x`` at ``t`` with a seeded eps; return (eps, x_t), no grad."""
         eps = self._noise(x)
-        x_t = self.denoiser.add_noise(x.detach(), eps, t)
-        eps_pretrained = self.denoiser.predict_eps(x_t, t, embeds, self.config.cfg_scale).float()
-        return eps, x_t, eps_pretrained
+        return eps, self.denoiser.add_noise(x.detach(), eps, t)
+
+    @torch.no_grad()
+    def _pretrained_eps(self, x_t: torch.Tensor, t: torch.Tensor, embeds) -> torch.Tensor:
+        """The pretrained model's CFG prediction at ``x_t`` (float32), no grad."""
+        return self.denoiser.predict_eps(x_t, t, embeds, self.config.cfg_scale).float()
+
+    def _noisy_prediction(self, x: torch.Tensor, t: torch.Tensor, embeds):
+        """:meth:`_noisy`, then (eps, x_t, eps_pretrained with CFG), no grad."""
+        eps, x_t = self._noisy(x, t)
+        return eps, x_t, self._pretrained_eps(x_t, t, embeds)
 
     @staticmethod
     def target_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:

@@ -95,6 +95,19 @@ def test_baselines_run_behind_the_same_interface(tiny_sd, method):
     assert bool(s.lora) == (method == "vsd")
 
 
+def test_nerf_stage_with_the_shared_lora_forward(tiny_sd, nerf_state):
+    """GuidanceConfig.lora_shares_noise through the whole stage loop: finite losses, a trained LoRA, the same
+    result twice, a different path from the default (fresh LoRA noise), and the setting kept in the state."""
+    g = GuidanceConfig(method="apfo", t_start=1.0, t_end=0.2, lora_shares_noise=True)
+    runs = [run_nerf_stage(tiny_sd, PROMPT, "blurry", nerf_cfg(guidance=g)) for _ in range(2)]
+    a, b = _tensors(runs[0]), _tensors(runs[1])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["lora_loss"]])).all() for r in runs[0].guidance_log)
+    assert any(v.abs().sum() > 0 for k, v in runs[0].lora.items() if "lora_B" in k)
+    assert not torch.equal(runs[0].field.encoding.params, nerf_state.field.encoding.params)
+    assert runs[0].settings["guidance"]["lora_shares_noise"] is True
+
+
 def test_resume_continues_from_init(tiny_sd, nerf_state):
     more = run_nerf_stage(tiny_sd, PROMPT, "blurry", nerf_cfg(iterations=1), init=nerf_state)
     assert more.history == ["NeRFStage", "NeRFStage"] and len(more.guidance_log) == 4

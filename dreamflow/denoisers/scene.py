@@ -268,7 +268,7 @@ class SceneDenoiser(torch.nn.Module):
         with torch.enable_grad():
             out = self.output(x_t, t, embeds, camera)
             loss = F.mse_loss(out.float(), target.float())
-        return LoRAStep(self, loss, out.detach(), x_t, t)
+        return LoRAStep(self, loss, d.eps_from_output(out.detach(), x_t, t).float())
 
     def _finish(self, loss: torch.Tensor, defer_check: bool) -> torch.Tensor:
         """Backward and optimiser step of a :class:`LoRAStep` (see :meth:`train_step`)."""
@@ -358,12 +358,10 @@ class LoRAStep:
     Attributes:
         eps: eps_phi(x_t, t, y, c) of the forward, detached, float32 [B, C, h, w]: the scene model's prediction
             before this step's update, under the step's camera (zeros when the dropout coin fell).
-        x_t, t: the noisy latents and times it saw.
     """
 
-    def __init__(self, scene: SceneDenoiser, loss: torch.Tensor, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
-        self.scene, self._loss, self.x_t, self.t = scene, loss, x_t, t
-        self.eps = scene.denoiser.eps_from_output(out, x_t, t).float()
+    def __init__(self, scene: SceneDenoiser, loss: torch.Tensor, eps: torch.Tensor):
+        self.scene, self._loss, self.eps = scene, loss, eps
 
     def finish(self, defer_check: bool = False) -> torch.Tensor:
         """Backward + AdamW step; returns the loss (see :meth:`SceneDenoiser.train_step`). Once only."""

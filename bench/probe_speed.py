@@ -153,8 +153,8 @@ def vae_profile(name, B, size, dtype):
 def vae_compile_probe(name, B, size, dtype, variants, profile_variants=(), out_dir=None):
     """VAE encode + backward under the ways it could be compiled (issue 6, stage 3's biggest piece):
     ``blocks`` = the fast path's default (the encoder's ResnetBlock2D compiled), ``encoder`` = the whole
-    encoder compiled; ``mm`` = :class:`MatmulAttention` (bfloat16 maths for a float16 VAE), ``mm16`` = in the VAE's
-    own dtype (the fast path's default); ``CL`` = channels_last
+    encoder compiled; ``mm`` = :class:`MatmulAttention` (bfloat16 maths for a float16 VAE: the fast path's choice),
+    ``mm16`` = in the VAE's own dtype; ``CL`` = channels_last
     weights and input (cuDNN's native layout for tensor-core convs; in
     eager mode GroupNorm is slow there, compiled GroupNorm is not). Prints ms, peak GiB, compile seconds and,
     for ``profile_variants``, the top kernels (the whole table goes to ``out_dir``)."""

@@ -18,8 +18,10 @@ would. One call, on one card, measures (eager baseline and fast path side by sid
 Variants: ``eager`` = defaults on the GPU with the pure-torch rasterizer, an uncompiled hash grid and no fast path;
 ``+grid`` = compiled hash grid; ``+nvdiffrast`` = ``backend="auto"``; ``fast`` = everything (what ComfyUI users
 get by default): nvdiffrast, compiled grid, ``Denoiser.enable_fast_path()`` (CUDA graphs for the frozen UNet calls,
-the scene-LoRA prediction and the LoRA step over compiled UNet / VAE-encoder blocks, fused AdamW for the LoRA).
-All variants use the stage defaults otherwise (occupancy grid, float16 MLPs, VAE precision "auto").
+the scene-LoRA prediction and the LoRA step over compiled UNet / VAE-encoder blocks, fused AdamW for the LoRA);
+``fast-sep`` / ``graphs`` / ``graphs-sep`` / ``run4``: see ``VARIANTS``. All variants use the stage defaults otherwise
+(occupancy grid, float16 MLPs, VAE precision "auto", one scene-model forward shared by the APFO target and the LoRA
+step).
 
     python bench/bench_gpu.py                    # GPU: writes $OUT/bench_gpu.json (or --out), prints a table
     python bench/bench_gpu.py --smoke            # CPU, tiny models: the same code end to end in seconds
@@ -310,8 +312,8 @@ def stage_configs(stage: str, variant: Dict[str, object], smoke: bool, iteration
         if smoke:
             kw.update(views_per_update=2, resolution=24, denoise_resolution=16)
         cfg = cls(**kw)
-    if variant.get("shared_lora"):
-        cfg.guidance.lora_shares_noise = True
+    if "shared_lora" in variant:  # GuidanceConfig.lora_shares_noise (default True) set explicitly
+        cfg.guidance.lora_shares_noise = bool(variant["shared_lora"])
     return cfg
 
 
@@ -422,7 +424,10 @@ def run_stage(stage: str, d, variant: Dict[str, object], device: torch.device, s
     if variant.get("fast"):
         from dreamflow.denoisers.fast import FastPathConfig
 
-        d.enable_fast_path(FastPathConfig(compile="off") if variant.get("graphs_only") else None)
+        fp_cfg = FastPathConfig(compile="off") if variant.get("graphs_only") else FastPathConfig()
+        if variant.get("sdpa_fp16_vae") and d.vae_dtype == torch.float16:  # "run4": run 4's SD 2.1 VAE attention
+            fp_cfg.vae_matmul_attention = False
+        d.enable_fast_path(fp_cfg)
     else:
         d.disable_fast_path()
     mesh = sphere_state(device, smoke, bool(variant.get("compile"))) if stage != "nerf" else None
@@ -510,22 +515,30 @@ def projections(stage: str, ms: float, views: int) -> Dict[str, float]:
 # --------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------
-# "fast-shared": fast with GuidanceConfig(lora_shares_noise=True), one scene-model forward for the target and the
-# LoRA step (A/B of that option); "graphs" / "graphs-shared": the same pair without torch.compile anywhere (no cold
-# compile: a quick A/B on a fresh card)
+# "fast-sep": fast with GuidanceConfig(lora_shares_noise=False), i.e. the LoRA step's own noise and scene-model forward
+# (the default shares one forward between the target and the LoRA step; A/B of that option); "graphs" / "graphs-sep":
+# the same pair without torch.compile anywhere (no cold compile: a quick A/B on a fresh card); "run4": the code path of
+# run 4 (H100, 2026-11-25), i.e. "fast-sep" with the float16 SD 2.1 VAE's attention through SDPA again (the refiner's
+# VAE had matmul attention then already, so stage 3's run-4 path is "fast-sep"): measured beside the others it gives
+# the card-to-card ratio against run 4's H100 figures. Run 6 (bench/RESULTS.md) called today's "fast" "fast-shared"
+# and today's "fast-sep" "fast" (the default was lora_shares_noise=False then).
 _GRAPHS = {"fast": True, "graphs_only": True}
+_SEP = {"shared_lora": False}
+_RUN4 = {"nvdiffrast": True, "compile": True, "fast": True, "sdpa_fp16_vae": True, **_SEP}
 VARIANTS = {
     "nerf": [("eager", {}), ("fast", {"compile": True, "fast": True}), ("+grid", {"compile": True}),
-             ("fast-shared", {"compile": True, "fast": True, "shared_lora": True}),
-             ("graphs", _GRAPHS), ("graphs-shared", {**_GRAPHS, "shared_lora": True})],
+             ("fast-sep", {"compile": True, "fast": True, **_SEP}),
+             ("graphs", _GRAPHS), ("graphs-sep", {**_GRAPHS, **_SEP}),
+             ("run4", {k: v for k, v in _RUN4.items() if k != "nvdiffrast"})],
     "mesh": [("eager", {}), ("fast", {"nvdiffrast": True, "compile": True, "fast": True}),
              ("+nvdiffrast", {"nvdiffrast": True}),
-             ("fast-shared", {"nvdiffrast": True, "compile": True, "fast": True, "shared_lora": True}),
-             ("graphs", {**_GRAPHS, "nvdiffrast": True}), ("graphs-shared", {**_GRAPHS, "nvdiffrast": True, "shared_lora": True})],
+             ("fast-sep", {"nvdiffrast": True, "compile": True, "fast": True, **_SEP}),
+             ("graphs", {**_GRAPHS, "nvdiffrast": True}), ("graphs-sep", {**_GRAPHS, "nvdiffrast": True, **_SEP}),
+             ("run4", _RUN4)],
     "refine": [("eager", {}), ("fast", {"nvdiffrast": True, "compile": True, "fast": True}),
                ("+nvdiffrast", {"nvdiffrast": True}),
-               ("fast-shared", {"nvdiffrast": True, "compile": True, "fast": True, "shared_lora": True}),
-               ("graphs", {**_GRAPHS, "nvdiffrast": True}), ("graphs-shared", {**_GRAPHS, "nvdiffrast": True, "shared_lora": True})],
+               ("fast-sep", {"nvdiffrast": True, "compile": True, "fast": True, **_SEP}),
+               ("graphs", {**_GRAPHS, "nvdiffrast": True}), ("graphs-sep", {**_GRAPHS, "nvdiffrast": True, **_SEP})],
 }
 
 
@@ -547,7 +560,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     ap.add_argument("--smoke", action="store_true", help="CPU + tiny models: check the script end to end")
     ap.add_argument("--out", default=os.environ.get("OUT") or "out", help="folder for bench_gpu.json")
     ap.add_argument("--stages", nargs="+", default=["nerf", "mesh", "refine"], choices=["nerf", "mesh", "refine"])
-    ap.add_argument("--variants", nargs="+", default=None, help="subset of: eager fast +grid +nvdiffrast")
+    ap.add_argument("--variants", nargs="+", default=None, help="subset of: eager fast fast-sep graphs graphs-sep run4 +grid +nvdiffrast")
     ap.add_argument("--warmup", type=int, default=None, help="untimed updates first (default 3; smoke 1)")
     ap.add_argument("--iters", type=int, default=None, help="timed updates (default 10; smoke 2)")
     ap.add_argument("--no-pieces", action="store_true", help="skip the per-piece UNet / LoRA / VAE timings")
@@ -624,13 +637,14 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
 
     # Phases keep the most important numbers first (a budget stop loses only extras) and one denoiser on the
     # card at a time (peak VRAM per stage is then what that stage needs).
-    plan = [("sd", True, [("nerf", "graphs"), ("nerf", "graphs-shared"), ("mesh", "graphs"), ("mesh", "graphs-shared"),
-                          ("nerf", "eager"), ("nerf", "fast"), ("nerf", "fast-shared"), ("mesh", "eager"), ("mesh", "fast"),
-                          ("mesh", "fast-shared"),
-                          ("nerf", "pf:fast"), ("mesh", "pf:fast"),
+    plan = [("sd", True, [("nerf", "graphs"), ("mesh", "graphs"), ("nerf", "graphs-sep"), ("mesh", "graphs-sep"),
+                          ("nerf", "eager"), ("nerf", "fast"), ("nerf", "fast-sep"), ("nerf", "run4"),
+                          ("mesh", "eager"), ("mesh", "fast"), ("mesh", "fast-sep"), ("mesh", "run4"),
+                          ("nerf", "pf:fast"), ("mesh", "pf:fast"), ("nerf", "pf:fast-sep"), ("mesh", "pf:fast-sep"),
                           ("nerf", "bd:fast"), ("mesh", "bd:fast"), ("mesh", "bd:eager")]),
-            ("sdxl_refiner", True, [("refine", "graphs"), ("refine", "graphs-shared"),
-                                    ("refine", "eager"), ("refine", "fast"), ("refine", "fast-shared"), ("refine", "pf:fast"),
+            ("sdxl_refiner", True, [("refine", "graphs"), ("refine", "graphs-sep"),
+                                    ("refine", "eager"), ("refine", "fast"), ("refine", "fast-sep"),
+                                    ("refine", "pf:fast"), ("refine", "pf:fast-sep"),
                                     ("refine", "bd:fast"),
                                     ("refine", "bd:eager"), ("refine", "+nvdiffrast"), ("refine", "options")]),
             ("sd", False, [("nerf", "+grid"), ("mesh", "+nvdiffrast")])]

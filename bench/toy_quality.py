@@ -45,6 +45,10 @@ def prompt_list(reduced: bool):
     return [(s, c) for s in SHAPES for c in COLOUR_NAMES]
 
 
+#: --lora-shares-noise reaches the worker processes through this variable (APFO's GuidanceConfig.lora_shares_noise).
+SHARES_ENV = "DREAMFLOW_TOY_LORA_SHARES_NOISE"
+
+
 def stage_config(method: str, budget: int, seed: int, resolution: int):
     from dreamflow.guidance import GuidanceConfig
     from dreamflow.render.volume import VolumeRenderConfig
@@ -56,7 +60,8 @@ def stage_config(method: str, budget: int, seed: int, resolution: int):
     return NeRFStageConfig(
         iterations=budget, views_per_update=2, resolution=resolution, denoise_resolution=64, seed=seed,
         lr_grid=3e-2, lr_mlp=1e-2,
-        guidance=GuidanceConfig(method=method, cfg_scale=7.5, t_start=t[0], t_end=t[1]),
+        guidance=GuidanceConfig(method=method, cfg_scale=7.5, t_start=t[0], t_end=t[1],
+                                lora_shares_noise=os.environ.get(SHARES_ENV, "on") == "on"),
         nerf=NeRFFieldConfig(grid=HashGridConfig(n_levels=8, log2_hashmap_size=15)),
         render=VolumeRenderConfig(n_samples=32, n_importance=32))
 
@@ -189,7 +194,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deadline-s", type=float, default=1e9, help="stop collecting after this many seconds")
     p.add_argument("--out", default=os.environ.get("OUT", "bench"))
+    p.add_argument("--lora-shares-noise", choices=["on", "off"], default="on",
+                   help="APFO: GuidanceConfig.lora_shares_noise (default on, as the stages)")
     args = p.parse_args(argv)
+    os.environ[SHARES_ENV] = args.lora_shares_noise
     import torch.multiprocessing as mp
 
     prompts = prompt_list(args.reduced)

@@ -95,17 +95,21 @@ def test_baselines_run_behind_the_same_interface(tiny_sd, method):
     assert bool(s.lora) == (method == "vsd")
 
 
-def test_nerf_stage_with_the_shared_lora_forward(tiny_sd, nerf_state):
-    """GuidanceConfig.lora_shares_noise through the whole stage loop: finite losses, a trained LoRA, the same
-    result twice, a different path from the default (fresh LoRA noise), and the setting kept in the state."""
-    g = GuidanceConfig(method="apfo", t_start=1.0, t_end=0.2, lora_shares_noise=True)
+@pytest.mark.parametrize("shares", [True, False])
+def test_nerf_stage_with_and_without_the_shared_lora_forward(tiny_sd, nerf_state, shares):
+    """GuidanceConfig.lora_shares_noise (default True) and its alternative (fresh LoRA noise and a second
+    scene-model forward) through the whole stage loop: finite losses, a trained LoRA, the same result twice, the
+    default's result exactly when True and a different one when False, and the setting kept in the state."""
+    assert GuidanceConfig().lora_shares_noise is True and nerf_state.settings["guidance"]["lora_shares_noise"] is True
+    g = GuidanceConfig(method="apfo", t_start=1.0, t_end=0.2, lora_shares_noise=shares)
     runs = [run_nerf_stage(tiny_sd, PROMPT, "blurry", nerf_cfg(guidance=g)) for _ in range(2)]
     a, b = _tensors(runs[0]), _tensors(runs[1])
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert all(torch.isfinite(torch.tensor([r["loss"], r["lora_loss"]])).all() for r in runs[0].guidance_log)
     assert any(v.abs().sum() > 0 for k, v in runs[0].lora.items() if "lora_B" in k)
-    assert not torch.equal(runs[0].field.encoding.params, nerf_state.field.encoding.params)
-    assert runs[0].settings["guidance"]["lora_shares_noise"] is True
+    same_as_default = torch.equal(runs[0].field.encoding.params, nerf_state.field.encoding.params)
+    assert same_as_default == shares
+    assert runs[0].settings["guidance"]["lora_shares_noise"] is shares
 
 
 def test_resume_continues_from_init(tiny_sd, nerf_state):

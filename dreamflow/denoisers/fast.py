@@ -78,7 +78,8 @@ class FastPathConfig:
     of every SD 2.1 NeRF / mesh update on an H100 (bench/RESULTS.md run 4). bfloat16 / float32 VAEs compute it in
     their dtype, float16 VAEs (SD 2.1) in bfloat16: float16's range underflows the attention's small backward
     gradients (real SD 2.1 VAE architecture, float32 weights, CPU: image-gradient error 1.6% with float16 maths, 0.07%
-    with bfloat16) and was slower (H100, 4 x 512 px encode + backward: SDPA 86.9 ms, float16 85.3, bfloat16 72.1).
+    with bfloat16) and was slower (H100, 4 x 512 px encode + backward: SDPA 86.9 ms, float16 85.3, bfloat16 72.1). In
+    the stages (H200, run 6): SD 2.1 NeRF / mesh updates 176.2 -> 167.5 / 124.9 -> 115.4 ms against SDPA.
     Costs one [B, N, N] attention matrix (1 GiB at 2 x 1024 px)."""
     compile: str = "blocks"
     """``torch.compile`` (default mode, static shapes) under the graphs: "blocks" compiles the UNet's repeated

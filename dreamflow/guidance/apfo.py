@@ -18,9 +18,10 @@ eps_scene) to the text-conditioned data distribution (eps_pretrained), from sigm
 The gradient w.r.t. x is (sigma_i - sigma_{i+1}) (eps_pretrained - eps_scene): it moves the 3D model so
 that its renders take that step. The LoRA is trained on the current renders at the same t_i, so it
 tracks the scene as the scene moves. ``updates_per_t`` updates (on fresh random views) share each t_i.
-With ``GuidanceConfig.lora_shares_noise`` the LoRA's step uses the very x_t of the target, so one scene-model
-forward gives eps_scene and the LoRA's loss ||eps_phi(x_t) - eps||^2 (ProlificDreamer's Algorithm 1 draws once
-for both updates too); eps_scene is read before that step changes the LoRA.
+With ``GuidanceConfig.lora_shares_noise`` (the default) the LoRA's first step uses the very x_t of the target, so
+one scene-model forward gives eps_scene and the LoRA's loss ||eps_phi(x_t) - eps||^2 (ProlificDreamer's Algorithm 1
+draws once for both updates too); eps_scene is read before that step changes the LoRA. With it off, the LoRA step
+draws fresh noise at the same t_i and runs a forward of its own (threestudio's way).
 """
 
 from __future__ import annotations

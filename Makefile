@@ -7,7 +7,7 @@ TOOLS  := .tools
 PROMPT ?= a red cube
 PYTEST_ARGS ?=
 
-.PHONY: test demo setup clean bench-smoke gpu-test
+.PHONY: test demo setup clean bench-smoke gpu-test gpu-wheels
 
 # The venv is (re)made when the requirements change. torch is installed only when none is
 # importable there: the CPU wheel 2.13.0 here; in ComfyUI, the user's torch is used as is.
@@ -36,6 +36,15 @@ bench-smoke: $(VENV)/.stamp
 # On a CUDA machine with the requirements installed (e.g. `make gpu-test PY=python3`): the GPU-marked tests only.
 gpu-test:
 	$(PY) -m pytest -q -m gpu tests/test_fast_path.py tests/test_hashgrid.py tests/test_occupancy.py tests/test_volume.py tests/test_raster.py
+
+# Wheels the lent GPU machine lacks (its python3 is 3.12; torch, peft, transformers are there), for the device tool's
+# `carry: [".whl"]`; there, `bash bench/on_device.sh python3 bench/bench_gpu.py ...` installs them and runs the command.
+GPU_WHEELS ?= diffusers==0.42.1 trimesh==5.2.0 xatlas==0.0.11 fast-simplification==0.2.0 diffrp-nvdiffrast==0.3.3.1 \
+	importlib_metadata==8.7.0
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache .bench-smoke

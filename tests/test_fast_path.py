@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -49,6 +50,38 @@ def test_fast_path_needs_cuda_and_valid_config(tiny_sd_path):
         FastPathConfig(max_graphs=0).validate()
     with pytest.raises(DreamFlowError, match="compile='everything'.*blocks, unet, off"):
         FastPathConfig(compile="everything").validate()
+
+
+def test_compile_cache_goes_to_a_persistent_folder_unless_one_is_set(tmp_path, monkeypatch):
+    """compile_cache: inductor's cache moves from torch's default temp folder (which importing torch._inductor puts
+    in the variable) to $XDG_CACHE_HOME/dreamflow/torchinductor before the first compile (compile_blocks, with any
+    mode but "off"); another folder set by the user is kept; an unusable folder keeps torch's default and returns
+    None."""
+    import torch._dynamo  # noqa: F401  (sets the variable to torch's default, as diffusers' import does)
+
+    from dreamflow.compile_cache import ENV, default_dir, torch_default_dir, use_persistent_compile_cache
+    from dreamflow.denoisers.fast import compile_blocks
+
+    torch_default = torch_default_dir()
+    assert torch_default and torch_default.startswith(os.path.abspath(tempfile.gettempdir()))
+    monkeypatch.setenv(ENV, torch_default)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    assert compile_blocks(net, "off") == [] and os.environ[ENV] == torch_default
+    want = str(tmp_path / "cache" / "dreamflow" / "torchinductor")
+    assert default_dir() == want
+    assert compile_blocks(net, "unet") == [net] and os.environ[ENV] == want and os.path.isdir(want)
+    assert use_persistent_compile_cache() == want  # idempotent
+    monkeypatch.setenv(ENV, str(tmp_path / "mine"))
+    assert use_persistent_compile_cache() == str(tmp_path / "mine") and not (tmp_path / "mine").exists()
+    for unset in (True, False):  # not set at all / set to torch's default
+        if unset:
+            monkeypatch.delenv(ENV)
+        else:
+            monkeypatch.setenv(ENV, torch_default)
+        (tmp_path / "file").write_text("x")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))  # a file: no folder can be made under it
+        assert use_persistent_compile_cache() is None and os.environ.get(ENV) == (None if unset else torch_default)
 
 
 def test_vae_matmul_attention_matches_sdpa_and_restores(tiny_sd_path):

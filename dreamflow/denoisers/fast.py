@@ -87,7 +87,9 @@ class FastPathConfig:
     shape and is shared by its instances), "unet" the whole UNet, "off" none. Measured on an H100, SD 2.1
     CFG call 8 x 64^2 replayed: 25.7 ms plain, 20.4 ms "blocks", 19.4 ms "unet" (68 s to compile); refiner
     CFG 84.5 -> 69.1 ms "blocks" (bench/RESULTS.md run 3). Fuses GroupNorm + SiLU, residual adds and attention's
-    reshapes. The first use of a model in a process compiles for ~2-5 min (cold cache, measured on an H100)."""
+    reshapes. The first use of a model in a process compiles for ~2-5 min (cold cache, measured on an H100); the
+    kernels are kept in ~/.cache/dreamflow/torchinductor (dreamflow/compile_cache.py), so later processes start in
+    ~20-26 s (H200, run 6)."""
     compile_vae: bool = True
     """With ``compile`` on, also compile the VAE encoder's ResnetBlock2D blocks (the stages differentiate
     through the encoder every update; its GroupNorm + SiLU forward and backward are memory-bound in eager
@@ -124,6 +126,10 @@ def compile_blocks(root: torch.nn.Module, mode: str, blocks: Tuple[str, ...] = C
     if mode == "off":
         return []
     import torch._dynamo
+
+    from ..compile_cache import use_persistent_compile_cache
+
+    use_persistent_compile_cache()  # before the first compile: kernels kept between reboots
 
     # The SDXL refiner's ResnetBlock2D alone meets ~60 shapes (levels x in/out widths x CFG / scene / LoRA-step
     # batches x grad on / off): measured hitting a limit of 64 on an H100, after which shapes run eagerly.

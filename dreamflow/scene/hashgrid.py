@@ -262,6 +262,9 @@ class HashGrid(nn.Module):
         encode, table_grad = hash_grid_torch, hash_grid_table_grad
         if self.config.compile and x.is_cuda:
             if self._compiled is None:
+                from ..compile_cache import use_persistent_compile_cache
+
+                use_persistent_compile_cache()  # before the first compile: kernels kept between reboots
                 self._compiled = (torch.compile(hash_grid_torch, dynamic=True),
                                   torch.compile(hash_grid_table_grad, dynamic=True))
             encode, table_grad = self._compiled

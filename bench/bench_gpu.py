@@ -560,7 +560,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     ap.add_argument("--smoke", action="store_true", help="CPU + tiny models: check the script end to end")
     ap.add_argument("--out", default=os.environ.get("OUT") or "out", help="folder for bench_gpu.json")
     ap.add_argument("--stages", nargs="+", default=["nerf", "mesh", "refine"], choices=["nerf", "mesh", "refine"])
-    ap.add_argument("--variants", nargs="+", default=None, help="subset of: eager fast fast-sep graphs graphs-sep run4 +grid +nvdiffrast")
+    ap.add_argument("--variants", nargs="+", default=None,
+                    help="subset of: eager fast fast-sep graphs graphs-sep run4 +grid +nvdiffrast")
     ap.add_argument("--warmup", type=int, default=None, help="untimed updates first (default 3; smoke 1)")
     ap.add_argument("--iters", type=int, default=None, help="timed updates (default 10; smoke 2)")
     ap.add_argument("--no-pieces", action="store_true", help="skip the per-piece UNet / LoRA / VAE timings")

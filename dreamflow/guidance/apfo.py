@@ -42,6 +42,11 @@ class APFOGuidance(Guidance):
         super().__init__(denoiser, config, total_updates, seed)
         self.schedule = TimestepSchedule(config.t_start, config.t_end, self.total_updates,
                                          config.updates_per_t, config.spacing)
+        self._step_unit = 1.0
+        if config.step_scale == "mean":  # (sigma_0 - sigma_n) / n: the mean ODE step of this schedule
+            ts = self.schedule.timesteps(denoiser.sigma).float().to(denoiser.device)
+            sig = denoiser.sigma(ts)
+            self._step_unit = float((sig[0] - sig[-1]) / (ts.numel() - 1))
 
     def timesteps(self, step: int):
         """(t_i, t_{i+1}) for update ``step``."""
@@ -69,7 +74,7 @@ class APFOGuidance(Guidance):
             with torch.no_grad():
                 eps_scene = self.scene.eps(x_t, t, embeds, camera).float()
         with torch.no_grad():
-            delta = (sigma_i - sigma_next).view(B, 1, 1, 1)
+            delta = (sigma_i - sigma_next).view(B, 1, 1, 1) / self._step_unit
             x_hat = x.detach() - delta * (eps_pretrained - eps_scene)
         loss = self.target_loss(x, x_hat)
         lora_loss = self._train_lora(x, embeds, camera, t, begun=begun)

@@ -47,7 +47,14 @@ class GuidanceConfig:
     updates_per_t: int = 4
     """APFO: updates sharing one timestep t_i, each on fresh random views (ours)."""
     spacing: str = "linear"
-    """APFO: schedule spacing, "linear" in t (ours) or "sigma" (linear in EDM sigma)."""
+    """APFO: schedule spacing, "linear" in t (ours) or "sigma" (linear in EDM sigma: every ODE step
+    sigma_i - sigma_{i+1} the same size)."""
+    step_scale: str = "ode"
+    """APFO: size of the target's step. "ode" (the paper): x_hat = x - (sigma_i - sigma_{i+1}) (eps_pretrained -
+    eps_scene), whose steps sum to sigma(t_start) - sigma(t_end) whatever the number of updates, so each update's
+    step shrinks as the budget grows; "mean": the step divided by the schedule's mean step (sigma_0 - sigma_n) / n,
+    so the guidance keeps the same size against the regularisers and Adam's running scale at any budget (the
+    schedule's shape, large steps early with "linear" spacing, is kept)."""
     weighting: str = "sds"
     """SDS/VSD weight w(t): "sds" = 1 - alpha_bar(t) (threestudio) or "uniform" = 1."""
     lora: object = field(default_factory=_lora_config_default)
@@ -71,6 +78,7 @@ class GuidanceConfig:
         check(0.0 <= self.t_end < self.t_start <= 1.0,
               f"t_start={self.t_start} must be greater than t_end={self.t_end}, both in [0, 1]; e.g. 1.0 -> 0.2")
         check(self.updates_per_t >= 1, f"updates_per_t={self.updates_per_t} must be >= 1")
+        check(self.step_scale in ("ode", "mean"), f"step_scale '{self.step_scale}' is unknown; use ode or mean")
         check(self.weighting in ("sds", "uniform"), f"weighting '{self.weighting}' is unknown; use sds or uniform")
         check(self.lora_steps_per_update >= 0, f"lora_steps_per_update={self.lora_steps_per_update} must be >= 0")
         return self

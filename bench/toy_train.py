@@ -49,6 +49,10 @@ def parse(argv=None):
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--classifier-views", type=int, default=768, help="held-out views per shape for the classifier")
     p.add_argument("--classifier-steps", type=int, default=2500)
+    p.add_argument("--init", default=None,
+                   help="fine-tune this toy prior folder (e.g. models/dreamflow-toy): its VAE is kept (no VAE training, "
+                        "same latent scale), its UNet and text encoder are the starting point")
+    p.add_argument("--warmup", type=int, default=300, help="UNet learning-rate warm-up steps")
     p.add_argument("--assemble", default=None, help="folder with the returned weights: build the diffusers folder")
     p.add_argument("--dest", default="models/dreamflow-toy", help="with --assemble: where the model goes")
     return p.parse_args(argv)
@@ -119,7 +123,9 @@ def main(argv=None) -> int:
     world = WorldConfig()
     work = tempfile.mkdtemp(prefix="toy-skeleton-")
     build_toy_prior(work, prior_cfg, seed=args.seed)
-    unet, vae, te, tok = load_trainable(work)
+    unet, vae, te, tok = load_trainable(args.init or work)
+    if args.init:
+        log(f"fine-tuning {args.init} (its VAE kept)")
     sched_cfg = json.load(open(os.path.join(work, "scheduler", "scheduler_config.json")))
     unet.to(dev), vae.to(dev), te.to(dev)
     n_params = {k: sum(p.numel() for p in m.parameters()) for k, m in (("unet", unet), ("vae", vae), ("text_encoder", te))}
@@ -138,11 +144,14 @@ def main(argv=None) -> int:
 
     # 2-3. VAE.
     t0 = time.time()
-    vae_rows = T.train_vae(vae, lambda s: T.compose_batch(bank, args.vae_batch, gen, world)["images"], args.vae_steps,
-                           log=log, log_every=max(1, min(250, args.vae_steps)))
+    if args.init:
+        args.vae_steps, vae_rows = 0, []
+    else:
+        vae_rows = T.train_vae(vae, lambda s: T.compose_batch(bank, args.vae_batch, gen, world)["images"],
+                               args.vae_steps, log=log, log_every=max(1, min(250, args.vae_steps)))
     with torch.no_grad():
         probe = torch.cat([T.compose_batch(bank, 256 if not args.smoke else 8, gen, world)["images"] for _ in range(8)])
-        scale = T.latent_scale(vae, probe)
+        scale = float(vae.config.scaling_factor) if args.init else T.latent_scale(vae, probe)
         rec = vae.decode(vae.encode(probe[:256] * 2 - 1).latent_dist.mean).sample
         vae_psnr = float(-10 * torch.log10(((rec.clamp(-1, 1) + 1) / 2 - probe[:256]).square().mean()))
     t_vae = time.time() - t0
@@ -153,7 +162,8 @@ def main(argv=None) -> int:
     # 4. UNet + text encoder.
     captions = T.caption_table()
     token_ids = T.tokenize(tok, captions)
-    ucfg = T.UNetTrainConfig(batch=args.batch, lr=args.lr, max_steps=args.unet_max_steps, budget_s=args.unet_budget_s,
+    ucfg = T.UNetTrainConfig(batch=args.batch, lr=args.lr, warmup=args.warmup, max_steps=args.unet_max_steps,
+                             budget_s=args.unet_budget_s,
                              log_every=1 if args.smoke else 250)
     acp = alphas_cumprod_from_config(sched_cfg)
     ucfg.budget_s = max(30.0, min(ucfg.budget_s, args.deadline_s - (time.time() - t_start) - args.reserve_s))

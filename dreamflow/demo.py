@@ -17,6 +17,7 @@ The toy prior knows only its world: a prompt outside it is refused with the list
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -85,15 +86,16 @@ def stage_configs(cfg: DemoConfig):
     from .scene.hashgrid import HashGridConfig
     from .scene.nerf import NeRFFieldConfig
     from .stages import ExtractConfig, MeshStageConfig, NeRFStageConfig
+    from .toy.world import TOY_CAMERA
 
-    nerf = NeRFStageConfig(
+    nerf = NeRFStageConfig(camera=dataclasses.replace(TOY_CAMERA),
         iterations=cfg.nerf_iterations, views_per_update=cfg.nerf_views, resolution=cfg.nerf_resolution,
         denoise_resolution=64, seed=cfg.seed, lr_grid=cfg.lr_grid, lr_mlp=cfg.lr_mlp,
         guidance=GuidanceConfig(method="apfo", cfg_scale=cfg.cfg_scale, t_start=1.0, t_end=0.2),
         nerf=NeRFFieldConfig(grid=HashGridConfig(n_levels=cfg.hash_levels, log2_hashmap_size=cfg.hash_log2_size)),
         render=VolumeRenderConfig(n_samples=cfg.n_samples, n_importance=cfg.n_importance))
     extract = ExtractConfig(resolution=cfg.extract_resolution, face_budget=cfg.face_budget)
-    mesh = MeshStageConfig(iterations=cfg.mesh_iterations, views_per_update=cfg.nerf_views,
+    mesh = MeshStageConfig(camera=dataclasses.replace(TOY_CAMERA), iterations=cfg.mesh_iterations, views_per_update=cfg.nerf_views,
                            resolution=cfg.mesh_resolution, denoise_resolution=64, seed=cfg.seed,
                            guidance=GuidanceConfig(method="apfo", cfg_scale=cfg.cfg_scale, t_start=0.5, t_end=0.1))
     return nerf, extract, mesh
@@ -179,7 +181,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .toy.world import parse_prompt
 
     p = argparse.ArgumentParser(prog="python -m dreamflow demo", description="offline demo on the shipped toy prior")
-    p.add_argument("--prompt", default="a red cube", help="'a <colour> <shape>' of the toy world, e.g. 'a green cone'")
+    p.add_argument("--prompt", default="a red torus", help="'a <colour> <shape>' of the toy world, e.g. 'a green cone'")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="output folder (default: $DREAMFLOW_OUTPUT or ./output)")
     p.add_argument("--direct", action="store_true", help="call the stages directly even if the toy workflow exists")

@@ -36,8 +36,9 @@ class ExtractConfig:
     """Density iso-level (per world unit), or "auto" (see :func:`auto_threshold`; threestudio's fixed default is 25)."""
     chunk: int = 1 << 18
     """Points per density call (memory bound)."""
-    min_component_ratio: float = 0.01
-    """Keep connected components with at least this fraction of the largest component's faces (floaters)."""
+    min_component_ratio: float = 0.1
+    """Keep connected components with at least this fraction of the largest component's faces; smaller ones are
+    floaters (ours; 0.01 left detached pieces in the toy demo's GLBs: bench/RESULTS.md "GLB fidelity")."""
     face_budget: int = 50_000
     """Decimate to at most this many faces (0: keep all). 50k: the UV atlas (xatlas) of SaveGLB takes ~52 s
     on 82k faces on CPU (measured), and 50k faces hold a 512 px texture's detail."""
@@ -48,7 +49,7 @@ class ExtractConfig:
         check(8 <= self.resolution <= 1024, f"extract resolution={self.resolution} is out of range; use 8..1024 (256 is usual)")
         check(isinstance(self.threshold, (int, float)) or self.threshold == "auto",
               f"extract threshold={self.threshold!r} must be a number or 'auto'")
-        check(0.0 <= self.min_component_ratio <= 1.0, f"min_component_ratio={self.min_component_ratio} must be in [0, 1] (0.01 is usual)")
+        check(0.0 <= self.min_component_ratio <= 1.0, f"min_component_ratio={self.min_component_ratio} must be in [0, 1] (0.1 is usual)")
         check(self.face_budget == 0 or self.face_budget >= 100, f"face_budget={self.face_budget} must be 0 (off) or >= 100")
         check(self.smooth_iterations >= 0, f"smooth_iterations={self.smooth_iterations} must be >= 0")
         check(self.chunk >= 1024, f"extract chunk={self.chunk} must be >= 1024 points")

@@ -3,7 +3,7 @@
 Shapes: cube, sphere, cone, cylinder, torus and two composites, snowman (three stacked spheres and a dark nose)
 and mushroom (a coloured cap on a cream stem). Every shape is a triangle mesh centred at the origin with its
 largest extent ~0.45 world units from the centre, inside [-1, 1]^3 (+Y up, front +Z; ``render/cameras.py``), so the
-stages' random cameras (``sample_cameras(CameraConfig(), ...)``) frame it the way they frame a generated object.
+stages' random cameras (``sample_cameras(TOY_CAMERA, ...)``) frame it the way they frame a generated object.
 
 Images are made in two steps, so that colours, light mix and backgrounds cost nothing per image:
 
@@ -21,6 +21,7 @@ view word from ``Cameras.view_words``. Everything is seeded: the same seed gives
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -46,6 +47,13 @@ COLOUR_NAMES: Tuple[str, ...] = tuple(COLOURS)
 #: Fixed colour of a composite's second part (snowman nose: coal; mushroom stem: cream), RGB in [0, 1].
 SECONDARY_COLOURS: Dict[str, Tuple[float, float, float]] = {"snowman": (0.15, 0.15, 0.15),
                                                               "mushroom": (0.93, 0.88, 0.76)}
+#: Cameras of the toy world (the prior's training images) and of the toy demo's stages: the stages' defaults
+#: (threestudio prolificdreamer) but elevations up to 80 degrees, so that overhead views ("overhead view" above 60,
+#: ``CameraConfig.overhead_threshold``) are in the prior's data and guide the tops of objects (a torus's hole is seen
+#: only from above; DreamFusion draws elevations up to 90). 80, not 90: at the pole the look-at frame's roll is set
+#: by the random up-vector perturbation alone.
+TOY_CAMERA = CameraConfig(elevation_range=(-10.0, 80.0))
+
 #: Words of every caption (tokenizer vocabulary of the prior: each is one token).
 WORDS: Tuple[str, ...] = ("a", "an") + COLOUR_NAMES + SHAPES + VIEW_WORDS + ("view",)
 
@@ -210,7 +218,7 @@ class WorldConfig:
     resolution: int = 64
     """Image size, px (the prior's native resolution: 16 x 16 latents through the VAE's factor 4)."""
     camera: CameraConfig = None  # type: ignore[assignment]
-    """Camera distribution; None = the stages' ``CameraConfig()`` (threestudio prolificdreamer)."""
+    """Camera distribution; None = :data:`TOY_CAMERA` (the stages' defaults with elevations up to 80 degrees)."""
     albedo_prob: float = 0.3
     """Probability of an unshaded (ambient 1) image: stage 1 renders albedo only, so those are in-distribution."""
     ambient_range: Tuple[float, float] = (0.25, 0.6)
@@ -223,7 +231,7 @@ class WorldConfig:
 
     def __post_init__(self):
         if self.camera is None:
-            self.camera = CameraConfig()
+            self.camera = dataclasses.replace(TOY_CAMERA)
 
 
 def render_geometry(shape: str, cameras: Cameras, lights: Tensor, backend: str = "auto") -> Dict[str, Tensor]:

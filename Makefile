@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TOOLS  := .tools
-PROMPT ?= a red cube
+PROMPT ?= a red torus
 PYTEST_ARGS ?=
 
 .PHONY: test demo setup clean bench-smoke gpu-test gpu-wheels

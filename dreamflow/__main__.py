@@ -1,7 +1,7 @@
 """``python -m dreamflow``: ``run`` executes a workflow headless; ``demo`` runs the offline demo.
 
     python -m dreamflow run workflows/dreamflow_draft.json --set DreamFlowNeRFStage.iterations=200
-    python -m dreamflow demo --prompt "a red cube"
+    python -m dreamflow demo --prompt "a red torus"
 """
 
 from __future__ import annotations

@@ -34,6 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench.jobpool import run_jobs  # noqa: E402
+
 METHODS = ("apfo", "sds", "vsd")
 #: t ranges per method and stage (module docstring).
 T_RANGES = {"apfo": ((1.0, 0.2), (0.5, 0.1)), "sds": ((0.98, 0.02), (0.5, 0.1)), "vsd": ((0.98, 0.02), (0.5, 0.1))}
@@ -133,7 +135,16 @@ def run_job(denoiser, classifier, job, changes):
             "score_s": t4 - t3, "seconds": t2 - t0, "preview": preview}
 
 
-def worker(device: str, jobs, results, variants, threads: int):
+def _describe(r: dict) -> str:
+    """Progress-line tail of one scored GLB."""
+    from dreamflow.toy.fidelity import Fidelity, failures
+
+    fails = failures(Fidelity(**{k: v for k, v in r.items() if k in Fidelity.__dataclass_fields__}))
+    return (f"{r['seconds']:.1f} s IoU {r['iou_mean']:.2f} CD {r['chamfer']:.3f} dE {r['delta_e']:.1f} "
+            f"fl {r['floaters']:.3f} " + ("PASS" if not fails else "FAIL: " + "; ".join(fails)))
+
+
+def worker(jobs, results, device: str, variants, threads: int):
     import logging
 
     logging.disable(logging.WARNING)
@@ -273,8 +284,6 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.environ.get("OUT", "bench/glb_fidelity_out"))
     p.add_argument("--keep-glb", default=None, help="keep every GLB in this folder (default: deleted once scored)")
     args = p.parse_args(argv)
-    import torch.multiprocessing as mp
-
     if args.keep_glb:
         os.environ["GLB_FIDELITY_KEEP"] = os.path.abspath(args.keep_glb)
     if args.demo:
@@ -290,35 +299,7 @@ def main(argv=None) -> int:
                  for v in variants for m in args.methods if "/" not in v or v.split("/")[0] == m]
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
-    ctx = mp.get_context("spawn")
-    jobs, results = ctx.Queue(), ctx.Queue()
-    for j in jobs_list:
-        jobs.put(j)
-    procs = [ctx.Process(target=worker, args=(args.device, jobs, results, variants, args.threads), daemon=True)
-             for _ in range(args.workers)]
-    for pr in procs:
-        pr.start()
-    rows = []
-    while len(rows) < len(jobs_list) and time.time() - t0 < args.deadline_s:
-        try:
-            r = results.get(timeout=5)
-        except queue.Empty:
-            if not any(pr.is_alive() for pr in procs):
-                break
-            continue
-        rows.append(r)
-        if "error" in r:
-            tag = "error " + r["error"]
-        else:
-            from dreamflow.toy.fidelity import Fidelity, failures
-
-            fails = failures(Fidelity(**{k: v for k, v in r.items() if k in Fidelity.__dataclass_fields__}))
-            tag = f"{r['seconds']:.1f} s IoU {r['iou_mean']:.2f} CD {r['chamfer']:.3f} dE {r['delta_e']:.1f} " \
-                  f"fl {r['floaters']:.3f} " + ("PASS" if not fails else "FAIL: " + "; ".join(fails))
-        print(f"[{time.time() - t0:5.0f} s] {len(rows)}/{len(jobs_list)} {r['job']} {tag}", flush=True)
-    for pr in procs:
-        if pr.is_alive():
-            pr.terminate()
+    rows = run_jobs(jobs_list, worker, (args.device, variants, args.threads), args.workers, args.deadline_s, _describe)
     table = summarise(rows)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     out = {"settings": vars(args), "variants": variants, "device": device_name, "prompts": prompts,

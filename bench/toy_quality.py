@@ -33,6 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from bench.jobpool import run_jobs  # noqa: E402
+
 METHODS = ("apfo", "sds", "vsd")
 
 
@@ -88,7 +90,7 @@ def run_job(denoiser, classifier, job, resolution: int):
             "coverage": float(out["opacity"].mean())}, out["rgb"][0].cpu()
 
 
-def worker(rank: int, device: str, jobs, results, resolution: int, threads: int):
+def worker(jobs, results, device: str, resolution: int, threads: int):
     import logging
 
     logging.disable(logging.WARNING)
@@ -198,7 +200,6 @@ def main(argv=None) -> int:
                    help="APFO: GuidanceConfig.lora_shares_noise (default on, as the stages)")
     args = p.parse_args(argv)
     os.environ[SHARES_ENV] = args.lora_shares_noise
-    import torch.multiprocessing as mp
 
     prompts = prompt_list(args.reduced)
     budgets = sorted(args.budgets)
@@ -206,28 +207,8 @@ def main(argv=None) -> int:
     jobs_list = [(m, b, s, c, args.seed) for b in budgets for (s, c) in prompts for m in args.methods]
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
-    ctx = mp.get_context("spawn")
-    jobs, results = ctx.Queue(), ctx.Queue()
-    for j in jobs_list:
-        jobs.put(j)
-    procs = [ctx.Process(target=worker, args=(r, args.device, jobs, results, args.resolution, args.threads), daemon=True)
-             for r in range(args.workers)]
-    for pr in procs:
-        pr.start()
-    rows = []
-    while len(rows) < len(jobs_list) and time.time() - t0 < args.deadline_s:
-        try:
-            r = results.get(timeout=5)
-        except queue.Empty:
-            if not any(pr.is_alive() for pr in procs):
-                break
-            continue
-        rows.append(r)
-        tag = "error " + r["error"] if "error" in r else f"{r['seconds']:.1f} s"
-        print(f"[{time.time() - t0:6.0f} s] {len(rows)}/{len(jobs_list)} {r['job'][:4]} {tag}", flush=True)
-    for pr in procs:
-        if pr.is_alive():
-            pr.terminate()
+    rows = run_jobs(jobs_list, worker, (args.device, args.resolution, args.threads), args.workers, args.deadline_s,
+                    lambda r: f"{r['seconds']:.1f} s")
     table = summarise(rows, prompts, budgets)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     out = {"settings": vars(args), "device": device_name, "prompts": prompts, "table": table,

@@ -1,0 +1,42 @@
+"""A shared job queue served by spawned worker processes, for the toy-world benchmarks (toy_quality, glb_fidelity).
+
+``run_jobs(jobs, target, args, workers, deadline_s, describe)`` puts every job on one queue, starts ``workers``
+processes running ``target(jobs_queue, results_queue, *args)`` (each takes jobs until the queue is empty and puts
+one result dict per job), and collects results until all are in, every worker has ended, or ``deadline_s`` passed
+(the rest is left undone). ``describe(result)`` gives the progress line's tail.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from typing import Callable, List, Sequence
+
+
+def run_jobs(jobs_list: Sequence, target: Callable, args: tuple, workers: int, deadline_s: float,
+             describe: Callable[[dict], str]) -> List[dict]:
+    import torch.multiprocessing as mp
+
+    t0 = time.time()
+    ctx = mp.get_context("spawn")
+    jobs, results = ctx.Queue(), ctx.Queue()
+    for j in jobs_list:
+        jobs.put(j)
+    procs = [ctx.Process(target=target, args=(jobs, results, *args), daemon=True) for _ in range(workers)]
+    for pr in procs:
+        pr.start()
+    rows: List[dict] = []
+    while len(rows) < len(jobs_list) and time.time() - t0 < deadline_s:
+        try:
+            r = results.get(timeout=5)
+        except queue.Empty:
+            if not any(pr.is_alive() for pr in procs):
+                break
+            continue
+        rows.append(r)
+        tag = "error " + r["error"] if "error" in r else describe(r)
+        print(f"[{time.time() - t0:6.0f} s] {len(rows)}/{len(jobs_list)} {r['job']} {tag}", flush=True)
+    for pr in procs:
+        if pr.is_alive():
+            pr.terminate()
+    return rows

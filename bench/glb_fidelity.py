@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import sys
 import time
 
@@ -34,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.jobpool import run_jobs  # noqa: E402
+from bench.jobpool import load_toy, run_jobs, serve  # noqa: E402
 
 METHODS = ("apfo", "sds", "vsd")
 #: t ranges per method and stage (module docstring).
@@ -145,27 +144,8 @@ def _describe(r: dict) -> str:
 
 
 def worker(jobs, results, device: str, variants, threads: int):
-    import logging
-
-    logging.disable(logging.WARNING)
-    torch.set_num_threads(threads)
-    from dreamflow.denoisers import Denoiser
-    from dreamflow.denoisers.loading import REPO_MODELS_DIR
-    from dreamflow.toy.classifier import load_classifier
-    from dreamflow.toy.prior import TOY_MODEL_NAME
-
-    den = Denoiser.load(TOY_MODEL_NAME, device=device, dtype="fp32")
-    clf = load_classifier(os.path.join(REPO_MODELS_DIR, TOY_MODEL_NAME, "classifier", "model.safetensors"), "cpu")
-    while True:
-        try:
-            job = jobs.get_nowait()
-        except queue.Empty:
-            return
-        try:
-            res = run_job(den, clf, job, variants[job[1]])
-        except Exception as e:  # one failed run is reported, not fatal
-            res = {"job": list(job), "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-        results.put(res)
+    den, clf = load_toy(device, threads, "cpu")
+    serve(jobs, results, lambda job: run_job(den, clf, job, variants[job[1]]))
 
 
 def _ms(values):

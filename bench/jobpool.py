@@ -40,3 +40,38 @@ def run_jobs(jobs_list: Sequence, target: Callable, args: tuple, workers: int, d
         if pr.is_alive():
             pr.terminate()
     return rows
+
+
+def serve(jobs, results, run: Callable[[tuple], dict]) -> None:
+    """A worker's loop: take jobs until the queue is empty; a job that raises is reported as a one-line error."""
+    while True:
+        try:
+            job = jobs.get_nowait()
+        except queue.Empty:
+            return
+        try:
+            res = run(job)
+        except Exception as e:  # one failed run is reported, not fatal
+            res = {"job": list(job), "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+        results.put(res)
+
+
+def load_toy(device: str, threads: int, classifier_device: str):
+    """(toy prior as a float32 Denoiser on ``device``, world classifier) for a worker; warnings off."""
+    import logging
+    import os
+
+    import torch
+
+    logging.disable(logging.WARNING)
+    torch.set_num_threads(threads)
+    from dreamflow.denoisers import Denoiser
+    from dreamflow.denoisers.loading import REPO_MODELS_DIR
+    from dreamflow.toy.classifier import load_classifier
+    from dreamflow.toy.prior import TOY_MODEL_NAME
+
+    # float32 on every device: the toy prior is small, and the scene LoRA then trains in full precision.
+    den = Denoiser.load(TOY_MODEL_NAME, device=device, dtype="fp32")
+    clf = load_classifier(os.path.join(REPO_MODELS_DIR, TOY_MODEL_NAME, "classifier", "model.safetensors"),
+                          classifier_device)
+    return den, clf

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import sys
 import time
 
@@ -33,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from bench.jobpool import run_jobs  # noqa: E402
+from bench.jobpool import load_toy, run_jobs, serve  # noqa: E402
 
 METHODS = ("apfo", "sds", "vsd")
 
@@ -91,30 +90,14 @@ def run_job(denoiser, classifier, job, resolution: int):
 
 
 def worker(jobs, results, device: str, resolution: int, threads: int):
-    import logging
+    den, clf = load_toy(device, threads, device)
 
-    logging.disable(logging.WARNING)
-    torch.set_num_threads(threads)
-    from dreamflow.denoisers import Denoiser
-    from dreamflow.toy.classifier import load_classifier
-    from dreamflow.toy.prior import TOY_MODEL_NAME
+    def run(job):
+        res, img = run_job(den, clf, job, resolution)
+        res["preview"] = (img.clamp(0, 1) * 255).round().to(torch.uint8).tolist()
+        return res
 
-    from dreamflow.denoisers.loading import REPO_MODELS_DIR
-
-    # float32 on every device: the toy prior is small, and the scene LoRA then trains in full precision.
-    den = Denoiser.load(TOY_MODEL_NAME, device=device, dtype="fp32")
-    clf = load_classifier(os.path.join(REPO_MODELS_DIR, TOY_MODEL_NAME, "classifier", "model.safetensors"), device)
-    while True:
-        try:
-            job = jobs.get_nowait()
-        except queue.Empty:
-            return
-        try:
-            res, img = run_job(den, clf, job, resolution)
-            res["preview"] = (img.clamp(0, 1) * 255).round().to(torch.uint8).tolist()
-        except Exception as e:  # one failed run is reported, not fatal
-            res = {"job": list(job), "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-        results.put(res)
+    serve(jobs, results, run)
 
 
 def summarise(rows, prompts, budgets):

@@ -161,3 +161,54 @@ def free_memory() -> None:
             torch.cuda.empty_cache()
     except Exception:
         pass
+
+
+# --------------------------------------------------------------------------------------------
+# Sharing the card with ComfyUI
+# --------------------------------------------------------------------------------------------
+def _comfy_device(mm, device):
+    """``device`` as ComfyUI's model management names it (``cuda`` -> ``cuda:<current>``: its loaded models
+    compare devices with ``==``)."""
+    import torch
+
+    device = torch.device(device)
+    if device.index is None and device.type == "cuda":
+        try:
+            main = mm.get_torch_device()
+            if getattr(main, "type", None) == "cuda":
+                return main
+        except Exception:
+            pass
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def make_room(device, memory_required: Optional[float] = None, why: str = "") -> bool:
+    """Before DreamFlow loads or runs a denoiser on ``device``: ask ComfyUI's model management to free room, as
+    its own loaders do (``comfy.model_management.free_memory``, which unloads the models ComfyUI manages, most
+    recently used last, until enough memory is free; they are moved to RAM and reloaded when a node uses them).
+
+    ``memory_required``: bytes the work needs (plus ComfyUI's minimum inference reserve); ``None`` frees all it
+    can on that device (a stage's activations, the scene LoRA's Adam state and the frozen model's
+    working memory are not known in advance). Returns True when ComfyUI was asked; headless or on the CPU it
+    does nothing (False). Never raises: a failure is logged and the work goes on.
+    """
+    import torch
+
+    mm = comfy_module("model_management")
+    if mm is None or not hasattr(mm, "free_memory"):
+        return False
+    if torch.device(device).type == "cpu":
+        return False
+    try:
+        dev = _comfy_device(mm, device)
+        reserve = float(mm.minimum_inference_memory()) if hasattr(mm, "minimum_inference_memory") else 0.0
+        required = 1e30 if memory_required is None else float(memory_required) + reserve
+        mm.free_memory(required, dev)
+        return True
+    except Exception as e:  # never let memory bookkeeping stop a stage
+        import logging
+
+        logging.getLogger("dreamflow").warning("DreamFlow: could not ask ComfyUI to free memory%s (%s: %s)",
+                                               f" for {why}" if why else "", type(e).__name__, e)
+        return False

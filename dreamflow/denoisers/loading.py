@@ -152,6 +152,17 @@ def resolve_model(name: str) -> str:
 # --------------------------------------------------------------------------------------------
 # Folders
 # --------------------------------------------------------------------------------------------
+def weights_bytes(path: str) -> int:
+    """Bytes of the weight files of a model folder (every .safetensors / .bin below it) or of a checkpoint file:
+    what loading it will put on the device, about (the dtype may halve or double it)."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    total = 0
+    for folder, _, files in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(folder, f)) for f in files if f.endswith((".safetensors", ".bin")))
+    return total
+
+
 def read_model_index(folder: str) -> dict:
     """The folder's ``model_index.json``; clear errors for a folder that is not a diffusers pipeline."""
     path = os.path.join(folder, "model_index.json")

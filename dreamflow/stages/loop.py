@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..errors import DivergenceError, DreamFlowError
 from ..guidance import make_guidance
-from ..hosting import Callbacks, raise_interrupt
+from ..hosting import Callbacks, make_room, raise_interrupt
 from ..seeding import derived_seed
 from ..render.cameras import sample_cameras, view_prompt
 
@@ -88,6 +88,7 @@ def optimise(*, stage: str, denoiser, prompt: str, negative_prompt: str, config,
     """
     callbacks = callbacks or Callbacks()
     device = denoiser.device
+    make_room(device, why=stage)  # in ComfyUI: its other models leave the card first (README "Sharing the GPU")
     total = int(config.iterations)
     cam_gen = torch.Generator().manual_seed(int(config.seed))
     # The VAE posterior sample is random too (threestudio samples it): seed it for reproducible runs.

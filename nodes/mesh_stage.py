@@ -17,7 +17,8 @@ class MeshStage:
         return {
             "required": {
                 "denoiser": (DENOISER, {"tooltip": "An SD 1.x/2.x denoiser (paper: SD 2.1, as in the NeRF stage)."}),
-                "mesh": (MESH, {"tooltip": "The mesh to fine-tune (ExtractMesh's output or a loaded mesh state)."}),
+                "mesh": (MESH, {"tooltip": "The mesh to fine-tune (ExtractMesh's output, a loaded mesh state, or DreamFlow "
+                                           "Load Mesh / a converted MESH or TRIMESH)."}),
                 **prompt_inputs("A corgi standing up drinking boba."),
                 "seed": seed_input(c),
                 "iterations": int_input(c, "iterations", 1, 100000, "Optimisation updates of the mesh."),
@@ -28,6 +29,10 @@ class MeshStage:
                 **guidance_inputs(c),
                 **mesh_inputs(c),
                 **preview_inputs(),
+                # last, so that workflows saved before it keep their widget values
+                "texture_only": ("BOOLEAN", {"default": not c.optimize_geometry,
+                                             "tooltip": "Freeze the geometry: optimise the colour field only, the "
+                                                        "vertices stay bit-identical (texture a loaded mesh)."}),
             }
         }
 
@@ -42,9 +47,10 @@ class MeshStage:
 
     def run(self, denoiser, mesh, prompt, negative_prompt, seed, iterations, resolution, denoise_resolution,
             views_per_update, method, cfg_scale, t_start, t_end, updates_per_t, lr_geometry, lr_grid, lr_mlp,
-            lr_lora, lambda_normal_consistency, lambda_laplacian, preview_views, preview_resolution):
+            lr_lora, lambda_normal_consistency, lambda_laplacian, preview_views, preview_resolution, texture_only):
         config = make_config(MeshStageConfig, seed=seed, iterations=iterations, resolution=resolution,
                              denoise_resolution=denoise_resolution, views_per_update=views_per_update,
+                             optimize_geometry=not texture_only,
                              **mesh_changes(lr_geometry, lr_grid, lr_mlp, lambda_normal_consistency, lambda_laplacian),
                              **guidance_changes(method, cfg_scale, t_start, t_end, updates_per_t, lr_lora))
         with engine_call():

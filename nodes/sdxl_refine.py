@@ -28,8 +28,8 @@ class SDXLRefine:
                 "views_per_update": int_input(c, "views_per_update", 1, 64, "Random cameras per update."),
                 **guidance_inputs(c),
                 "refine_geometry": ("BOOLEAN", {"default": bool(c.optimize_geometry),
-                                                "tooltip": "Also move the vertices (off, the paper's setting: "
-                                                           "texture only, the mesh stage's geometry is kept)."}),
+                                                "tooltip": "Also move the vertices. Off (the paper's setting): "
+                                                           "texture only, the vertices stay bit-identical."}),
                 **mesh_inputs(c),
                 **preview_inputs(),
             }

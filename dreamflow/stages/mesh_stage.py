@@ -59,7 +59,8 @@ class MeshStageConfig:
     guidance: GuidanceConfig = field(default_factory=lambda: GuidanceConfig(method="apfo", t_start=0.5, t_end=0.1))
     """APFO t 0.5 -> 0.1 (paper stage 2)."""
     optimize_geometry: bool = True
-    """Optimise vertex offsets (stage 2: geometry + texture)."""
+    """Optimise vertex offsets (stage 2: geometry + texture). Off (texture only, MeshStage's ``texture_only``): the
+    vertices come out bit-identical to the input's, e.g. to texture a mesh made elsewhere without changing it."""
     optimize_color: bool = True
     """Optimise the colour field."""
     lr_geometry: float = 5e-3
@@ -176,9 +177,12 @@ def _run_mesh_like(stage: str, kind: str, denoiser, mesh: MeshState, prompt: str
     history = list(mesh.history) + [stage]
 
     def snapshot(log):
+        # texture only: the input's vertices bit for bit (base + 0 would turn -0.0 into +0.0)
+        vertices = start.vertices.detach().float().clone() if not config.optimize_geometry else \
+            model.vertices().detach().clone()
         return MeshState(field=model.color, background=background, prompt=prompt, negative_prompt=negative_prompt,
                          settings=settings, guidance_log=list(mesh.guidance_log) + [dict(r, stage=stage) for r in log],
-                         history=history, vertices=model.vertices().detach().clone(), faces=model.faces.clone())
+                         history=history, vertices=vertices, faces=model.faces.clone())
 
     result = optimise(stage=stage, denoiser=denoiser, prompt=prompt, negative_prompt=negative_prompt, config=config,
                       render_fn=render_fn, optimizer=optimizer, snapshot=snapshot, callbacks=callbacks)

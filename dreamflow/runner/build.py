@@ -260,12 +260,97 @@ def toy_demo(defs: Dict[str, NodeDef]) -> dict:
     return b.to_json("toy_demo")
 
 
+EXAMPLE_MESH = "toy_mushroom.glb [example]"
+"""The toy-world mesh shipped in ``examples/`` (a red mushroom, vertex colours), as Load Mesh lists it."""
+TOY_MESH_STAGE = dict(iterations=30, resolution=64, denoise_resolution=64, views_per_update=2, t_start=0.5, t_end=0.1,
+                      preview_views=4, preview_resolution=64)
+"""The toy demo's mesh-stage settings (``DemoConfig``: 30 updates at 64 px, APFO t 0.5 -> 0.1)."""
+TOY_LOAD = dict(mesh_file=EXAMPLE_MESH, color_fit_steps=100, grid_levels=8, grid_log2_size=15)
+"""Load Mesh for the toy prior: the demo's small colour field (8 levels, 2^15 entries: fast on a CPU)."""
+
+
+def _texture_chain(b: WorkflowBuilder, sd: int, load: int, prompt: str, x0: float, mesh_values: dict) -> int:
+    """Load Mesh -> MeshStage (texture only) with its PreviewImage; returns the mesh stage's id."""
+    stage = b.add("DreamFlowMeshStage", (x0, 0), title="Mesh stage (texture only)", prompt=prompt, texture_only=True,
+                  **mesh_values)
+    b.link(sd, "denoiser", stage, "denoiser")
+    b.link(load, "mesh", stage, "mesh")
+    b.link(stage, "preview", b.add("PreviewImage", (x0, 820), width=400), "images")
+    return stage
+
+
+def texture_mesh(defs: Dict[str, NodeDef]) -> dict:
+    """Texture a mesh made elsewhere: Load Mesh -> MeshStage (texture only, SD 2.1-base, 512 px) -> SDXL refiner
+    (1024 px, texture only) -> Save GLB -> Preview3D. The geometry is kept bit for bit."""
+    b = WorkflowBuilder(defs)
+    b.note("**Texture a mesh**: load your GLB / glTF / OBJ / PLY (upload it on Load Mesh), describe it in the "
+           "prompts; the mesh stage (SD 2.1-base, 512 px, t 0.5 -> 0.1) and the SDXL refiner (1024 px, t 0.3 -> 0) "
+           "paint it without moving a vertex (texture_only / refine_geometry off). The file's own colours are the "
+           f"start (keep_colors). Needs `{SD21}` and `{SDXL_REFINER}` in `models/checkpoints`.", (-440, -260),
+           size=(400, 230))
+    load = b.add("DreamFlowLoadMesh", (-440, 0), mesh_file=EXAMPLE_MESH)
+    sd = b.add("DreamFlowLoadDenoiser", (-440, 420), title="SD 2.1-base", model_name=SD21)
+    prompt = "A red mushroom with white spots, photorealistic."
+    stage = _texture_chain(b, sd, load, prompt, 0, dict(resolution=512, t_start=0.5, t_end=0.1))
+    refiner = b.add("DreamFlowLoadDenoiser", (0, -260), title="SDXL refiner", model_name=SDXL_REFINER)
+    refine = b.add("DreamFlowSDXLRefine", (440, 0), prompt=prompt, resolution=1024, t_start=0.3, t_end=0.0,
+                   refine_geometry=False)
+    b.link(refiner, "denoiser", refine, "refiner")
+    b.link(stage, "mesh", refine, "mesh")
+    b.link(refine, "preview", b.add("PreviewImage", (440, 820), width=400), "images")
+    _save(b, refine, 880, "dreamflow/textured")
+    return b.to_json("texture_mesh")
+
+
+def texture_mesh_toy(defs: Dict[str, NodeDef]) -> dict:
+    """The texture workflow's offline twin: the shipped toy mushroom re-coloured by the toy prior (CPU, minutes).
+    The toy prior is an SD model, so SDXL refine is left out; the mesh stage keeps the geometry."""
+    b = WorkflowBuilder(defs)
+    b.note("**Texture a mesh, offline**: the shipped toy mushroom (red cap) is re-painted by the toy prior "
+           "`dreamflow-toy` as 'a blue mushroom', geometry frozen (texture_only). Swap in your own mesh and the "
+           "SD / SDXL models with `dreamflow_texture_mesh.json`.", (-440, -220), size=(400, 180))
+    load = b.add("DreamFlowLoadMesh", (-440, 0), **TOY_LOAD)
+    sd = b.add("DreamFlowLoadDenoiser", (-440, 420), title="Toy prior", model_name="dreamflow-toy")
+    stage = _texture_chain(b, sd, load, "a blue mushroom", 0, TOY_MESH_STAGE)
+    save = b.add("DreamFlowSaveGLB", (440, 0), filename_prefix="dreamflow/toy_textured", texture_size=256)
+    b.link(stage, "mesh", save, "mesh")
+    b.link(save, "glb_path", b.add("Preview3D", (440, 420), width=500), "model_file")
+    return b.to_json("texture_mesh_toy")
+
+
 WORKFLOWS: Dict[str, Callable[[Dict[str, NodeDef]], dict]] = {
     "dreamflow_paper_full.json": paper_full,
     "dreamflow_draft.json": draft,
     "dreamflow_custom_stages.json": custom_stages,
     "dreamflow_toy_demo.json": toy_demo,
+    "dreamflow_texture_mesh.json": texture_mesh,
+    "dreamflow_texture_mesh_toy.json": texture_mesh_toy,
 }
+
+EXAMPLE_STAGE = "examples/dreamflow_example_stage"
+"""The example custom stage (a custom-node folder of its own; docs/STATES.md)."""
+
+
+def custom_stage_example(defs: Dict[str, NodeDef]) -> dict:
+    """An outside node between two DreamFlow nodes: Load Mesh -> Example Smooth Mesh -> Save GLB -> Preview3D."""
+    b = WorkflowBuilder(defs)
+    b.note("**A custom stage between DreamFlow nodes**: `DreamFlowExampleSmoothMesh` (from "
+           f"`{EXAMPLE_STAGE}`, copy it into `custom_nodes/`) takes a DreamFlow mesh state and returns a new one "
+           "(docs/STATES.md). Headless: `python -m dreamflow run examples/dreamflow_custom_stage_example.json "
+           f"--nodes {EXAMPLE_STAGE}`.", (-440, -220), size=(400, 180))
+    load = b.add("DreamFlowLoadMesh", (-440, 0), **TOY_LOAD)
+    smooth = b.add("DreamFlowExampleSmoothMesh", (0, 0), iterations=5, strength=0.5)
+    b.link(load, "mesh", smooth, "mesh")
+    save = b.add("DreamFlowSaveGLB", (440, 0), filename_prefix="dreamflow/smoothed", texture_size=256)
+    b.link(smooth, "mesh", save, "mesh")
+    b.link(save, "glb_path", b.add("Preview3D", (440, 420), width=500), "model_file")
+    return b.to_json("custom_stage_example")
+
+
+EXAMPLE_WORKFLOWS: Dict[str, Callable[[Dict[str, NodeDef]], dict]] = {
+    "dreamflow_custom_stage_example.json": custom_stage_example,
+}
+"""Workflows in ``examples/`` that need the example nodes (``node_defs(custom_nodes=[EXAMPLE_STAGE])``)."""
 
 
 def render(workflow: dict) -> str:
@@ -277,10 +362,12 @@ def write_all(folder: Optional[str] = None) -> List[str]:
     folder = folder or os.path.join(pack_root(), "workflows")
     defs = node_defs()
     written = []
-    for name, fn in WORKFLOWS.items():
-        path = os.path.join(folder, name)
+    jobs = [(os.path.join(folder, name), fn, defs) for name, fn in WORKFLOWS.items()]
+    example_defs = node_defs(custom_nodes=[os.path.join(pack_root(), EXAMPLE_STAGE)])
+    jobs += [(os.path.join(pack_root(), "examples", name), fn, example_defs) for name, fn in EXAMPLE_WORKFLOWS.items()]
+    for path, fn, d in jobs:
         with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            f.write(render(fn(defs)))
+            f.write(render(fn(d)))
         written.append(path)
     return written
 

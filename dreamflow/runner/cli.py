@@ -29,6 +29,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "(every match), e.g. --set DreamFlowNeRFStage.iterations=10 (repeatable)")
     p.add_argument("--output", metavar="DIR", help="output folder (default: $DREAMFLOW_OUTPUT or ./output)")
     p.add_argument("--input", metavar="DIR", help="input folder for DreamFlowLoadState (default: $DREAMFLOW_INPUT or ./input)")
+    p.add_argument("--nodes", dest="custom_nodes", action="append", default=[], metavar="DIR",
+                   help="also load this custom-node folder (as ComfyUI loads custom_nodes/*), e.g. "
+                        "examples/dreamflow_example_stage (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="convert and validate only; print the API prompt")
     p.add_argument("-v", "--verbose", action="store_true", help="log backend choices and engine details")
 
@@ -50,14 +53,14 @@ def _env(**values: Optional[str]):
                 os.environ[k] = v
 
 
-def prepare(path: str, sets: List[str], log=print) -> tuple:
+def prepare(path: str, sets: List[str], log=print, custom_nodes=()) -> tuple:
     """Load, convert, edit and validate a workflow: ``(prompt, ui_workflow, defs)`` ready to run."""
     from .convert import as_api, load_workflow_file
     from .defs import node_defs
     from .validate import apply_sets, validate_prompt
 
     data = load_workflow_file(path)
-    defs = node_defs()
+    defs = node_defs(custom_nodes=custom_nodes)
     prompt, ui = as_api(data, defs)
     for line in apply_sets(prompt, sets, defs):
         log(f"set {line}")
@@ -83,7 +86,7 @@ def run_command(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         with _env(DREAMFLOW_OUTPUT=args.output, DREAMFLOW_INPUT=args.input):
-            prompt, ui, defs = prepare(args.workflow, args.sets)
+            prompt, ui, defs = prepare(args.workflow, args.sets, custom_nodes=getattr(args, "custom_nodes", ()))
             if args.dry_run:
                 print(json.dumps(prompt, indent=1))
                 return 0

@@ -160,10 +160,37 @@ def load_node_pack(root: Optional[str] = None):
     return module
 
 
-def node_defs(mappings: Optional[Dict[str, type]] = None) -> Dict[str, NodeDef]:
-    """Definitions of every node the runner can convert: the pack's nodes and the core display nodes."""
+def load_custom_nodes(folder: str) -> Dict[str, type]:
+    """``NODE_CLASS_MAPPINGS`` of another custom-node folder (e.g. ``examples/dreamflow_example_stage``), imported
+    by file as ComfyUI imports ``custom_nodes/*``; for headless runs of workflows with third-party stages."""
+    folder = os.path.abspath(folder)
+    init = os.path.join(folder, "__init__.py")
+    if not os.path.isfile(init):
+        raise DreamFlowError(f"custom nodes '{folder}' have no __init__.py; pass a ComfyUI custom-node folder")
+    module_name = "dreamflow_custom_nodes_" + "".join(c if c.isalnum() else "_" for c in os.path.basename(folder))
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, init, submodule_search_locations=[folder])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:
+            del sys.modules[module_name]
+            raise DreamFlowError(f"custom nodes '{folder}' failed to import ({type(e).__name__}: {e})") from None
+    mappings = getattr(sys.modules[module_name], "NODE_CLASS_MAPPINGS", None)
+    if not isinstance(mappings, dict):
+        raise DreamFlowError(f"custom nodes '{folder}' define no NODE_CLASS_MAPPINGS dict")
+    return dict(mappings)
+
+
+def node_defs(mappings: Optional[Dict[str, type]] = None, custom_nodes=()) -> Dict[str, NodeDef]:
+    """Definitions of every node the runner can convert: the pack's nodes, the core display nodes and the nodes
+    of the ``custom_nodes`` folders (:func:`load_custom_nodes`)."""
     if mappings is None:
         mappings = load_node_pack().NODE_CLASS_MAPPINGS
+    mappings = dict(mappings)
+    for folder in custom_nodes:
+        mappings.update(load_custom_nodes(folder))
     defs = {name: node_def(name, spec) for name, spec in CORE_DISPLAY_NODES.items()}
     for name, cls in mappings.items():
         defs[name] = node_def(name, cls.INPUT_TYPES(), cls)

@@ -25,6 +25,7 @@ import uuid
 import pytest
 
 from dreamflow.runner import apply_sets, node_defs, ui_to_api, validate_prompt
+from dreamflow.runner.build import EXAMPLE_STAGE
 from dreamflow.runner.defs import load_node_pack, pack_root
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
@@ -119,6 +120,8 @@ def server(tmp_path_factory):
     base = str(tmp_path_factory.mktemp("comfy_base"))
     os.makedirs(os.path.join(base, "custom_nodes"))
     os.symlink(pack_root(), os.path.join(base, "custom_nodes", "comfyui-dreamflow"))
+    # the example custom stage, installed as a user would (its own custom-node folder)
+    os.symlink(os.path.join(pack_root(), EXAMPLE_STAGE), os.path.join(base, "custom_nodes", "dreamflow_example_stage"))
     build_tiny_sd(os.path.join(base, "models", "diffusers", "tiny-sd"), seed=0)
     srv = Server(base)
     try:
@@ -161,6 +164,8 @@ def test_object_info_lists_every_node(server):
         assert list(entry["input"]["required"]) == list(cls.INPUT_TYPES()["required"])
     assert "tiny-sd" in info["DreamFlowLoadDenoiser"]["input"]["required"]["model_name"][0]
     assert "Preview3D" in info and "PreviewImage" in info
+    assert "toy_mushroom.glb [example]" in info["DreamFlowLoadMesh"]["input"]["required"]["mesh_file"][0]
+    assert "DreamFlowExampleSmoothMesh" in info  # the example custom stage loaded beside the pack
 
 
 def test_tiny_workflow_runs_through_prompt_and_history(server):
@@ -195,3 +200,58 @@ def test_interrupt_stops_a_running_stage(server):
     kinds = [m[0] for m in entry["status"]["messages"]]
     assert "execution_interrupted" in kinds and "execution_error" not in kinds, kinds
     assert time.time() - t0 < 180
+
+
+FAST_MESH = {"DreamFlowLoadMesh.color_fit_steps": 20, "DreamFlowLoadMesh.grid_levels": 4,
+             "DreamFlowLoadMesh.grid_log2_size": 12, "DreamFlowSaveGLB.texture_size": 64,
+             "DreamFlowSaveGLB.turntable_views": 0}
+
+
+def workflow_prompt(path: str, sets: dict, custom_nodes=()) -> dict:
+    defs = node_defs(custom_nodes=custom_nodes)
+    with open(path, encoding="utf-8") as f:
+        prompt = ui_to_api(json.load(f), defs)
+    apply_sets(prompt, [f"{k}={v}" for k, v in sets.items()], defs)
+    return validate_prompt(prompt, defs)
+
+
+def saved_glb(server, entry, prompt, node_type="DreamFlowSaveGLB") -> str:
+    (save_id,) = [k for k, v in prompt.items() if v["class_type"] == node_type]
+    (rec,) = entry["outputs"][save_id]["3d"]
+    return os.path.join(server.base, "output", rec["subfolder"], rec["filename"])
+
+
+def test_toy_texture_workflow_runs_in_the_server(server):
+    import trimesh
+
+    from gltf_validator import validate_glb
+
+    prompt = workflow_prompt(os.path.join(pack_root(), "workflows", "dreamflow_texture_mesh_toy.json"), {
+        **FAST_MESH, "DreamFlowLoadDenoiser.device": "cpu", "DreamFlowMeshStage.iterations": 2,
+        "DreamFlowMeshStage.resolution": 16, "DreamFlowMeshStage.denoise_resolution": 16,
+        "DreamFlowMeshStage.views_per_update": 1, "DreamFlowMeshStage.preview_views": 1,
+        "DreamFlowMeshStage.preview_resolution": 16})
+    entry = server.run(prompt)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000] + server.tail()
+    path = saved_glb(server, entry, prompt)
+    assert validate_glb(path)["issues"]["numErrors"] == 0
+    (geom,) = trimesh.load(path).geometry.values()
+    assert geom.bounds[1][1] - geom.bounds[0][1] > 0.5  # the mushroom, recentred to a 0.9-unit box
+
+
+def test_custom_stage_and_core_mesh_in_the_server(server):
+    import trimesh
+
+    prompt = workflow_prompt(os.path.join(pack_root(), "examples", "dreamflow_custom_stage_example.json"), FAST_MESH,
+                             [os.path.join(pack_root(), EXAMPLE_STAGE)])
+    (smooth_id,) = [k for k, v in prompt.items() if v["class_type"] == "DreamFlowExampleSmoothMesh"]
+    # and out to core: the smoothed mesh -> core MESH -> core SaveGLB (comfy_extras/nodes_hunyuan3d.py)
+    prompt["900"] = {"class_type": "DreamFlowMeshToCoreMesh", "inputs": {"mesh": [smooth_id, 0]}}
+    prompt["901"] = {"class_type": "SaveGLB", "inputs": {"mesh": ["900", 0], "filename_prefix": "mesh/core"}}
+    entry = server.run(prompt)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000] + server.tail()
+    ours = trimesh.load(saved_glb(server, entry, prompt))
+    core = trimesh.load(saved_glb(server, entry, prompt, "SaveGLB"), force="mesh", process=False)
+    (geom,) = ours.geometry.values()
+    assert len(core.faces) == len(geom.faces) > 1000  # the same welded mushroom, through both savers
+    assert abs(core.bounds - geom.bounds).max() < 1e-5

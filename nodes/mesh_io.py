@@ -171,27 +171,41 @@ class StandInCoreMesh:
 
 MESH_IN = "DreamFlow mesh state (any stage's, Load Mesh's or Load State's 'mesh' output)"
 CONVERT_WIDGETS = _import_widgets(recenter_default=False)
+CORE_WIDGETS = {k: t for k, t in CONVERT_WIDGETS.items() if k != "keep_colors"}  # core MESH has no colours
 
 
-class MeshToCoreMesh:
+class _MeshOut:
+    """A DreamFlow mesh state -> another pack's mesh type (subclasses: ``RETURN_TYPES``, ``_node_id`` and ``_out``)."""
+
+    _node_id = ""
+
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"mesh": (MESH, {"tooltip": f"A {MESH_IN}."})}}
 
+    FUNCTION = "convert"
+    CATEGORY = f"{CATEGORY}/convert"
+
+    def convert(self, mesh):
+        from dreamflow.state import MeshState
+
+        check_state(mesh, MeshState, self._node_id, "mesh", "connect a DreamFlow mesh output")
+        return (self._out(mesh),)
+
+
+class MeshToCoreMesh(_MeshOut):
+    _node_id = "DreamFlowMeshToCoreMesh"
     RETURN_TYPES = (CORE_MESH,)
     RETURN_NAMES = ("MESH",)
     OUTPUT_TOOLTIPS = ("ComfyUI core's MESH (batch of one; geometry only, core MESH has no colours), e.g. for core "
                        "Save GLB.",)
-    FUNCTION = "convert"
-    CATEGORY = f"{CATEGORY}/convert"
     DESCRIPTION = "A DreamFlow mesh as ComfyUI core's MESH (vertices and faces, exactly)."
 
-    def convert(self, mesh):
+    @staticmethod
+    def _out(mesh):
         from dreamflow.scene.mesh_io import to_core_arrays
-        from dreamflow.state import MeshState
 
-        check_state(mesh, MeshState, "DreamFlowMeshToCoreMesh", "mesh", "connect a DreamFlow mesh output")
-        return (core_mesh_class()(*to_core_arrays(mesh)),)
+        return core_mesh_class()(*to_core_arrays(mesh))
 
 
 class CoreMeshToMesh:
@@ -200,7 +214,7 @@ class CoreMeshToMesh:
         return {"required": {
             "mesh": (CORE_MESH, {"tooltip": "ComfyUI core's MESH (e.g. from VoxelToMesh)."}),
             "index": ("INT", {"default": 0, "min": 0, "max": 4096, "tooltip": "Which mesh of the MESH batch."}),
-            **_inputs({k: v for k, v in CONVERT_WIDGETS.items() if k != "keep_colors"}),
+            **_inputs(CORE_WIDGETS),
         }}
 
     RETURN_TYPES = (MESH,)
@@ -215,7 +229,6 @@ class CoreMeshToMesh:
         from dreamflow.scene.mesh_io import from_arrays
 
         widgets = dict(locals())
-
         v, f = getattr(mesh, "vertices", None), getattr(mesh, "faces", None)
         if v is None or f is None:
             raise DreamFlowError(f"DreamFlowCoreMeshToMesh: input 'mesh' is a {type(mesh).__name__}, not core's MESH "
@@ -225,30 +238,24 @@ class CoreMeshToMesh:
         if index >= len(v):
             raise DreamFlowError(f"DreamFlowCoreMeshToMesh: index {index} is past the MESH batch of {len(v)}; use "
                                  f"0..{len(v) - 1}")
-        config = _config({k: t for k, t in CONVERT_WIDGETS.items() if k != "keep_colors"}, widgets)
+        config = _config(CORE_WIDGETS, widgets)
         with engine_call(free=False):
             return (from_arrays(v[index], f[index], config, name="DreamFlowCoreMeshToMesh"),)
 
 
-class MeshToTrimesh:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"mesh": (MESH, {"tooltip": f"A {MESH_IN}."})}}
-
+class MeshToTrimesh(_MeshOut):
+    _node_id = "DreamFlowMeshToTrimesh"
     RETURN_TYPES = (TRIMESH,)
     RETURN_NAMES = ("trimesh",)
     OUTPUT_TOOLTIPS = ("A trimesh.Trimesh with vertex colours baked from the colour field, for other 3D packs.",)
-    FUNCTION = "convert"
-    CATEGORY = f"{CATEGORY}/convert"
     DESCRIPTION = "A DreamFlow mesh as a trimesh.Trimesh (TRIMESH): vertices and faces exactly, vertex colours " \
                   "sampled from the colour field."
 
-    def convert(self, mesh):
+    @staticmethod
+    def _out(mesh):
         from dreamflow.scene.mesh_io import to_trimesh
-        from dreamflow.state import MeshState
 
-        check_state(mesh, MeshState, "DreamFlowMeshToTrimesh", "mesh", "connect a DreamFlow mesh output")
-        return (to_trimesh(mesh),)
+        return to_trimesh(mesh)
 
 
 class TrimeshToMesh:

@@ -160,10 +160,24 @@ def _pipeline(b: WorkflowBuilder, sd: int, x0: float, nerf_values: dict, extract
     return nerf, mesh
 
 
-def _save(b: WorkflowBuilder, mesh: int, x: float, prefix: str, texture_size: int = 1024) -> None:
-    save = b.add("DreamFlowSaveGLB", (x, 0), filename_prefix=prefix, texture_size=texture_size)
+def _save(b: WorkflowBuilder, mesh: int, x: float, prefix: str, texture_size: int = 1024, preview_y: float = 200,
+          **values) -> None:
+    """SaveGLB on ``mesh``'s output, its path shown by a Preview3D below it."""
+    save = b.add("DreamFlowSaveGLB", (x, 0), filename_prefix=prefix, texture_size=texture_size, **values)
     b.link(mesh, "mesh", save, "mesh")
-    b.link(save, "glb_path", b.add("Preview3D", (x, 200), width=500), "model_file")
+    b.link(save, "glb_path", b.add("Preview3D", (x, preview_y), width=500), "model_file")
+
+
+def _refine(b: WorkflowBuilder, mesh: int, loader_pos: Tuple[float, float], x: float, prompt: str) -> int:
+    """SDXL refiner loader + SDXLRefine at the paper's stage-3 settings (1024 px, t 0.3 -> 0, texture only) on
+    ``mesh``'s output, with its PreviewImage; returns the refine node's id."""
+    refiner = b.add("DreamFlowLoadDenoiser", loader_pos, title="SDXL refiner", model_name=SDXL_REFINER)
+    refine = b.add("DreamFlowSDXLRefine", (x, 0), prompt=prompt, resolution=1024, t_start=0.3, t_end=0.0,
+                   refine_geometry=False)
+    b.link(refiner, "denoiser", refine, "refiner")
+    b.link(mesh, "mesh", refine, "mesh")
+    b.link(refine, "preview", b.add("PreviewImage", (x, 820), width=400), "images")
+    return refine
 
 
 def paper_full(defs: Dict[str, NodeDef]) -> dict:
@@ -180,12 +194,7 @@ def paper_full(defs: Dict[str, NodeDef]) -> dict:
                            dict(resolution=512, t_start=0.5, t_end=0.1), PAPER_PROMPT)
     state = b.add("DreamFlowSaveState", (0, 1160), filename_prefix="dreamflow/corgi_nerf")
     b.link(nerf, "nerf", state, "nerf")
-    refiner = b.add("DreamFlowLoadDenoiser", (880, -260), title="SDXL refiner", model_name=SDXL_REFINER)
-    refine = b.add("DreamFlowSDXLRefine", (1320, 0), prompt=PAPER_PROMPT, resolution=1024, t_start=0.3, t_end=0.0,
-                   refine_geometry=False)
-    b.link(refiner, "denoiser", refine, "refiner")
-    b.link(mesh, "mesh", refine, "mesh")
-    b.link(refine, "preview", b.add("PreviewImage", (1320, 820), width=400), "images")
+    refine = _refine(b, mesh, (880, -260), 1320, PAPER_PROMPT)
     _save(b, refine, 1760, "dreamflow/corgi")
     return b.to_json("paper_full")
 
@@ -253,10 +262,8 @@ def toy_demo(defs: Dict[str, NodeDef]) -> dict:
                          resolution=c.mesh_resolution, denoise_resolution=64, cfg_scale=c.cfg_scale, t_start=0.5,
                          t_end=0.1, **small),
         prompt=prompt)
-    save = b.add("DreamFlowSaveGLB", (1320, 0), filename_prefix="dreamflow/toy", texture_size=c.texture_size,
-                 turntable_views=c.turntable_views, turntable_resolution=c.turntable_resolution)
-    b.link(mesh, "mesh", save, "mesh")
-    b.link(save, "glb_path", b.add("Preview3D", (1320, 420), width=500), "model_file")
+    _save(b, mesh, 1320, "dreamflow/toy", texture_size=c.texture_size, preview_y=420,
+          turntable_views=c.turntable_views, turntable_resolution=c.turntable_resolution)
     return b.to_json("toy_demo")
 
 
@@ -292,12 +299,7 @@ def texture_mesh(defs: Dict[str, NodeDef]) -> dict:
     sd = b.add("DreamFlowLoadDenoiser", (-440, 420), title="SD 2.1-base", model_name=SD21)
     prompt = "A red mushroom with white spots, photorealistic."
     stage = _texture_chain(b, sd, load, prompt, 0, dict(resolution=512, t_start=0.5, t_end=0.1))
-    refiner = b.add("DreamFlowLoadDenoiser", (0, -260), title="SDXL refiner", model_name=SDXL_REFINER)
-    refine = b.add("DreamFlowSDXLRefine", (440, 0), prompt=prompt, resolution=1024, t_start=0.3, t_end=0.0,
-                   refine_geometry=False)
-    b.link(refiner, "denoiser", refine, "refiner")
-    b.link(stage, "mesh", refine, "mesh")
-    b.link(refine, "preview", b.add("PreviewImage", (440, 820), width=400), "images")
+    refine = _refine(b, stage, (0, -260), 440, prompt)
     _save(b, refine, 880, "dreamflow/textured")
     return b.to_json("texture_mesh")
 
@@ -312,9 +314,7 @@ def texture_mesh_toy(defs: Dict[str, NodeDef]) -> dict:
     load = b.add("DreamFlowLoadMesh", (-440, 0), **TOY_LOAD)
     sd = b.add("DreamFlowLoadDenoiser", (-440, 420), title="Toy prior", model_name="dreamflow-toy")
     stage = _texture_chain(b, sd, load, "a blue mushroom", 0, TOY_MESH_STAGE)
-    save = b.add("DreamFlowSaveGLB", (440, 0), filename_prefix="dreamflow/toy_textured", texture_size=256)
-    b.link(stage, "mesh", save, "mesh")
-    b.link(save, "glb_path", b.add("Preview3D", (440, 420), width=500), "model_file")
+    _save(b, stage, 440, "dreamflow/toy_textured", texture_size=256, preview_y=420)
     return b.to_json("texture_mesh_toy")
 
 
@@ -341,9 +341,7 @@ def custom_stage_example(defs: Dict[str, NodeDef]) -> dict:
     load = b.add("DreamFlowLoadMesh", (-440, 0), **TOY_LOAD)
     smooth = b.add("DreamFlowExampleSmoothMesh", (0, 0), iterations=5, strength=0.5)
     b.link(load, "mesh", smooth, "mesh")
-    save = b.add("DreamFlowSaveGLB", (440, 0), filename_prefix="dreamflow/smoothed", texture_size=256)
-    b.link(smooth, "mesh", save, "mesh")
-    b.link(save, "glb_path", b.add("Preview3D", (440, 420), width=500), "model_file")
+    _save(b, smooth, 440, "dreamflow/smoothed", texture_size=256, preview_y=420)
     return b.to_json("custom_stage_example")
 
 

@@ -23,4 +23,6 @@ else:
     NODE_CLASS_MAPPINGS = load_node_pack(_ROOT).NODE_CLASS_MAPPINGS
     NODE_DISPLAY_NAME_MAPPINGS = load_node_pack(_ROOT).NODE_DISPLAY_NAME_MAPPINGS
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+WEB_DIRECTORY = "./web"  # the Load Mesh upload button (web/dreamflow_load_mesh.js)
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -113,9 +113,9 @@ class LoadMesh:
         return {
             "required": {
                 "mesh_file": (list_mesh_files(), dynamic_list({
-                    "file_upload": True,
-                    "tooltip": f"A mesh ({', '.join(MESH_EXTENSIONS)}) in ComfyUI's input folder; upload one with "
-                               f"the button. Headless: also a path."})),
+                    "tooltip": f"A mesh ({', '.join(MESH_EXTENSIONS)}) in ComfyUI's input folder (the upload button "
+                               f"puts one into input/3d), or one of the pack's [example] meshes. Headless: also a "
+                               f"path."})),
                 **_inputs(LOAD_WIDGETS),
             }
         }

@@ -221,6 +221,26 @@ def saved_glb(server, entry, prompt, node_type="DreamFlowSaveGLB") -> str:
     return os.path.join(server.base, "output", rec["subfolder"], rec["filename"])
 
 
+def test_load_mesh_upload_lands_in_its_list(server):
+    """The upload button's server half: the pack's web extension is served, a mesh POSTed to /upload/image (what
+    web/dreamflow_load_mesh.js sends) lands in input/3d and Load Mesh lists it."""
+    assert "/extensions/comfyui-dreamflow/dreamflow_load_mesh.js" in server.get("/extensions")
+    with open(os.path.join(pack_root(), "examples", "toy_mushroom.glb"), "rb") as f:
+        data = f.read()
+    boundary = uuid.uuid4().hex
+    body = b"".join([
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="upload.glb"\r\n'
+        f"Content-Type: model/gltf-binary\r\n\r\n".encode(), data, b"\r\n",
+        f'--{boundary}\r\nContent-Disposition: form-data; name="subfolder"\r\n\r\n3d\r\n'.encode(),
+        f'--{boundary}\r\nContent-Disposition: form-data; name="type"\r\n\r\ninput\r\n--{boundary}--\r\n'.encode()])
+    req = urllib.request.Request(server.url + "/upload/image", data=body,
+                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert json.loads(r.read()) == {"name": "upload.glb", "subfolder": "3d", "type": "input"}
+    info = server.get("/object_info/DreamFlowLoadMesh")
+    assert "3d/upload.glb" in info["DreamFlowLoadMesh"]["input"]["required"]["mesh_file"][0]
+
+
 def test_toy_texture_workflow_runs_in_the_server(server):
     import trimesh
 

@@ -359,7 +359,7 @@ def test_load_mesh_node_lists_uploads_and_the_shipped_example(tmp_path, monkeypa
     _write(tmp_path / "notes.txt", "not a mesh")
     node = load_node_pack().NODE_CLASS_MAPPINGS["DreamFlowLoadMesh"]
     files, options = node.INPUT_TYPES()["required"]["mesh_file"]
-    assert files == ["3d/box.ply", "toy_mushroom.glb [example]"] and options["file_upload"] is True
+    assert files == ["3d/box.ply", "toy_mushroom.glb [example]"] and options["dreamflow_dynamic"] is True
     widgets = dict(recenter=True, keep_colors=False, up_axis="+Y", decimate_to=0, color_fit_steps=0, grid_levels=4,
                    grid_log2_size=12)
     (state,) = node().load("3d/box.ply", **widgets)

@@ -28,6 +28,24 @@ class DivergenceError(DreamFlowError):
         self.last_good = last_good
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for an allocation failure: Python's / numpy's MemoryError, CUDA's OutOfMemoryError, or torch's
+    CPU allocator ("DefaultCPUAllocator: can't allocate memory")."""
+    if isinstance(error, MemoryError):
+        return True
+    name = type(error).__name__
+    if name == "OutOfMemoryError":
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text
+                                                or "not enough memory" in text or "cannot allocate memory" in text)
+
+
+def memory_kind(error: BaseException) -> str:
+    """"GPU" for CUDA's out-of-memory error, else "CPU"."""
+    return "GPU" if type(error).__name__ == "OutOfMemoryError" or "cuda" in str(error).lower() else "CPU"
+
+
 def check(condition: bool, message: str) -> None:
     """Raise :class:`DreamFlowError` with ``message`` unless ``condition`` (never ``assert`` on user input)."""
     if not condition:

@@ -55,6 +55,9 @@ class ExportConfig:
     """Rasterizer for the bake and the turntable: "auto" (nvdiffrast if usable, else torch), "torch" or "cuda"."""
 
     def validate(self) -> "ExportConfig":
+        from ..config import check_finite
+
+        check_finite(self, "export")
         check(16 <= int(self.texture_size) <= MAX_TEXTURE_SIZE,
               f"export texture_size {self.texture_size} must be in 16..{MAX_TEXTURE_SIZE} texels (1024 is typical)")
         check(0 <= int(self.padding) <= int(self.texture_size) // 4, f"export padding {self.padding} must be in 0..{int(self.texture_size) // 4} texels")

@@ -61,10 +61,17 @@ def prepare(path: str, sets: List[str], log=print, custom_nodes=()) -> tuple:
 
     data = load_workflow_file(path)
     defs = node_defs(custom_nodes=custom_nodes)
-    prompt, ui = as_api(data, defs)
-    for line in apply_sets(prompt, sets, defs):
-        log(f"set {line}")
-    return validate_prompt(prompt, defs), ui, defs
+    try:
+        prompt, ui = as_api(data, defs)
+        for line in apply_sets(prompt, sets, defs):
+            log(f"set {line}")
+        return validate_prompt(prompt, defs), ui, defs
+    except (TypeError, KeyError, AttributeError, IndexError, ValueError, RecursionError) as e:
+        if isinstance(e, DreamFlowError):
+            raise
+        # the explicit checks (convert.check_api_prompt / check_ui_workflow) name most cases; this is the net
+        raise DreamFlowError(f"workflow file '{path}' is malformed ({type(e).__name__}: {str(e)[:80]}); re-save it "
+                             f"from ComfyUI with Save or Export (API)") from None
 
 
 def saved_files(ui: Dict[str, dict], output_dir: str) -> List[str]:

@@ -10,6 +10,7 @@ see ``defs.DYNAMIC_LIST``). Every problem is one line naming the node and the fi
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Dict, Iterable, List
 
 from ..errors import DreamFlowError
@@ -44,6 +45,9 @@ def coerce(inp: InputDef, value: Any, where: str) -> Any:
             value = str(value)
     except (TypeError, ValueError):
         raise DreamFlowError(f"{where} input '{inp.name}' = {value!r} is not a valid {t}; give a {t.lower()} value") from None
+    if t == "FLOAT" and not math.isfinite(value):
+        lo, hi = inp.options.get("min"), inp.options.get("max")
+        raise DreamFlowError(f"{where} input '{inp.name}' = {value} is not a finite number; use a value in [{lo}, {hi}]")
     if t in ("INT", "FLOAT"):
         lo, hi = inp.options.get("min"), inp.options.get("max")
         if lo is not None and value < lo:
@@ -98,7 +102,26 @@ def validate_prompt(prompt: Dict[str, dict], defs: Dict[str, NodeDef]) -> Dict[s
             else:
                 raise DreamFlowError(f"{where} input '{inp.name}' needs a link from a {inp.type} output, got the value {str(value)[:40]!r}; connect it")
         out[nid] = {**entry, "inputs": inputs}
+    check_nodes(out, defs)
     return out
+
+
+def check_nodes(prompt: Dict[str, dict], defs: Dict[str, NodeDef]) -> None:
+    """Every node's own checks (``VALIDATE_INPUTS``, as ComfyUI calls it when a prompt is queued) before any
+    node runs: a typo in the last node fails the run at once, not after the stages before it.
+
+    As in ComfyUI, inputs fed by a link are passed as ``None`` (their values are not known yet).
+    """
+    for nid, entry in prompt.items():
+        d = defs.get(entry.get("class_type"))
+        check_fn = getattr(d.cls, "VALIDATE_INPUTS", None) if d is not None and d.cls is not None else None
+        if check_fn is None:
+            continue
+        values = entry.get("inputs") or {}
+        kwargs = {i.name: (None if is_link(values[i.name]) else values[i.name]) for i in d.inputs if i.name in values}
+        ret = check_fn(**kwargs)
+        if ret is not True:
+            raise DreamFlowError(f"{_label(nid, entry)}: {ret if ret is not False else 'its inputs are invalid'}")
 
 
 def _parse_value(text: str) -> Any:

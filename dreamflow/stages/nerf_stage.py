@@ -48,6 +48,7 @@ def check_prompt(prompt: str, stage: str) -> str:
 
 def check_common(cfg, stage: str) -> None:
     """Checks shared by every stage config (raised before any heavy work)."""
+    cfgio.check_finite(cfg, stage)
     check(int(cfg.iterations) >= 1, f"{stage}: iterations={cfg.iterations} must be >= 1")
     check(int(cfg.views_per_update) >= 1, f"{stage}: views_per_update={cfg.views_per_update} must be >= 1")
     check(int(cfg.resolution) >= 16, f"{stage}: resolution={cfg.resolution} must be >= 16 px")

@@ -427,6 +427,33 @@ def check_prefix(prefix: str) -> str:
     return "/".join(parts)
 
 
+def _output_root(output_dir: str | None) -> str:
+    from . import hosting
+
+    fp = hosting.folder_paths()
+    if fp is not None and output_dir is None:
+        return os.path.abspath(fp.get_output_directory())
+    return os.path.abspath(output_dir or hosting.output_directory())
+
+
+def check_output_target(prefix: str, output_dir: str | None = None) -> str:
+    """Everything a save with ``prefix`` will need, checked without writing (a node's ``VALIDATE_INPUTS``):
+    the prefix rule, the folder inside the output folder, and no file in the way of its folders. Returns the
+    normalised prefix."""
+    prefix = check_prefix(prefix)
+    out = _output_root(output_dir)
+    folder = os.path.abspath(os.path.join(out, os.path.dirname(prefix)))
+    if os.path.commonpath([out, folder]) != out:
+        raise DreamFlowError(f"filename prefix '{prefix}' leaves the output folder")
+    probe = folder
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise DreamFlowError(f"cannot write into '{folder}': '{probe}' is a file, not a folder; remove or rename it, "
+                             f"or choose another output folder / prefix")
+    return prefix
+
+
 def next_output_path(prefix: str, ext: str, output_dir: str | None = None) -> Tuple[str, str]:
     """Claim a new ``<prefix>_00001_.<ext>``: return ``(absolute_path, path_relative_to_output_dir)``.
 
@@ -436,15 +463,9 @@ def next_output_path(prefix: str, ext: str, output_dir: str | None = None) -> Tu
     fails (:func:`claimed_output` does both). Hosted, ComfyUI's ``folder_paths.get_save_image_path`` gives the
     first number to try; headless, the same rule and counter are applied here.
     """
-    from . import hosting
-
     prefix = check_prefix(prefix)
     ext = ext.lstrip(".")
-    fp = hosting.folder_paths()
-    if fp is not None and output_dir is None:
-        out = os.path.abspath(fp.get_output_directory())
-    else:
-        out = os.path.abspath(output_dir or hosting.output_directory())
+    out = _output_root(output_dir)
     subfolder, filename = os.path.split(prefix)
     full_folder = os.path.abspath(os.path.join(out, subfolder))
     if os.path.commonpath([out, full_folder]) != out:

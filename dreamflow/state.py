@@ -28,6 +28,30 @@ NERF_FORMAT, MESH_FORMAT, VERSION = "dreamflow.nerf", "dreamflow.mesh", 1
 MAX_MESH_ELEMENTS = 50_000_000
 
 
+def _mesh_specs(sf: StateFile) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+    """The expected specs of a mesh state's ``vertices`` [N, 3] float32 and ``faces`` [F, 3] int64."""
+    path = sf.path
+    for key in ("vertices", "faces"):
+        if key not in sf.specs:
+            raise DreamFlowError(f"mesh state '{path}' has no '{key}' tensor; the file is damaged")
+    (vs, _), (fs, _) = sf.specs["vertices"], sf.specs["faces"]
+    if len(vs) != 2 or vs[1] != 3 or len(fs) != 2 or fs[1] != 3 or vs[0] > MAX_MESH_ELEMENTS or fs[0] > MAX_MESH_ELEMENTS:
+        raise DreamFlowError(f"mesh state '{path}' has vertices {vs} / faces {fs}; want [N, 3] and [F, 3] with at most "
+                             f"{MAX_MESH_ELEMENTS} rows; the file is damaged")
+    return {"vertices": (vs, "F32"), "faces": (fs, "I64")}
+
+
+def check_state_file(path: str) -> str:
+    """Every check :func:`load_state` makes before reading tensors (header, settings, shapes, dtypes), without
+    reading them: for Load State's ``VALIDATE_INPUTS``. Returns the state's format."""
+    sf = inspect_state_file(path, None, VERSION)
+    fmt = sf.header.get("format")
+    if fmt not in (NERF_FORMAT, MESH_FORMAT):
+        raise DreamFlowError(f"'{path}' holds a {fmt!r} state, not a DreamFlow NeRF or mesh state; pick another file")
+    _check(sf, _mesh_specs(sf) if fmt == MESH_FORMAT else None)
+    return fmt
+
+
 def _object(header: dict, key: str, path: str) -> dict:
     value = header.get(key)
     if value is None:
@@ -97,31 +121,10 @@ class _SceneState:
         return t
 
     @staticmethod
-    def _rebuild(sf: StateFile, extra: Optional[Dict[str, Tuple[Tuple[int, ...], str]]] = None) -> dict:
-        """Check a state file against its own settings, then build its modules (the one checked path).
-
-        Before anything the size of the file's claims is allocated: the header's fields have their types, the
-        settings are valid, and every tensor has the shape and dtype those settings imply (the modules are
-        built on the meta device to know them), plus ``extra`` (name -> (shape, dtype)) for the rest.
-        """
-        path, header = sf.path, sf.header
-        fields = _header_fields(header, path)
-        try:
-            fcfg = cfgio.from_dict(NeRFFieldConfig, _object(header, "field_config", path), "field_config").validate()
-            bcfg = cfgio.from_dict(BackgroundConfig, _object(header, "background_config", path), "background_config")
-            specs = {"field." + k: v for k, v in module_specs(lambda: NeRFField(fcfg)).items()}
-            specs.update({"background." + k: v for k, v in module_specs(lambda: Background(bcfg)).items()})
-        except DreamFlowError as e:
-            raise DreamFlowError(f"state '{path}' has settings this DreamFlow cannot read ({e}); re-create it") from None
-        except (TypeError, ValueError, OverflowError, RuntimeError, MemoryError) as e:
-            raise DreamFlowError(f"state '{path}' has settings this DreamFlow cannot read ({type(e).__name__}); "
-                                 f"re-create it") from None
-        specs.update(extra or {})
-        lora_specs = {k: v for k, v in sf.specs.items() if k.startswith("lora.")}
-        bad = sorted(k for k, (_, dt) in lora_specs.items() if dt not in ("F32", "F16", "BF16"))
-        check(not bad, f"state '{path}' has LoRA tensors {bad[:3]} that are not floating point; the file is damaged or edited")
-        specs.update(lora_specs)
-        check_tensor_specs(path, sf.specs, specs)
+    def _rebuild(sf: StateFile, extra: Optional[Dict[str, Tuple[Tuple[int, ...], str]]] = None) -> tuple:
+        """Check a state file against its own settings (:func:`_check`), then build its modules from it."""
+        fcfg, bcfg, fields = _check(sf, extra)
+        path = sf.path
         tensors = sf.tensors()
         field_ = NeRFField(fcfg)
         bg = Background(bcfg)
@@ -132,6 +135,34 @@ class _SceneState:
 
     def clone(self):
         return copy.deepcopy(self)
+
+
+def _check(sf: StateFile, extra: Optional[Dict[str, Tuple[Tuple[int, ...], str]]] = None):
+    """The checks of a state file before anything of the size it claims is allocated (the one checked path).
+
+    The header's fields have their types, the settings are valid, and every tensor has exactly the shape and
+    dtype those settings imply (the modules are built on the meta device to know them), plus ``extra``
+    (name -> (shape, dtype)) for the rest. Returns (field config, background config, header fields).
+    """
+    path, header = sf.path, sf.header
+    fields = _header_fields(header, path)
+    try:
+        fcfg = cfgio.from_dict(NeRFFieldConfig, _object(header, "field_config", path), "field_config").validate()
+        bcfg = cfgio.from_dict(BackgroundConfig, _object(header, "background_config", path), "background_config")
+        specs = {"field." + k: v for k, v in module_specs(lambda: NeRFField(fcfg)).items()}
+        specs.update({"background." + k: v for k, v in module_specs(lambda: Background(bcfg)).items()})
+    except DreamFlowError as e:
+        raise DreamFlowError(f"state '{path}' has settings this DreamFlow cannot read ({e}); re-create it") from None
+    except (TypeError, ValueError, OverflowError, RuntimeError, MemoryError) as e:
+        raise DreamFlowError(f"state '{path}' has settings this DreamFlow cannot read ({type(e).__name__}); "
+                             f"re-create it") from None
+    specs.update(extra or {})
+    lora_specs = {k: v for k, v in sf.specs.items() if k.startswith("lora.")}
+    bad = sorted(k for k, (_, dt) in lora_specs.items() if dt not in ("F32", "F16", "BF16"))
+    check(not bad, f"state '{path}' has LoRA tensors {bad[:3]} that are not floating point; the file is damaged or edited")
+    specs.update(lora_specs)
+    check_tensor_specs(path, sf.specs, specs)
+    return fcfg, bcfg, fields
 
 
 @dataclass
@@ -197,14 +228,7 @@ class MeshState(_SceneState):
     @classmethod
     def load(cls, path: str, device="cpu") -> "MeshState":
         sf = inspect_state_file(path, MESH_FORMAT, VERSION)
-        for key in ("vertices", "faces"):
-            if key not in sf.specs:
-                raise DreamFlowError(f"mesh state '{path}' has no '{key}' tensor; the file is damaged")
-        (vs, _), (fs, _) = sf.specs["vertices"], sf.specs["faces"]
-        if len(vs) != 2 or vs[1] != 3 or len(fs) != 2 or fs[1] != 3 or vs[0] > MAX_MESH_ELEMENTS or fs[0] > MAX_MESH_ELEMENTS:
-            raise DreamFlowError(f"mesh state '{path}' has vertices {vs} / faces {fs}; want [N, 3] and [F, 3] with at most "
-                                 f"{MAX_MESH_ELEMENTS} rows; the file is damaged")
-        kwargs, tensors = cls._rebuild(sf, {"vertices": (vs, "F32"), "faces": (fs, "I64")})
+        kwargs, tensors = cls._rebuild(sf, _mesh_specs(sf))
         v, f = tensors["vertices"], tensors["faces"]
         if f.numel() and (int(f.max()) >= v.shape[0] or int(f.min()) < 0):
             raise DreamFlowError(f"mesh state '{path}' has faces indexing vertices outside 0..{v.shape[0] - 1}; the file is damaged")

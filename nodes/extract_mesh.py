@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dreamflow.stages import ExtractConfig, extract_mesh_state
 
-from .common import CATEGORY, MESH, NERF, engine_call, int_input, make_config, preview_inputs, to_image
+from .common import CATEGORY, MESH, NERF, Checked, engine_call, int_input, known, make_config, preview_inputs, to_image
 
 
-class ExtractMesh:
+class ExtractMesh(Checked):
+    node_name = "DreamFlowExtractMesh"
+
     @classmethod
     def INPUT_TYPES(cls):
         c = ExtractConfig()
@@ -34,10 +36,20 @@ class ExtractMesh:
     DESCRIPTION = ("Extracts a watertight triangle mesh from a NeRF: density on a grid, marching cubes, floater "
                    "removal, decimation to the face budget. The NeRF's colour field comes along.")
 
+    @classmethod
+    def build_config(cls, resolution, threshold, face_budget, **_):
+        return make_config(ExtractConfig, resolution=resolution, face_budget=face_budget,
+                           threshold="auto" if threshold < 0 else float(threshold))
+
+    @classmethod
+    def check_values(cls, values):
+        if known(values, "resolution", "threshold", "face_budget"):
+            cls.build_config(**values)
+
     def extract(self, nerf, resolution, threshold, face_budget, preview_views, preview_resolution):
-        config = make_config(ExtractConfig, resolution=resolution, face_budget=face_budget,
-                             threshold="auto" if threshold < 0 else float(threshold))
-        with engine_call():
+        config = self.build_config(resolution, threshold, face_budget)
+        with engine_call(node="ExtractMesh", memory_hint=f"resolution (now {resolution}), preview_resolution or "
+                                                         f"preview_views"):
             mesh = extract_mesh_state(nerf, config)
             preview = mesh.turntable(preview_views, preview_resolution)
         return (mesh, to_image(preview))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import weakref
 
-from .common import CATEGORY, DENOISER, dynamic_list, engine_call
+from .common import CATEGORY, DENOISER, Checked, dynamic_list, engine_call
 
 DTYPES = ("auto", "fp16", "bf16", "fp32")
 VAE_DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -48,7 +48,9 @@ def load_shared(model_name: str, dtype: str, device: str, cpu_offload: bool, vae
         return denoiser
 
 
-class LoadDenoiser:
+class LoadDenoiser(Checked):
+    node_name = "DreamFlowLoadDenoiser"
+
     @classmethod
     def INPUT_TYPES(cls):
         from dreamflow.denoisers import list_models

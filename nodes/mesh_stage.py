@@ -5,12 +5,20 @@ from __future__ import annotations
 from dreamflow import hosting
 from dreamflow.stages import MeshStageConfig, run_mesh_stage
 
-from .common import (CATEGORY, DENOISER, MESH, denoise_resolution_input, engine_call, guidance_changes,
-                     guidance_inputs, int_input, make_config, mesh_changes, mesh_inputs, preview_inputs,
-                     prompt_inputs, seed_input, to_image)
+from .common import (CATEGORY, DENOISER, MESH, Checked, check_prompt_value, denoise_resolution_input, engine_call,
+                     guidance_changes, guidance_inputs, int_input, known, make_config, mesh_changes, mesh_inputs,
+                     preview_inputs, prompt_inputs, seed_input, to_image)
+
+NODE = "DreamFlowMeshStage"
+CONFIG_INPUTS = ("seed", "iterations", "resolution", "denoise_resolution", "views_per_update", "method", "cfg_scale",
+                 "t_start", "t_end", "updates_per_t", "lr_geometry", "lr_grid", "lr_mlp", "lr_lora",
+                 "lambda_normal_consistency", "lambda_laplacian")
+MEMORY_HINT = "views_per_update, resolution or preview_resolution"
 
 
-class MeshStage:
+class MeshStage(Checked):
+    node_name = NODE
+
     @classmethod
     def INPUT_TYPES(cls):
         c = MeshStageConfig()
@@ -45,15 +53,27 @@ class MeshStage:
     DESCRIPTION = ("Stage 2 of DreamFlow: fine-tunes the extracted mesh's vertices (bounded offsets) and colour "
                    "field with a differentiable rasterizer under APFO (or SDS/VSD), at 512 px.")
 
+    @classmethod
+    def build_config(cls, seed, iterations, resolution, denoise_resolution, views_per_update, method, cfg_scale,
+                     t_start, t_end, updates_per_t, lr_geometry, lr_grid, lr_mlp, lr_lora, lambda_normal_consistency,
+                     lambda_laplacian, texture_only=False, **_):
+        return make_config(MeshStageConfig, seed=seed, iterations=iterations, resolution=resolution,
+                           denoise_resolution=denoise_resolution, views_per_update=views_per_update,
+                           optimize_geometry=not texture_only,
+                           **mesh_changes(lr_geometry, lr_grid, lr_mlp, lambda_normal_consistency, lambda_laplacian),
+                           **guidance_changes(method, cfg_scale, t_start, t_end, updates_per_t, lr_lora))
+
+    @classmethod
+    def check_values(cls, values):
+        check_prompt_value(values, NODE)
+        if known(values, *CONFIG_INPUTS):
+            cls.build_config(**values)
+
     def run(self, denoiser, mesh, prompt, negative_prompt, seed, iterations, resolution, denoise_resolution,
             views_per_update, method, cfg_scale, t_start, t_end, updates_per_t, lr_geometry, lr_grid, lr_mlp,
             lr_lora, lambda_normal_consistency, lambda_laplacian, preview_views, preview_resolution, texture_only):
-        config = make_config(MeshStageConfig, seed=seed, iterations=iterations, resolution=resolution,
-                             denoise_resolution=denoise_resolution, views_per_update=views_per_update,
-                             optimize_geometry=not texture_only,
-                             **mesh_changes(lr_geometry, lr_grid, lr_mlp, lambda_normal_consistency, lambda_laplacian),
-                             **guidance_changes(method, cfg_scale, t_start, t_end, updates_per_t, lr_lora))
-        with engine_call():
+        config = self.build_config(**locals())  # the widgets by name (build_config ignores the rest)
+        with engine_call(node="MeshStage", memory_hint=MEMORY_HINT):
             state = run_mesh_stage(denoiser, mesh, prompt, negative_prompt, config,
                                    callbacks=hosting.comfy_progress(config.iterations))
             preview = state.turntable(preview_views, preview_resolution)

@@ -5,12 +5,17 @@ from __future__ import annotations
 from dreamflow import hosting
 from dreamflow.stages import NeRFStageConfig, run_nerf_stage
 
-from .common import (CATEGORY, DENOISER, NERF, denoise_resolution_input, engine_call, float_input, guidance_changes,
-                     guidance_inputs, int_input, lr_lora_input, make_config, preview_inputs, prompt_inputs,
-                     seed_input, to_image)
+from .common import (CATEGORY, DENOISER, NERF, Checked, check_prompt_value, denoise_resolution_input, engine_call,
+                     float_input, guidance_changes, guidance_inputs, int_input, known, lr_lora_input, make_config,
+                     preview_inputs, prompt_inputs, seed_input, to_image)
 
 
-class NeRFStage:
+NODE = "DreamFlowNeRFStage"
+
+
+class NeRFStage(Checked):
+    node_name = NODE
+
     @classmethod
     def INPUT_TYPES(cls):
         c = NeRFStageConfig()
@@ -63,18 +68,36 @@ class NeRFStage:
                    "for the prompt (APFO), or SDS/VSD for comparison. Shows progress and live previews; "
                    "cancel stops within one update.")
 
+    @classmethod
+    def build_config(cls, seed, iterations, resolution, denoise_resolution, views_per_update, method, cfg_scale,
+                     t_start, t_end, updates_per_t, lr_grid, lr_mlp, lr_lora, lambda_sparsity, lambda_orient,
+                     grid_levels, grid_log2_size, n_samples, n_importance, **_):
+        return make_config(NeRFStageConfig, seed=seed, iterations=iterations, resolution=resolution,
+                           denoise_resolution=denoise_resolution, views_per_update=views_per_update,
+                           lr_grid=lr_grid, lr_mlp=lr_mlp, lambda_sparsity=lambda_sparsity, lambda_orient=lambda_orient,
+                           **{"nerf.grid.n_levels": grid_levels, "nerf.grid.log2_hashmap_size": grid_log2_size,
+                              "render.n_samples": n_samples, "render.n_importance": n_importance},
+                           **guidance_changes(method, cfg_scale, t_start, t_end, updates_per_t, lr_lora))
+
+    @classmethod
+    def check_values(cls, values):
+        check_prompt_value(values, NODE)
+        if known(values, *CONFIG_INPUTS):
+            cls.build_config(**values)
+
     def run(self, denoiser, prompt, negative_prompt, seed, iterations, resolution, denoise_resolution,
             views_per_update, method, cfg_scale, t_start, t_end, updates_per_t, lr_grid, lr_mlp, lr_lora,
             lambda_sparsity, lambda_orient, grid_levels, grid_log2_size, n_samples, n_importance, preview_views,
             preview_resolution, init=None):
-        config = make_config(NeRFStageConfig, seed=seed, iterations=iterations, resolution=resolution,
-                             denoise_resolution=denoise_resolution, views_per_update=views_per_update,
-                             lr_grid=lr_grid, lr_mlp=lr_mlp, lambda_sparsity=lambda_sparsity, lambda_orient=lambda_orient,
-                             **{"nerf.grid.n_levels": grid_levels, "nerf.grid.log2_hashmap_size": grid_log2_size,
-                                "render.n_samples": n_samples, "render.n_importance": n_importance},
-                             **guidance_changes(method, cfg_scale, t_start, t_end, updates_per_t, lr_lora))
-        with engine_call():
+        config = self.build_config(**locals())  # the widgets by name (build_config ignores the rest)
+        with engine_call(node="NeRFStage", memory_hint=MEMORY_HINT):
             state = run_nerf_stage(denoiser, prompt, negative_prompt, config,
                                    callbacks=hosting.comfy_progress(config.iterations), init=init)
             preview = state.turntable(preview_views, preview_resolution)
         return (state, to_image(preview))
+
+
+CONFIG_INPUTS = ("seed", "iterations", "resolution", "denoise_resolution", "views_per_update", "method", "cfg_scale",
+                 "t_start", "t_end", "updates_per_t", "lr_grid", "lr_mlp", "lr_lora", "lambda_sparsity",
+                 "lambda_orient", "grid_levels", "grid_log2_size", "n_samples", "n_importance")
+MEMORY_HINT = "views_per_update, resolution, n_samples / n_importance, grid_log2_size or preview_resolution"

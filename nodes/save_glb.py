@@ -7,12 +7,14 @@ import posixpath
 
 from dreamflow.export import ExportConfig, turntable_path
 
-from .common import CATEGORY, MESH, check_state, engine_call, int_input, make_config
+from .common import CATEGORY, MESH, Checked, check_state, engine_call, int_input, known, make_config
 
 NODE = "DreamFlowSaveGLB"
 
 
-class SaveGLB:
+class SaveGLB(Checked):
+    node_name = NODE
+
     @classmethod
     def INPUT_TYPES(cls):
         c = ExportConfig()
@@ -41,16 +43,26 @@ class SaveGLB:
     DESCRIPTION = ("Saves the mesh as a binary glTF (.glb): UV atlas, baked base-colour texture, PBR material; "
                    "+Y up, facing +Z. The file is written atomically (never half a file).")
 
+    @classmethod
+    def check_values(cls, values):
+        from dreamflow.io import check_output_target
+
+        if values.get("filename_prefix") is not None:
+            check_output_target(values["filename_prefix"])
+        if known(values, "texture_size", "turntable_views", "turntable_resolution"):
+            make_config(ExportConfig, texture_size=values["texture_size"], turntable=values["turntable_views"],
+                        turntable_resolution=values["turntable_resolution"])
+
     def save(self, mesh, filename_prefix, texture_size, turntable_views, turntable_resolution):
-        from dreamflow.io import next_output_path
+        from dreamflow.io import claimed_output
         from dreamflow.state import MeshState
 
         config = make_config(ExportConfig, texture_size=texture_size, turntable=turntable_views,
                              turntable_resolution=turntable_resolution)
         check_state(mesh, MeshState, NODE, "mesh", "connect a stage's 'mesh' output (a NeRF must go through "
                                                    "ExtractMesh first)")
-        full, rel = next_output_path(filename_prefix, "glb")
-        with engine_call():
+        with claimed_output(filename_prefix, "glb") as (full, rel), \
+                engine_call(node="SaveGLB", memory_hint="texture_size or turntable_resolution"):
             mesh.export_glb(full, config)
         subfolder, filename = posixpath.split(rel)
         ui = {"3d": [{"filename": filename, "subfolder": subfolder, "type": "output"}]}

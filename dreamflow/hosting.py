@@ -113,8 +113,30 @@ class Callbacks:
     log: Optional[Callable[[dict], None]] = None
 
 
+def plain_progress(total: int, label: str = "update", stream=None, every_s: float = 30.0) -> Callable:
+    """A progress callback that prints whole lines (``update 50/400 (12%), 31 s``) for logs that are not a
+    terminal: about every 10% and at least every ``every_s`` seconds, and at the end; never a carriage return."""
+    import sys
+    import time
+
+    start = time.monotonic()
+    state = {"last_pct": -1, "last_t": start}
+    step_pct = 10
+
+    def progress(step, total_, preview):
+        total_ = max(int(total_), 1)
+        now = time.monotonic()
+        pct = 100 * step // total_
+        if step >= total_ or pct // step_pct > state["last_pct"] // step_pct or now - state["last_t"] >= every_s:
+            state["last_pct"], state["last_t"] = pct, now
+            print(f"{label} {step}/{total_} ({pct}%), {now - start:.0f} s", file=stream or sys.stderr, flush=True)
+
+    return progress
+
+
 def comfy_progress(total: int, preview_every: int = 25) -> Callbacks:
-    """Callbacks wired to ComfyUI's progress bar with live JPEG previews; tqdm headless."""
+    """Callbacks wired to ComfyUI's progress bar with live JPEG previews; headless, a tqdm bar on a terminal
+    and plain progress lines (:func:`plain_progress`) when the output goes to a file or pipe."""
     cu = comfy_module("utils")
     if cu is not None and hasattr(cu, "ProgressBar"):
         bar = cu.ProgressBar(total)
@@ -126,6 +148,10 @@ def comfy_progress(total: int, preview_every: int = 25) -> Callbacks:
                 bar.update_absolute(step, total_)
 
         return Callbacks(progress=progress, preview_every=preview_every)
+    import sys
+
+    if not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
+        return Callbacks(progress=plain_progress(total), preview_every=0)
     try:
         from tqdm.auto import tqdm
 

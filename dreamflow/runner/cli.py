@@ -86,11 +86,28 @@ def saved_files(ui: Dict[str, dict], output_dir: str) -> List[str]:
     return files
 
 
+def quiet_progress_bars() -> None:
+    """When the output is not a terminal (a log file, CI), the libraries' tqdm bars (weights loading) would write
+    carriage returns into one long line: turn them off. Stages print plain lines there
+    (``hosting.plain_progress``)."""
+    if hasattr(sys.stderr, "isatty") and sys.stderr.isatty():
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for module in ("diffusers.utils.logging", "transformers.utils.logging"):
+        try:
+            import importlib
+
+            importlib.import_module(module).disable_progress_bar()
+        except Exception:
+            pass
+
+
 def run_command(args: argparse.Namespace) -> int:
     """The ``run`` subcommand; returns the process exit code."""
     from .execute import run_prompt
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    quiet_progress_bars()
     try:
         with _env(DREAMFLOW_OUTPUT=args.output, DREAMFLOW_INPUT=args.input):
             prompt, ui, defs = prepare(args.workflow, args.sets, custom_nodes=getattr(args, "custom_nodes", ()))

@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -106,7 +107,7 @@ def run_direct(prompt: str, cfg: DemoConfig, output_dir: str, log=print) -> str:
     from .denoisers import Denoiser
     from .export import ExportConfig, turntable_path
     from .hosting import comfy_progress
-    from .io import next_output_path
+    from .io import claimed_output
     from .stages import extract_mesh_state, run_mesh_stage, run_nerf_stage
 
     nerf_cfg, extract_cfg, mesh_cfg = stage_configs(cfg)
@@ -119,10 +120,11 @@ def run_direct(prompt: str, cfg: DemoConfig, output_dir: str, log=print) -> str:
     log(f"mesh: {mesh.vertices.shape[0]} vertices, {mesh.faces.shape[0]} faces ({time.time() - t0:.1f} s)")
     mesh = run_mesh_stage(denoiser, mesh, prompt, "", mesh_cfg, callbacks=comfy_progress(mesh_cfg.iterations))
     log(f"mesh stage: {cfg.mesh_iterations} updates ({time.time() - t0:.1f} s)")
-    name = "dreamflow/toy_" + "_".join(prompt.lower().replace(",", " ").split()[-2:])
-    glb, _ = next_output_path(name, "glb", output_dir)
-    mesh.export_glb(glb, ExportConfig(texture_size=cfg.texture_size, turntable=cfg.turntable_views,
-                                      turntable_resolution=cfg.turntable_resolution))
+    words = "_".join(prompt.lower().replace(",", " ").split()[-2:])
+    name = "dreamflow/toy_" + (re.sub(r"[^a-z0-9_-]+", "_", words).strip("_-") or "object")  # the prefix rule
+    with claimed_output(name, "glb", output_dir) as (glb, _):
+        mesh.export_glb(glb, ExportConfig(texture_size=cfg.texture_size, turntable=cfg.turntable_views,
+                                          turntable_resolution=cfg.turntable_resolution))
     log(f"turntable {turntable_path(glb)} ({time.time() - t0:.1f} s)")
     return glb
 

@@ -156,9 +156,14 @@ def check_widgets(cls, values: Dict[str, Any], where: str) -> Dict[str, Any]:
 
     d = node_def(where, cls.INPUT_TYPES(), cls)
     out = dict(values)
+    hosted = hosting.folder_paths() is not None
     for inp in d.inputs:
         if inp.takes_value and out.get(inp.name) is not None:
             out[inp.name] = coerce(inp, out[inp.name], where)
+            # hosted, a file list is this machine's (ComfyUI checks it unless VALIDATE_INPUTS takes the input)
+            if hosted and inp.dynamic and inp.choices is not None and out[inp.name] not in inp.choices:
+                raise DreamFlowError(f"{where} input '{inp.name}' = {out[inp.name]!r} is not one of the files found: "
+                                     f"{', '.join(map(str, inp.choices[:20])) or '(none)'}")
     return out
 
 

@@ -37,6 +37,19 @@ def refuse_pickle(path: str, what: str = "file") -> None:
         )
 
 
+def as_path(path, what: str = "file") -> str:
+    """``path`` as text (str or os.PathLike); anything else (None, a number) is a one-line DreamFlowError."""
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise DreamFlowError(f"{what} {str(path)[:60]!r} is not a path; give the file's path as text") from None
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not path or "\0" in path:
+        raise DreamFlowError(f"{what} path {path!r} is empty or holds a NUL character; give the file's path")
+    return path
+
+
 def _looks_like_safetensors(path: str) -> bool:
     """A safetensors file starts with an 8-byte little-endian header length, then '{'."""
     try:
@@ -56,6 +69,8 @@ def read_state_header(path: str):
     Reads only the safetensors header (8-byte length + JSON), never the tensors: cheap enough to list
     folders of states.
     """
+    if not isinstance(path, (str, os.PathLike)):  # open(5) would read (and close) file descriptor 5
+        return None
     try:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
@@ -114,6 +129,7 @@ def inspect_state_file(path: str, fmt: Optional[str], version: int) -> StateFile
     """
     from safetensors import safe_open
 
+    path = as_path(path, "state file")
     refuse_pickle(path, "state")
     if not os.path.exists(path):
         raise DreamFlowError(f"state file '{path}' does not exist; check the path or save a state first")
@@ -200,6 +216,7 @@ MAX_JSON_BYTES = 64 << 20
 def read_json_file(path: str, what: str = "file", fix: str = "re-save it") -> object:
     """The checked reader of user JSON files (workflows): a missing path, a folder, an unreadable or huge file,
     text that is not UTF-8 and invalid or too deeply nested JSON are one-line DreamFlowErrors."""
+    path = as_path(path, what)
     if not os.path.exists(path):
         raise DreamFlowError(f"{what} '{path}' does not exist; check the path")
     if not os.path.isfile(path):

@@ -35,9 +35,10 @@ def _mesh_specs(sf: StateFile) -> Dict[str, Tuple[Tuple[int, ...], str]]:
         if key not in sf.specs:
             raise DreamFlowError(f"mesh state '{path}' has no '{key}' tensor; the file is damaged")
     (vs, _), (fs, _) = sf.specs["vertices"], sf.specs["faces"]
-    if len(vs) != 2 or vs[1] != 3 or len(fs) != 2 or fs[1] != 3 or vs[0] > MAX_MESH_ELEMENTS or fs[0] > MAX_MESH_ELEMENTS:
-        raise DreamFlowError(f"mesh state '{path}' has vertices {vs} / faces {fs}; want [N, 3] and [F, 3] with at most "
-                             f"{MAX_MESH_ELEMENTS} rows; the file is damaged")
+    if len(vs) != 2 or vs[1] != 3 or len(fs) != 2 or fs[1] != 3 or vs[0] > MAX_MESH_ELEMENTS or fs[0] > MAX_MESH_ELEMENTS \
+            or vs[0] < 3 or fs[0] < 1:
+        raise DreamFlowError(f"mesh state '{path}' has vertices {vs} / faces {fs}; want [N, 3] and [F, 3] with 3 <= N and "
+                             f"1 <= F, at most {MAX_MESH_ELEMENTS} rows; the file is damaged")
     return {"vertices": (vs, "F32"), "faces": (fs, "I64")}
 
 
@@ -126,6 +127,9 @@ class _SceneState:
         fcfg, bcfg, fields = _check(sf, extra)
         path = sf.path
         tensors = sf.tensors()
+        bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+        check(not bad, f"state '{path}' has non-finite values (NaN or infinity) in {bad[:3]}; the file is damaged or "
+                       f"was saved from a diverged run: re-create it")
         field_ = NeRFField(fcfg)
         bg = Background(bcfg)
         load_module_tensors(field_, tensors, "field.", path)
@@ -232,8 +236,6 @@ class MeshState(_SceneState):
         v, f = tensors["vertices"], tensors["faces"]
         if f.numel() and (int(f.max()) >= v.shape[0] or int(f.min()) < 0):
             raise DreamFlowError(f"mesh state '{path}' has faces indexing vertices outside 0..{v.shape[0] - 1}; the file is damaged")
-        if not bool(torch.isfinite(v).all()):
-            raise DreamFlowError(f"mesh state '{path}' has non-finite vertex positions; the file is damaged")
         state = cls(**kwargs, vertices=v, faces=f)
         return state.to(device)
 
@@ -299,8 +301,9 @@ def require_state(value, cls, where: str, fix: str):
 
 def load_state(path: str, device="cpu"):
     """Load a NeRF or mesh state by its header's format (for the Load State node); one read of the file."""
-    from .io import read_state_header
+    from .io import as_path, read_state_header
 
+    path = as_path(path, "state file")
     header = read_state_header(path)
     if isinstance(header, dict) and header.get("format") == MESH_FORMAT:
         return MeshState.load(path, device)

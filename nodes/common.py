@@ -267,18 +267,14 @@ def engine_call(free: bool = True, node: str = "", memory_hint: str = "") -> Ite
     """
     import torch
 
-    from dreamflow.errors import DivergenceError, is_out_of_memory, memory_kind
+    from dreamflow.errors import DivergenceError, explain_memory
 
     try:
-        with torch.inference_mode(False), torch.enable_grad():
+        with explain_memory(node or "DreamFlow", memory_hint or "the sizes of this node's settings"), \
+                torch.inference_mode(False), torch.enable_grad():
             yield
     except DivergenceError as e:
         raise save_last_good(e, node or "stage") from None
-    except (MemoryError, RuntimeError) as e:
-        if not is_out_of_memory(e) or isinstance(e, DreamFlowError):
-            raise
-        hint = f"; lower {memory_hint}" if memory_hint else ""
-        raise DreamFlowError(f"{node or 'DreamFlow'} ran out of {memory_kind(e)} memory{hint}") from None
     finally:
         if free:
             hosting.free_memory()

@@ -712,3 +712,34 @@ def test_progress_is_plain_lines_when_not_a_terminal(monkeypatch, capsys):
     for step in range(1, 11):
         cb.progress(step, 10, None)
     assert "\r" not in sys.stderr.getvalue() and sys.stderr.getvalue().count("\n") >= 2
+
+
+@pytest.mark.parametrize("path", [None, 5, "", "a\0b", ["x"]])
+def test_state_and_workflow_paths_that_are_not_paths_are_one_line(path):
+    for fn in (NeRFState.load, MeshState.load, load_state, check_state_file, read_json_file):
+        with pytest.raises(DreamFlowError) as e:
+            fn(path)
+        one_line(e)
+
+
+def test_state_with_non_finite_values_or_an_empty_mesh_is_refused(nerf_file, mesh_file, tmp_path):
+    bad = rewrite(nerf_file, str(tmp_path / "nan.safetensors"),
+                  tensors=lambda t: t["field.encoding.params"].__setitem__(0, float("inf")))
+    with pytest.raises(DreamFlowError, match="non-finite values"):
+        NeRFState.load(bad)
+    empty = rewrite(mesh_file, str(tmp_path / "empty.safetensors"),
+                    tensors=lambda t: t.update(faces=torch.zeros(0, 3, dtype=torch.long)))
+    with pytest.raises(DreamFlowError, match="1 <= F"):
+        MeshState.load(empty)
+
+
+def test_engine_extract_out_of_memory_names_the_resolution(monkeypatch):
+    import dreamflow.stages.mesh_stage as ms
+    from dreamflow.stages import ExtractConfig, extract_mesh_state
+
+    def oom(*a, **k):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 4294967296 bytes.")
+
+    monkeypatch.setattr(ms, "extract_mesh", oom)
+    with pytest.raises(DreamFlowError, match=r"ExtractMesh ran out of CPU memory; lower resolution \(now 1024\)"):
+        extract_mesh_state(small_nerf(), ExtractConfig(resolution=1024))

@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import config as cfgio
-from ..errors import check
+from ..errors import check, explain_memory
 from ..guidance import GuidanceConfig
 from ..hosting import Callbacks
 from ..render.cameras import CameraConfig
@@ -33,7 +33,8 @@ def extract_mesh_state(nerf: NeRFState, config: Optional[ExtractConfig] = None) 
     require_state(nerf, NeRFState, "ExtractMesh", "connect a NeRF stage's or Load State's 'nerf' output")
     config = (config or ExtractConfig()).validate()
     field_ = nerf.field
-    v, f = extract_mesh(field_.density, config, radius=field_.config.radius, device=nerf.device)
+    with explain_memory("ExtractMesh", f"resolution (now {config.resolution})"):
+        v, f = extract_mesh(field_.density, config, radius=field_.config.radius, device=nerf.device)
     copy = nerf.clone()
     return MeshState(field=copy.field.eval(), background=copy.background.eval(), prompt=nerf.prompt,
                      negative_prompt=nerf.negative_prompt, settings=cfgio.to_dict(config),

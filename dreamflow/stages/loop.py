@@ -92,6 +92,9 @@ class LoopResult:
 def oom_message(stage: str, config, kind: str = "GPU") -> str:
     v, r = config.views_per_update, config.resolution
     tail = "or LoadDenoiser cpu_offload / vae_tiling" if kind == "GPU" else "or close other programs"
+    grid = getattr(getattr(getattr(config, "nerf", None), "grid", None), "log2_hashmap_size", None)
+    if grid is not None and grid > 16:  # the NeRF's hash grid (and its Adam moments) can be the big part
+        tail = f"grid_log2_size={grid - 2}, " + tail
     return (f"{stage} ran out of {kind} memory at {v} views x {r} px (denoise {config.denoise_resolution} px); "
             f"try views_per_update={max(1, v // 2)}, resolution={max(64, r // 2)}, {tail}")
 

@@ -743,3 +743,21 @@ def test_engine_extract_out_of_memory_names_the_resolution(monkeypatch):
     monkeypatch.setattr(ms, "extract_mesh", oom)
     with pytest.raises(DreamFlowError, match=r"ExtractMesh ran out of CPU memory; lower resolution \(now 1024\)"):
         extract_mesh_state(small_nerf(), ExtractConfig(resolution=1024))
+
+
+def test_headless_run_turns_library_progress_bars_off_when_not_a_terminal(monkeypatch):
+    import io
+
+    from dreamflow.runner.cli import quiet_progress_bars
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    quiet_progress_bars()
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+    from transformers.utils import logging as tlog
+
+    from diffusers.utils import logging as dlog
+
+    assert not tlog.is_progress_bar_enabled() and not dlog.is_progress_bar_enabled()
+    tlog.enable_progress_bar()
+    dlog.enable_progress_bar()

@@ -761,3 +761,32 @@ def test_headless_run_turns_library_progress_bars_off_when_not_a_terminal(monkey
     assert not tlog.is_progress_bar_enabled() and not dlog.is_progress_bar_enabled()
     tlog.enable_progress_bar()
     dlog.enable_progress_bar()
+
+
+@pytest.mark.parametrize("changes", [{"lr_geometry": 1e38}, {"lr_geometry": 1e30}])
+def test_mesh_stage_node_divergence_saves_a_loadable_mesh_state(tiny_sd, tmp_path, monkeypatch, changes):
+    from dreamflow.scene.mesh import box_mesh
+
+    monkeypatch.setenv("DREAMFLOW_OUTPUT", str(tmp_path))
+    n = small_nerf()
+    v, f = box_mesh(0.5)
+    mesh = MeshState(field=n.field, background=n.background, prompt="a red cube", vertices=v.float(), faces=f.long())
+    values = {w.name: w.options.get("default", (w.choices or [None])[0]) for w in DEFS["DreamFlowMeshStage"].widgets()}
+    values.update(iterations=3, resolution=16, denoise_resolution=16, views_per_update=1, preview_views=1,
+                  preview_resolution=16)
+    cls = NODES["DreamFlowMeshStage"]
+    # the node's widgets cap learning rates at 1; the engine config behind it takes the absurd value
+    real = cls.build_config.__func__
+
+    def absurd(c, **kw):
+        from dreamflow.config import replace
+
+        return replace(real(c, **kw), **changes)
+
+    monkeypatch.setattr(cls, "build_config", classmethod(absurd))
+    with pytest.raises(DivergenceError) as e:
+        cls().run(denoiser=tiny_sd, mesh=mesh, **values)
+    msg = one_line(e)
+    path = msg.split("saved as '")[1].split("'")[0]
+    back = MeshState.load(path)
+    assert torch.equal(back.vertices, mesh.vertices) and torch.equal(back.faces, mesh.faces)

@@ -256,7 +256,8 @@ def atomic_path(path: str) -> Iterator[str]:
     clean_stale_parts(directory)
     suffix = os.path.splitext(path)[1]
     with os_errors(path):
-        fd, tmp = tempfile.mkstemp(prefix=f"{_PART_PREFIX}{os.getpid()}-", suffix=suffix + ".part", dir=directory)
+        fd, tmp = tempfile.mkstemp(prefix=f"{_PART_PREFIX}{os.getpid()}@{_host()}-", suffix=suffix + ".part",
+                                   dir=directory)
         os.close(fd)
     try:
         yield tmp
@@ -270,9 +271,19 @@ def atomic_path(path: str) -> Iterator[str]:
 
 
 _PART_PREFIX = ".dreamflow-"
-_PART_NAME = re.compile(r"^\.dreamflow-(?:(\d+)-)?.*\.part$")
+_PART_NAME = re.compile(r"^\.dreamflow-(?:(\d+)(?:@([\w.-]*))?-)?.*\.part$")
 #: A .part file older than this is stale even when its process id is alive again (reused ids).
 STALE_PART_SECONDS = 24 * 3600
+#: A .part file of a gone process is removed once it is this old (a grace for slow filesystems).
+DEAD_PART_SECONDS = 60
+
+
+def _host() -> str:
+    """This machine's name as it goes into .part names (a shared folder may be written from several hosts:
+    only this host's process ids are judged)."""
+    import socket
+
+    return re.sub(r"[^\w.-]", "_", socket.gethostname())[:64] or "host"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -286,8 +297,10 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_stale_parts(directory: str) -> List[str]:
-    """Remove ``.dreamflow-*.part`` files in ``directory`` whose writing process is gone (or that are older
-    than :data:`STALE_PART_SECONDS`); returns the removed paths. Files of live writers are kept."""
+    """Remove ``.dreamflow-<pid>@<host>-*.part`` files in ``directory`` whose writing process on this host is gone
+    (and that are older than :data:`DEAD_PART_SECONDS`), and any older than :data:`STALE_PART_SECONDS` (an hour
+    for names without a process id); returns the removed paths. Files of live writers, and of other hosts'
+    writers younger than a day, are kept."""
     removed = []
     try:
         names = os.listdir(directory)
@@ -302,8 +315,9 @@ def clean_stale_parts(directory: str) -> List[str]:
         try:
             age = now - os.stat(path).st_mtime
             pid = int(m.group(1)) if m.group(1) else None
-            if age > STALE_PART_SECONDS or (pid is not None and pid != os.getpid() and not _pid_alive(pid)) or \
-                    (pid is None and age > 3600):
+            here = m.group(2) is None or m.group(2) == _host()
+            dead = pid is not None and here and pid != os.getpid() and not _pid_alive(pid)
+            if age > STALE_PART_SECONDS or (dead and age > DEAD_PART_SECONDS) or (pid is None and age > 3600):
                 os.remove(path)
                 removed.append(path)
         except OSError:

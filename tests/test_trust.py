@@ -266,18 +266,26 @@ def test_a_failed_save_leaves_neither_its_claim_nor_a_part_file(tmp_path):
 def test_stale_part_files_of_dead_processes_are_removed(tmp_path):
     import subprocess
 
+    from dreamflow.io import _host
+
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = tmp_path / f".dreamflow-{dead.pid}-abc.glb.part"
-    live = tmp_path / f".dreamflow-{os.getppid()}-def.glb.part"   # a live writer (our parent process)
+    stale = tmp_path / f".dreamflow-{dead.pid}@{_host()}-abc.glb.part"
+    fresh = tmp_path / f".dreamflow-{dead.pid}@{_host()}-new.glb.part"  # gone writer, but seconds old: kept for now
+    other_host = tmp_path / f".dreamflow-{dead.pid}@elsewhere-ghi.glb.part"  # a writer on another machine
+    live = tmp_path / f".dreamflow-{os.getppid()}@{_host()}-def.glb.part"   # a live writer (our parent process)
     old = tmp_path / ".dreamflow-xyz.safetensors.part"              # older naming, no process id
     unrelated = tmp_path / "notes.part"
-    for p in (stale, live, old, unrelated):
+    for p in (stale, fresh, other_host, live, old, unrelated):
         p.write_bytes(b"x")
     t = time.time() - 7200
-    os.utime(old, (t, t))
+    for p in (old, stale, other_host):
+        os.utime(p, (t, t))
     save_state_file(str(tmp_path / "s.safetensors"), {"a": torch.zeros(2)}, {"format": "f", "version": 1})
-    assert not stale.exists() and not old.exists() and live.exists() and unrelated.exists()
+    assert not stale.exists() and not old.exists()
+    assert live.exists() and unrelated.exists() and fresh.exists() and other_host.exists()
+    os.remove(fresh)
+    os.remove(other_host)
     t = time.time() - 2 * 86400
     os.utime(live, (t, t))
     assert clean_stale_parts(str(tmp_path)) == [str(live)]

@@ -243,6 +243,14 @@ def read_json_file(path: str, what: str = "file", fix: str = "re-save it") -> ob
         raise DreamFlowError(f"{what} '{path}' is nested too deeply to read; {fix}") from None
 
 
+def read_json_object(path: str, what: str = "file", fix: str = "re-save it") -> dict:
+    """:func:`read_json_file` that must hold a JSON object (configs, model indexes)."""
+    data = read_json_file(path, what, fix)
+    if not isinstance(data, dict):
+        raise DreamFlowError(f"{what} '{path}' holds a JSON {type(data).__name__}, not an object; {fix}")
+    return data
+
+
 @contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """Yield a temporary path beside ``path``; on success rename it to ``path``, else delete it.

@@ -798,3 +798,15 @@ def test_mesh_stage_node_divergence_saves_a_loadable_mesh_state(tiny_sd, tmp_pat
     path = msg.split("saved as '")[1].split("'")[0]
     back = MeshState.load(path)
     assert torch.equal(back.vertices, mesh.vertices) and torch.equal(back.faces, mesh.faces)
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00garbage", b"[1, 2]", b"{not json"])
+def test_model_index_that_is_not_a_utf8_json_object_is_one_line(tmp_path, content):
+    from dreamflow.denoisers import Denoiser
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model_index.json").write_bytes(content)
+    with pytest.raises(DreamFlowError, match="model index") as e:
+        Denoiser.load(str(folder))
+    one_line(e)

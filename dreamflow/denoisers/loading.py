@@ -16,7 +16,6 @@ unpickles: ``.bin``/``.ckpt``/``.pt`` weights are refused with the conversion re
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ import torch
 
 from .. import hosting
 from ..errors import DreamFlowError
-from ..io import PICKLE_EXTENSIONS, _looks_like_safetensors, refuse_pickle
+from ..io import PICKLE_EXTENSIONS, _looks_like_safetensors, read_json_object, refuse_pickle
 
 log = logging.getLogger("dreamflow")
 
@@ -173,11 +172,7 @@ def read_model_index(folder: str) -> dict:
         raise DreamFlowError(
             f"folder '{folder}' has no model_index.json, so it is not a diffusers pipeline folder{hint}; "
             f"point at the folder that contains model_index.json, unet/, vae/ ...")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise DreamFlowError(f"'{path}' is not valid JSON ({e.__class__.__name__}); re-download the model") from None
+    return read_json_object(path, "model index", "re-download the model")
 
 
 def detect_kind(model_index: dict, where: str = "") -> str:
@@ -290,11 +285,7 @@ def load_folder(folder: str, dtype: Optional[torch.dtype] = None, text_dtype: Op
 
 def _read_scheduler_config(folder: str) -> dict:
     path = os.path.join(folder, "scheduler", "scheduler_config.json")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise DreamFlowError(f"cannot read the scheduler config '{path}' ({type(e).__name__}); re-download the model") from None
+    return read_json_object(path, "scheduler config", "re-download the model")
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,8 +412,8 @@ def load_single_file(path: str, dtype: Optional[torch.dtype] = None, text_dtype:
     special = {}
     sp_path = os.path.join(config_dir, tok_name, "special_tokens_map.json")
     if os.path.isfile(sp_path):
-        with open(sp_path) as f:
-            special = {k: v for k, v in json.load(f).items() if isinstance(v, str)}
+        special = {k: v for k, v in read_json_object(sp_path, "tokenizer config", "re-download the model").items()
+                   if isinstance(v, str)}
     tok = _load_guarded("the CLIP tokenizer", [tok_dir], lambda: CLIPTokenizer.from_pretrained(
         tok_dir, local_files_only=True, model_max_length=77, **special))
     kw = dict(config=config_dir, local_files_only=True, torch_dtype=dtype)

@@ -5,7 +5,6 @@ errors before any work, concurrent saves never overwrite each other, divergence 
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import sys
@@ -21,7 +20,7 @@ from dreamflow import hosting
 from dreamflow.errors import DivergenceError, DreamFlowError
 from dreamflow.io import (check_output_target, check_prefix, clean_stale_parts, claimed_output, next_output_path,
                           read_json_file, save_state_file)
-from dreamflow.runner import as_api, node_defs, validate_prompt
+from dreamflow.runner import node_defs, validate_prompt
 from dreamflow.runner.defs import load_node_pack
 from dreamflow.scene.hashgrid import HashGridConfig
 from dreamflow.scene.nerf import Background, NeRFField, NeRFFieldConfig
@@ -77,6 +76,11 @@ def nerf_file(tmp_path):
 @pytest.fixture
 def mesh_file(tmp_path):
     return small_mesh().save(str(tmp_path / "m.safetensors"))
+
+
+def widget_defaults(node_id: str) -> dict:
+    """Every widget's default (a dropdown's first choice), as a node's VALIDATE_INPUTS receives them."""
+    return {w.name: w.options.get("default", (w.choices or [None])[0]) for w in DEFS[node_id].widgets()}
 
 
 def max_rss_mb() -> float:
@@ -475,14 +479,11 @@ def test_set_refuses_non_finite_floats(raw):
                                           ("DreamFlowMeshStage", "lambda_laplacian"), ("DreamFlowSDXLRefine", "lr_mlp")])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_nodes_refuse_non_finite_floats_at_queue_time(node_id, name, bad):
-    from dreamflow.runner.build import WorkflowBuilder
-
     cls = NODES[node_id]
-    values = {w.name: w.options.get("default", (w.choices or [None])[0]) for w in DEFS[node_id].widgets()}
+    values = widget_defaults(node_id)
     assert cls.VALIDATE_INPUTS(**values) is True
     msg = cls.VALIDATE_INPUTS(**{**values, name: bad})
     assert isinstance(msg, str) and "finite" in msg and name in msg
-    assert WorkflowBuilder  # the runner's builder reads the same definitions
 
 
 def test_extract_node_and_engine_refuse_nan_threshold():
@@ -539,7 +540,7 @@ def test_node_divergence_saves_the_last_good_state_and_names_it(tiny_sd, tmp_pat
     monkeypatch.setenv("DREAMFLOW_OUTPUT", str(tmp_path))
     poison_render(monkeypatch, after=2)
     cls = NODES["DreamFlowNeRFStage"]
-    values = {w.name: w.options.get("default", (w.choices or [None])[0]) for w in DEFS["DreamFlowNeRFStage"].widgets()}
+    values = widget_defaults("DreamFlowNeRFStage")
     values.update(TINY_NERF)
     with pytest.raises(DivergenceError) as e:
         cls().run(denoiser=tiny_sd, **values)
@@ -557,7 +558,7 @@ def test_headless_run_that_diverges_keeps_the_last_good_state(tiny_sd_path, tmp_
 
     monkeypatch.setenv("DREAMFLOW_OUTPUT", str(tmp_path))
     poison_render(monkeypatch, after=1)
-    values = {w.name: w.options.get("default", (w.choices or [None])[0]) for w in DEFS["DreamFlowNeRFStage"].widgets()}
+    values = widget_defaults("DreamFlowNeRFStage")
     values.update(TINY_NERF)
     prompt = {"1": {"class_type": "DreamFlowLoadDenoiser",
                     "inputs": {"model_name": tiny_sd_path, "dtype": "fp32", "device": "cpu", "cpu_offload": False,
@@ -682,7 +683,7 @@ def test_validate_inputs_skips_linked_values_and_passes_good_ones(tmp_path, monk
     monkeypatch.setenv("DREAMFLOW_OUTPUT", str(tmp_path))
     for node_id in ("DreamFlowNeRFStage", "DreamFlowMeshStage", "DreamFlowSDXLRefine", "DreamFlowExtractMesh",
                     "DreamFlowSaveGLB", "DreamFlowSaveState"):
-        values = {w.name: w.options.get("default", (w.choices or [None])[0]) for w in DEFS[node_id].widgets()}
+        values = widget_defaults(node_id)
         assert NODES[node_id].VALIDATE_INPUTS(**values) is True, node_id
         linked = {k: None for k in values}  # every widget fed by a link: nothing known yet, nothing refused
         assert NODES[node_id].VALIDATE_INPUTS(**linked) is True, node_id
@@ -779,7 +780,7 @@ def test_mesh_stage_node_divergence_saves_a_loadable_mesh_state(tiny_sd, tmp_pat
     n = small_nerf()
     v, f = box_mesh(0.5)
     mesh = MeshState(field=n.field, background=n.background, prompt="a red cube", vertices=v.float(), faces=f.long())
-    values = {w.name: w.options.get("default", (w.choices or [None])[0]) for w in DEFS["DreamFlowMeshStage"].widgets()}
+    values = widget_defaults("DreamFlowMeshStage")
     values.update(iterations=3, resolution=16, denoise_resolution=16, views_per_update=1, preview_views=1,
                   preview_resolution=16)
     cls = NODES["DreamFlowMeshStage"]

@@ -31,7 +31,7 @@ prior ``stabilityai/stable-diffusion-2-1-base``), in ComfyUI's models/checkpoint
 SDXL_REFINER = "sd_xl_refiner_1.0.safetensors"
 """The SDXL 1.0 refiner single-file checkpoint, in ComfyUI's models/checkpoints."""
 PAPER_PROMPT = "A corgi standing up drinking boba."
-"""From the paper's prompt list (/work/shared/seed_prompts.txt)."""
+"""From the paper's prompt list (shipped as ``tests/data/seed_prompts.txt``)."""
 
 
 class WorkflowBuilder:

@@ -78,6 +78,35 @@ def test_workflow_converts_and_validates(name):
         assert stage["inputs"]["prompt"].strip()
 
 
+@pytest.mark.parametrize("name", sorted(WORKFLOWS))
+def test_workflow_nodes_have_room_and_do_not_overlap(name):
+    """What a user sees on opening a file: every node as tall as its widgets and sockets need, display nodes big
+    enough to show their result (Preview3D was saved as a 42-pixel strip), no node covering another (title bars
+    included), and the top-left node inside the view."""
+    from dreamflow.runner.build import DISPLAY_SIZES, TITLE_HEIGHT, min_node_height
+
+    wf = load(name)
+    boxes = []
+    for n in wf["nodes"]:
+        w, h = n["size"]
+        if n["type"] in DEFS:
+            assert h >= min_node_height(DEFS[n["type"]]), (n["type"], n["size"])
+        if n["type"] == "Preview3D":
+            assert w >= 512 and h >= 512, n["size"]
+        if n["type"] == "PreviewImage":
+            assert w >= 300 and h >= 300, n["size"]
+        turntable = [w.name for w in DEFS["DreamFlowSaveGLB"].widgets()].index("turntable_views")
+        if n["type"] == "DreamFlowSaveGLB" and n["widgets_values"][turntable] > 0:  # shows its turntable image
+            assert h >= min_node_height(DEFS[n["type"]]) + 200, n["size"]
+        boxes.append((n["id"], n["pos"][0], n["pos"][1] - TITLE_HEIGHT, n["pos"][0] + w, n["pos"][1] + h))
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert a[3] <= b[1] or b[3] <= a[1] or a[4] <= b[2] or b[4] <= a[2], f"nodes {a[0]} and {b[0]} overlap"
+    ox, oy = wf["extra"]["ds"]["offset"]
+    assert min(x for _, x, *_ in boxes) + ox >= 0 and min(y for _, _, y, *_ in boxes) + oy >= 0
+    assert set(DISPLAY_SIZES) <= {n["type"] for n in wf["nodes"]}
+
+
 def test_paper_workflow_has_the_paper_settings():
     prompt = validate_prompt(ui_to_api(load("dreamflow_paper_full.json"), DEFS), DEFS)
     with open(os.path.join(REPO, "tests", "data", "seed_prompts.txt"), encoding="utf-8") as f:  # the paper's list

@@ -34,6 +34,24 @@ PAPER_PROMPT = "A corgi standing up drinking boba."
 """From the paper's prompt list (shipped as ``tests/data/seed_prompts.txt``)."""
 
 
+#: Height of a node's title bar, pixels (LiteGraph ``NODE_TITLE_HEIGHT``); drawn above ``pos``.
+TITLE_HEIGHT = 30
+#: Vertical gap between stacked nodes, pixels.
+GAP = 40
+#: Saved (width, height) of display nodes, pixels: PreviewImage shows a turntable batch, Preview3D a 3D view.
+#: ComfyUI's own 3D templates save Preview3D at 860 x 770 .. 1040 x 1100; a new Preview3D is only its widget
+#: strip (the 42-pixel view of issue 20).
+DISPLAY_SIZES = {"PreviewImage": (400.0, 400.0), "Preview3D": (600.0, 600.0)}
+
+
+def min_node_height(d: NodeDef) -> float:
+    """Height a node's sockets and widgets take in ComfyUI's frontend (LiteGraph: slot rows of 20 px side by
+    side, widgets of 20 px + 4 px spacing, multiline text boxes ~90 px), with a margin: pixels."""
+    rows = len(d.widgets()) + max(len([i for i in d.inputs if not i.is_widget]), len(d.return_types))
+    multiline = sum(1 for w in d.widgets() if w.options.get("multiline"))
+    return float(46 + 24 * rows + 66 * multiline)
+
+
 class WorkflowBuilder:
     """Builds a UI-format workflow node by node.
 
@@ -55,8 +73,10 @@ class WorkflowBuilder:
         return next(n for n in self.nodes if n["id"] == node_id)
 
     def add(self, type_name: str, pos: Tuple[float, float], title: Optional[str] = None, width: float = 400,
-            **values: Any) -> int:
-        """Add a node with widget ``values`` (others take their defaults); returns its id."""
+            height: Optional[float] = None, **values: Any) -> int:
+        """Add a node with widget ``values`` (others take their defaults); returns its id. The saved height is
+        what its widgets and sockets need (:func:`min_node_height`), or ``height`` when given (e.g. room for
+        the images or 3D view a display node shows: :data:`DISPLAY_SIZES`)."""
         d = self.defs[type_name]
         unknown = set(values) - {w.name for w in d.widgets()}
         if unknown:
@@ -75,11 +95,12 @@ class WorkflowBuilder:
             if w.has_control:
                 widgets_values.append("fixed")  # reproducible runs: the seed stays as saved
         widgets_values += FRONTEND_EXTRA_VALUES.get(type_name, [])
-        rows = len(d.widgets()) + max(len([i for i in d.inputs if not i.is_widget]), len(d.return_types))
-        multiline = sum(1 for w in d.widgets() if w.options.get("multiline"))
+        width, auto_height = DISPLAY_SIZES.get(type_name, (width, None))
+        need = min_node_height(d)
+        height = max(need, float(height if height is not None else auto_height or need))
         node = {
             "id": len(self.nodes) + 1, "type": type_name, "pos": [float(pos[0]), float(pos[1])],
-            "size": [float(width), float(46 + 24 * rows + 66 * multiline)], "flags": {}, "order": 0, "mode": 0,
+            "size": [float(width), height], "flags": {}, "order": 0, "mode": 0,
             "inputs": [{"name": i.name, "type": i.type, "link": None, **({"shape": 7} if not i.required else {})}
                        for i in d.inputs if not i.is_widget],
             "outputs": [{"name": n, "type": t, "links": []} for n, t in zip(d.return_names, d.return_types)],
@@ -90,6 +111,11 @@ class WorkflowBuilder:
             node["title"] = title
         self.nodes.append(node)
         return node["id"]
+
+    def below(self, node_id: int, gap: float = GAP) -> float:
+        """The y under node ``node_id`` where another node's title bar clears it by ``gap`` pixels."""
+        n = self._node(node_id)
+        return n["pos"][1] + n["size"][1] + TITLE_HEIGHT + gap
 
     def note(self, text: str, pos: Tuple[float, float], title: str = "Read me", size=(400, 200)) -> int:
         """A MarkdownNote (frontend-only; never executed)."""
@@ -122,6 +148,14 @@ class WorkflowBuilder:
         self.links.append([link_id, src, slot, dst, target_slot, link_type])
         return link_id
 
+    def _view_offset(self) -> List[float]:
+        """Canvas offset that puts the top-left node (title bar included) 40 px inside the view when opened
+        (the frontend draws canvas point p at ``(p + offset) * scale``)."""
+        x0 = min(n["pos"][0] for n in self.nodes)
+        y0 = min(n["pos"][1] - (TITLE_HEIGHT if n["type"] != "MarkdownNote" or n.get("title") else 0)
+                 for n in self.nodes)
+        return [40.0 - x0, 40.0 - y0]
+
     def to_json(self, name: str) -> dict:
         # execution order as the frontend stores it ("order"): dependencies first
         deps = {n["id"]: {l[1] for l in self.links if l[3] == n["id"]} for n in self.nodes}
@@ -139,7 +173,7 @@ class WorkflowBuilder:
             "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"dreamflow/workflows/{name}")),
             "revision": 0, "last_node_id": len(self.nodes), "last_link_id": len(self.links),
             "nodes": self.nodes, "links": self.links, "groups": [], "config": {},
-            "extra": {"ds": {"scale": 0.6, "offset": [60.0, 60.0]}, "frontendVersion": "1.27.10"},
+            "extra": {"ds": {"scale": 0.6, "offset": self._view_offset()}, "frontendVersion": "1.27.10"},
             "version": 0.4,
         }
 
@@ -149,21 +183,24 @@ def _pipeline(b: WorkflowBuilder, sd: int, x0: float, nerf_values: dict, extract
     """NeRFStage -> ExtractMesh -> MeshStage with a PreviewImage under each; returns (nerf, mesh) node ids."""
     nerf = b.add("DreamFlowNeRFStage", (x0, 0), title=nerf_title, prompt=prompt, **nerf_values)
     b.link(sd, "denoiser", nerf, "denoiser")
-    b.link(nerf, "preview", b.add("PreviewImage", (x0, 820), width=400), "images")
+    b.link(nerf, "preview", b.add("PreviewImage", (x0, b.below(nerf))), "images")
     extract = b.add("DreamFlowExtractMesh", (x0 + 440, 0), **extract_values)
     b.link(nerf, "nerf", extract, "nerf")
-    b.link(extract, "preview", b.add("PreviewImage", (x0 + 440, 820), width=400), "images")
+    b.link(extract, "preview", b.add("PreviewImage", (x0 + 440, b.below(extract))), "images")
     mesh = b.add("DreamFlowMeshStage", (x0 + 880, 0), prompt=prompt, **mesh_values)
     b.link(sd, "denoiser", mesh, "denoiser")
     b.link(extract, "mesh", mesh, "mesh")
-    b.link(mesh, "preview", b.add("PreviewImage", (x0 + 880, 820), width=400), "images")
+    b.link(mesh, "preview", b.add("PreviewImage", (x0 + 880, b.below(mesh))), "images")
     return nerf, mesh
 
 
-def _save(b: WorkflowBuilder, mesh: int, x: float, prefix: str, texture_size: int = 1024) -> None:
-    save = b.add("DreamFlowSaveGLB", (x, 0), filename_prefix=prefix, texture_size=texture_size)
+def _save(b: WorkflowBuilder, mesh: int, x: float, prefix: str, texture_size: int = 1024, **values: Any) -> None:
+    """SaveGLB with a Preview3D under it (room for the turntable image SaveGLB shows when it renders one)."""
+    height = 420.0 if values.get("turntable_views", 0) > 0 else None
+    save = b.add("DreamFlowSaveGLB", (x, 0), height=height, filename_prefix=prefix, texture_size=texture_size,
+                 **values)
     b.link(mesh, "mesh", save, "mesh")
-    b.link(save, "glb_path", b.add("Preview3D", (x, 200), width=500), "model_file")
+    b.link(save, "glb_path", b.add("Preview3D", (x, b.below(save))), "model_file")
 
 
 def paper_full(defs: Dict[str, NodeDef]) -> dict:
@@ -178,14 +215,15 @@ def paper_full(defs: Dict[str, NodeDef]) -> dict:
     sd = b.add("DreamFlowLoadDenoiser", (-440, 0), title="SD 2.1-base", model_name=SD21)
     nerf, mesh = _pipeline(b, sd, 0, dict(resolution=256, t_start=1.0, t_end=0.2), {},
                            dict(resolution=512, t_start=0.5, t_end=0.1), PAPER_PROMPT)
-    state = b.add("DreamFlowSaveState", (0, 1160), filename_prefix="dreamflow/corgi_nerf")
+    nerf_preview = next(lk[3] for lk in b.links if lk[1] == nerf and lk[5] == "IMAGE")
+    state = b.add("DreamFlowSaveState", (0, b.below(nerf_preview)), filename_prefix="dreamflow/corgi_nerf")
     b.link(nerf, "nerf", state, "nerf")
-    refiner = b.add("DreamFlowLoadDenoiser", (880, -260), title="SDXL refiner", model_name=SDXL_REFINER)
+    refiner = b.add("DreamFlowLoadDenoiser", (880, -320), title="SDXL refiner", model_name=SDXL_REFINER)
     refine = b.add("DreamFlowSDXLRefine", (1320, 0), prompt=PAPER_PROMPT, resolution=1024, t_start=0.3, t_end=0.0,
                    refine_geometry=False)
     b.link(refiner, "denoiser", refine, "refiner")
     b.link(mesh, "mesh", refine, "mesh")
-    b.link(refine, "preview", b.add("PreviewImage", (1320, 820), width=400), "images")
+    b.link(refine, "preview", b.add("PreviewImage", (1320, b.below(refine))), "images")
     _save(b, refine, 1760, "dreamflow/corgi")
     return b.to_json("paper_full")
 
@@ -216,11 +254,11 @@ def custom_stages(defs: Dict[str, NodeDef]) -> dict:
            "and t 0.5 -> 0.2. The coarse NeRF is saved as a state: load it with DreamFlow Load State to try "
            "other second stages, or insert your own stage between them.", (-440, -260), size=(400, 230))
     sd = b.add("DreamFlowLoadDenoiser", (-440, 0), title="SD 2.1-base", model_name=SD21)
-    coarse = b.add("DreamFlowNeRFStage", (-440, 420), title="Coarse NeRF (shape)", prompt="A corgi.",
+    coarse = b.add("DreamFlowNeRFStage", (-440, b.below(sd)), title="Coarse NeRF (shape)", prompt="A corgi.",
                    iterations=1000, t_start=1.0, t_end=0.5)
     b.link(sd, "denoiser", coarse, "denoiser")
-    b.link(coarse, "preview", b.add("PreviewImage", (-880, 420), width=400), "images")
-    state = b.add("DreamFlowSaveState", (-440, 1240), filename_prefix="dreamflow/corgi_coarse")
+    b.link(coarse, "preview", b.add("PreviewImage", (-880, b.below(sd))), "images")
+    state = b.add("DreamFlowSaveState", (-440, b.below(coarse)), filename_prefix="dreamflow/corgi_coarse")
     b.link(coarse, "nerf", state, "nerf")
     nerf, mesh = _pipeline(b, sd, 0, dict(iterations=1500, t_start=0.5, t_end=0.2), {}, {}, PAPER_PROMPT,
                            nerf_title="Detail NeRF (continues the coarse one)")
@@ -253,10 +291,8 @@ def toy_demo(defs: Dict[str, NodeDef]) -> dict:
                          resolution=c.mesh_resolution, denoise_resolution=64, cfg_scale=c.cfg_scale, t_start=0.5,
                          t_end=0.1, **small),
         prompt=prompt)
-    save = b.add("DreamFlowSaveGLB", (1320, 0), filename_prefix="dreamflow/toy", texture_size=c.texture_size,
-                 turntable_views=c.turntable_views, turntable_resolution=c.turntable_resolution)
-    b.link(mesh, "mesh", save, "mesh")
-    b.link(save, "glb_path", b.add("Preview3D", (1320, 420), width=500), "model_file")
+    _save(b, mesh, 1320, "dreamflow/toy", texture_size=c.texture_size, turntable_views=c.turntable_views,
+          turntable_resolution=c.turntable_resolution)
     return b.to_json("toy_demo")
 
 

@@ -112,7 +112,7 @@ def test_paper_workflow_has_the_paper_settings():
     with open(os.path.join(REPO, "tests", "data", "seed_prompts.txt"), encoding="utf-8") as f:  # the paper's list
         assert "A corgi standing up drinking boba." in f.read().splitlines()
     models = sorted(e["inputs"]["model_name"] for e in by_type(prompt, "DreamFlowLoadDenoiser").values())
-    assert models == ["sd_xl_refiner_1.0.safetensors", "v2-1_512-ema-pruned.safetensors"]
+    assert models == ["stable-diffusion-2-1-base", "stable-diffusion-xl-refiner-1.0"]
     (nerf,) = by_type(prompt, "DreamFlowNeRFStage").values()
     (mesh,) = by_type(prompt, "DreamFlowMeshStage").values()
     (refine,) = by_type(prompt, "DreamFlowSDXLRefine").values()
@@ -122,7 +122,7 @@ def test_paper_workflow_has_the_paper_settings():
     for stage in (nerf, mesh, refine):
         assert stage["inputs"]["prompt"] == "A corgi standing up drinking boba." and stage["inputs"]["method"] == "apfo"
     refiner_id = next(k for k, e in by_type(prompt, "DreamFlowLoadDenoiser").items()
-                      if e["inputs"]["model_name"].startswith("sd_xl_refiner"))
+                      if "xl-refiner" in e["inputs"]["model_name"])
     assert refine["inputs"]["refiner"] == [refiner_id, 0]
 
 
@@ -140,6 +140,24 @@ def test_no_file_depends_on_one_machines_paths():
                 with open(path, encoding="utf-8", errors="replace") as f:
                     hits = [ln for ln in f.read().splitlines() if pattern.search(ln)]
                 assert not hits, f"{name} names a machine-specific path: {hits[0].strip()[:120]}"
+
+
+def test_workflow_model_names_agree_with_the_readme():
+    """Each model a workflow names is the one the README tells users to install: a diffusers folder name whose
+    single-file checkpoints are found too (MODEL_ALIASES), or the shipped toy prior."""
+    from dreamflow.denoisers import loading
+
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    folder_names = {group[0]: group for group in loading.MODEL_ALIASES}
+    for name in WORKFLOWS:
+        for entry in by_type(ui_to_api(load(name), DEFS), "DreamFlowLoadDenoiser").values():
+            model = entry["inputs"]["model_name"]
+            assert f"`{model}`" in readme, f"{name} names {model}, which README.md does not mention"
+            if model in folder_names:
+                assert f"`{folder_names[model][1]}`" in readme, f"README.md does not name {model}'s single file"
+            else:
+                assert os.path.isfile(os.path.join(loading.REPO_MODELS_DIR, model, "model_index.json")), model
 
 
 def test_custom_stages_workflow_chains_two_nerf_stages():

@@ -25,11 +25,12 @@ from .defs import NodeDef, node_defs, pack_root
 #: ComfyUI's own 3D templates: ``"widgets_values": [model_file, ""]``).
 FRONTEND_EXTRA_VALUES = {"Preview3D": [""]}
 
-SD21 = "v2-1_512-ema-pruned.safetensors"
-"""Stable Diffusion 2.1-base single-file checkpoint (eps-prediction, 512 px; threestudio prolificdreamer's
-prior ``stabilityai/stable-diffusion-2-1-base``), in ComfyUI's models/checkpoints."""
-SDXL_REFINER = "sd_xl_refiner_1.0.safetensors"
-"""The SDXL 1.0 refiner single-file checkpoint, in ComfyUI's models/checkpoints."""
+SD21 = "stable-diffusion-2-1-base"
+"""Stable Diffusion 2.1-base (eps-prediction, 512 px; threestudio prolificdreamer's prior
+``stabilityai/stable-diffusion-2-1-base``): the diffusers folder in models/diffusers, or found as its single-file
+checkpoint ``v2-1_512-ema-pruned.safetensors`` in models/checkpoints (``denoisers.loading.MODEL_ALIASES``)."""
+SDXL_REFINER = "stable-diffusion-xl-refiner-1.0"
+"""The SDXL 1.0 refiner: diffusers folder, or its single file ``sd_xl_refiner_1.0.safetensors``."""
 PAPER_PROMPT = "A corgi standing up drinking boba."
 """From the paper's prompt list (shipped as ``tests/data/seed_prompts.txt``)."""
 
@@ -58,7 +59,7 @@ class WorkflowBuilder:
     Example::
 
         b = WorkflowBuilder(defs)
-        sd = b.add("DreamFlowLoadDenoiser", (0, 0), model_name="v2-1_512-ema-pruned.safetensors")
+        sd = b.add("DreamFlowLoadDenoiser", (0, 0), model_name="stable-diffusion-2-1-base")
         nerf = b.add("DreamFlowNeRFStage", (400, 0), iterations=300)
         b.link(sd, "denoiser", nerf, "denoiser")
         workflow = b.to_json("my workflow")
@@ -208,7 +209,9 @@ def paper_full(defs: Dict[str, NodeDef]) -> dict:
     t 0.5 -> 0.1), SDXL refiner (1024 px, t 0.3 -> 0, texture only); other settings are the stages' defaults."""
     b = WorkflowBuilder(defs)
     b.note("**DreamFlow: the paper's pipeline** (Lee, Sohn & Shin, ICLR 2024)\n\n"
-           f"Needs `{SD21}` (SD 2.1-base) and `{SDXL_REFINER}` in `models/checkpoints`.\n\n"
+           f"Needs SD 2.1-base and the SDXL refiner: the diffusers folders `{SD21}` and `{SDXL_REFINER}` in "
+           "`models/diffusers`, or the single files `v2-1_512-ema-pruned.safetensors` and "
+           "`sd_xl_refiner_1.0.safetensors` in `models/checkpoints` (either form is found).\n\n"
            "Stage 1 NeRF (256 px, APFO t 1.0 -> 0.2), ExtractMesh, stage 2 mesh (512 px, t 0.5 -> 0.1), "
            "stage 3 SDXL refiner (1024 px, t 0.3 -> 0.0), Save GLB. The NeRF is also saved as a state "
            "(output/dreamflow/corgi_nerf_*.safetensors) to resume or share.", (-440, -260), size=(400, 230))
@@ -232,8 +235,8 @@ def draft(defs: Dict[str, NodeDef]) -> dict:
     """A fast draft: SD 2.1-base only, few updates, small images; minutes instead of hours."""
     b = WorkflowBuilder(defs)
     b.note("**DreamFlow draft**: SD 2.1-base only, few updates and small images to try a prompt quickly "
-           f"(`{SD21}` in `models/checkpoints`). Raise iterations / resolutions, or use the paper workflow, "
-           "for quality.", (-440, -220), size=(400, 180))
+           f"(the folder `{SD21}` in `models/diffusers` or `v2-1_512-ema-pruned.safetensors` in "
+           "`models/checkpoints`). Raise iterations / resolutions, or use the paper workflow, for quality.", (-440, -220), size=(400, 180))
     sd = b.add("DreamFlowLoadDenoiser", (-440, 0), title="SD 2.1-base", model_name=SD21)
     _, mesh = _pipeline(
         b, sd, 0,

@@ -1,6 +1,10 @@
 """Write the example workflows in ``workflows/`` (ComfyUI UI format, version 0.4) from the node definitions.
 
-    python -m dreamflow.runner.build            # rewrites workflows/*.json
+    python -m dreamflow.runner.build            # rewrites workflows/*.json and their thumbnails *.jpg
+
+ComfyUI lists a custom node pack's ``workflows/*.json`` as templates (``/workflow_templates``); its frontend
+(1.27) titles each by its file name (custom templates carry no other title) and shows ``<name>.jpg`` beside it,
+so the files are named as the user should read them ("DreamFlow quick draft.json").
 
 Generating them keeps widget order, ``control_after_generate`` slots and link slots consistent with
 the nodes' ``INPUT_TYPES`` (a hand-edited file drifts silently). The layout mimics what ComfyUI's
@@ -8,7 +12,7 @@ frontend (1.27, bundled with ComfyUI 0.3.64) saves: nodes list sockets and *link
 only (its ``compressWidgetInputSlots``), ``widgets_values`` hold every widget value in order.
 
 To add a workflow: write a function building it with :class:`WorkflowBuilder` and add it to
-:data:`WORKFLOWS`.
+:data:`WORKFLOWS` and its thumbnail to :data:`THUMBNAILS`.
 """
 
 from __future__ import annotations
@@ -300,11 +304,68 @@ def toy_demo(defs: Dict[str, NodeDef]) -> dict:
 
 
 WORKFLOWS: Dict[str, Callable[[Dict[str, NodeDef]], dict]] = {
-    "dreamflow_paper_full.json": paper_full,
-    "dreamflow_draft.json": draft,
-    "dreamflow_custom_stages.json": custom_stages,
-    "dreamflow_toy_demo.json": toy_demo,
+    "DreamFlow paper pipeline.json": paper_full,
+    "DreamFlow quick draft.json": draft,
+    "DreamFlow custom stages.json": custom_stages,
+    "DreamFlow offline toy demo.json": toy_demo,
 }
+
+
+#: Real renders of DreamFlow's output with the toy prior, the source of the template thumbnails: the first view of
+#: each object of ``bench/toy_quality.py`` (64 px cells; rows: apfo / sds / vsd x 25 / 50 / 100 updates; columns:
+#: the 42 prompts sorted by (shape, colour)).
+THUMBNAIL_SOURCE = os.path.join("bench", "toy_quality_objects.png")
+THUMBNAIL_SIZE = 256
+_CELL = 64
+_BUDGETS = (25, 50, 100)
+
+
+def _cell(shape: str, colour: str, updates: int = 100, method: str = "apfo") -> Tuple[int, int]:
+    from ..toy.world import COLOUR_NAMES, SHAPES
+
+    col = sorted((s, c) for s in SHAPES for c in COLOUR_NAMES).index((shape, colour))
+    return ("apfo", "sds", "vsd").index(method) * len(_BUDGETS) + _BUDGETS.index(updates), col
+
+
+#: Thumbnail of each workflow (ComfyUI's template browser shows ``workflows/<name>.jpg``): its caption and the
+#: toy objects it shows (shape, colour, APFO updates).
+THUMBNAILS: Dict[str, Tuple[str, List[Tuple[str, str, int]]]] = {
+    "DreamFlow paper pipeline.json": ("3 stages: NeRF, mesh, SDXL", [
+        ("cube", "blue", 100), ("sphere", "purple", 100), ("cone", "green", 100), ("cylinder", "yellow", 100)]),
+    "DreamFlow quick draft.json": ("quick draft: few updates", [
+        ("cube", "green", 25), ("cube", "green", 50), ("cube", "green", 100)]),
+    "DreamFlow custom stages.json": ("coarse NeRF, then details", [
+        ("cylinder", "orange", 25), ("cylinder", "orange", 100)]),
+    "DreamFlow offline toy demo.json": ("offline toy prior: a red cube", [("cube", "red", 100)]),
+}
+
+
+def thumbnail(caption: str, objects: List[Tuple[str, str, int]], source: Optional[str] = None):
+    """A THUMBNAIL_SIZE square JPEG-ready PIL image: the objects' renders side by side over a caption."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    grid = Image.open(source or os.path.join(pack_root(), THUMBNAIL_SOURCE)).convert("RGB")
+    S, band = THUMBNAIL_SIZE, 44
+    out = Image.new("RGB", (S, S), "white")
+    n = len(objects)
+    cols = 2 if n == 4 else n
+    rows = -(-n // cols)
+    side = min(S // cols, (S - band) // rows)
+    for k, (shape, colour, updates) in enumerate(objects):
+        r, c = _cell(shape, colour, updates)
+        m = 6  # the objects fill the middle of their cells
+        crop = grid.crop((c * _CELL + m, r * _CELL + m, (c + 1) * _CELL - m, (r + 1) * _CELL - m))
+        crop = crop.resize((side, side), Image.LANCZOS)
+        x = (S - cols * side) // 2 + (k % cols) * side
+        y = (S - band - rows * side) // 2 + (k // cols) * side
+        out.paste(crop, (x, y))
+    draw = ImageDraw.Draw(out)
+    draw.rectangle((0, S - band, S, S), fill=(40, 44, 52))
+    for text, size, y in (("DreamFlow", 15, S - band + 4), (caption, 13, S - band + 24)):
+        font = ImageFont.load_default(size=size)
+        w = draw.textlength(text, font=font)
+        draw.text(((S - w) / 2, y), text, fill="white", font=font)
+    return out
 
 
 def render(workflow: dict) -> str:
@@ -312,7 +373,8 @@ def render(workflow: dict) -> str:
     return json.dumps(workflow, indent=2) + "\n"
 
 
-def write_all(folder: Optional[str] = None) -> List[str]:
+def write_all(folder: Optional[str] = None, thumbnails: bool = True) -> List[str]:
+    """Write every workflow (and, with ``thumbnails``, its ``.jpg``: needs ``bench/`` and Pillow)."""
     folder = folder or os.path.join(pack_root(), "workflows")
     defs = node_defs()
     written = []
@@ -321,6 +383,11 @@ def write_all(folder: Optional[str] = None) -> List[str]:
         with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.write(render(fn(defs)))
         written.append(path)
+        if thumbnails:
+            jpg = os.path.splitext(path)[0] + ".jpg"
+            with atomic_path(jpg) as tmp:
+                thumbnail(*THUMBNAILS[name]).save(tmp, format="JPEG", quality=85, optimize=True)
+            written.append(jpg)
     return written
 
 

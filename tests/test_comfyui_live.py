@@ -282,8 +282,8 @@ class Pinger:
 
 def test_server_answers_while_a_glb_is_saved_and_cancel_stops_the_export(server):
     """Saving a GLB used to freeze the server (xatlas held the interpreter lock: HTTP, websocket and Cancel
-    stalled for the whole unwrap). Now /queue answers within a second throughout, and /interrupt ends the export
-    within seconds, leaving no file."""
+    stalled for the whole unwrap). Now /queue keeps answering, and /interrupt ends the export within seconds,
+    leaving no file."""
     import trimesh
 
     faces = _big_mesh_state(os.path.join(server.base, "input", "big_mesh.safetensors"))
@@ -296,7 +296,9 @@ def test_server_answers_while_a_glb_is_saved_and_cancel_stops_the_export(server)
     (geom,) = trimesh.load(os.path.join(server.base, "output", rec["subfolder"], rec["filename"])).geometry.values()
     assert len(geom.faces) == faces
     assert took > 3.0, f"the export took {took:.1f} s: too short here to tell a freeze from an answer"
-    assert len(ping.latencies) >= 10 and max(ping.latencies) < 1.0, (max(ping.latencies), took)
+    # in-process xatlas (the old way) froze /queue for 12.1 s of a 30 s export here; a busy 2-core CI machine
+    # may delay an answer by a second or so
+    assert len(ping.latencies) >= 10 and max(ping.latencies) < min(2.5, 0.25 * took), (max(ping.latencies), took)
 
     asked = []
     entry = server.run(_save_prompt("live/cancelled"), timeout=300, poll_s=0.2,

@@ -280,7 +280,7 @@ def toy_demo(defs: Dict[str, NodeDef]) -> dict:
     from ..demo import DemoConfig
 
     c = DemoConfig()
-    prompt = "a red cube"
+    prompt = "a red torus"  # the demo's default prompt (cubes do not pass the GLB fidelity check yet)
     b = WorkflowBuilder(defs)
     b.note("**DreamFlow toy demo**: the shipped toy prior `dreamflow-toy` (64 px, 7 shapes x 6 colours; no "
            "download) runs the whole pipeline on a CPU in minutes. Prompts: 'a <colour> <shape>', e.g. "
@@ -311,36 +311,40 @@ WORKFLOWS: Dict[str, Callable[[Dict[str, NodeDef]], dict]] = {
 }
 
 
-#: Real renders of DreamFlow's output with the toy prior, the source of the template thumbnails: the first view of
-#: each object of ``bench/toy_quality.py`` (64 px cells; rows: apfo / sds / vsd x 25 / 50 / 100 updates; columns:
-#: the 42 prompts sorted by (shape, colour)).
-THUMBNAIL_SOURCE = os.path.join("bench", "toy_quality_objects.png")
+#: Real renders of DreamFlow's exported GLBs with the toy prior, the source of the template thumbnails:
+#: ``bench/glb_fidelity.py``'s grid (64 px cells; per prompt a front and a top view; rows: apfo / sds / vsd x 50 / 100
+#: / 200 NeRF updates x seeds 0-2; columns: its 7 prompts in alphabetical order, :data:`_PROMPTS`).
+THUMBNAIL_SOURCE = os.path.join("bench", "glb_fidelity_objects.png")
 THUMBNAIL_SIZE = 256
 _CELL = 64
-_BUDGETS = (25, 50, 100)
+_BUDGETS = (50, 100, 200)
+_SEEDS = 3
+_PROMPTS = (("cone", "blue"), ("cube", "red"), ("cylinder", "yellow"), ("mushroom", "red"), ("snowman", "orange"),
+            ("sphere", "green"), ("torus", "purple"))
 
 
-def _cell(shape: str, colour: str, updates: int = 100, method: str = "apfo") -> Tuple[int, int]:
-    from ..toy.world import COLOUR_NAMES, SHAPES
-
-    col = sorted((s, c) for s in SHAPES for c in COLOUR_NAMES).index((shape, colour))
-    return ("apfo", "sds", "vsd").index(method) * len(_BUDGETS) + _BUDGETS.index(updates), col
+def _cell(shape: str, colour: str, updates: int, seed: int = 0, view: str = "front") -> Tuple[int, int]:
+    """(row, column) of an APFO object's view in :data:`THUMBNAIL_SOURCE`."""
+    return _BUDGETS.index(updates) * _SEEDS + seed, 2 * _PROMPTS.index((shape, colour)) + ("front", "top").index(view)
 
 
 #: Thumbnail of each workflow (ComfyUI's template browser shows ``workflows/<name>.jpg``): its caption and the
-#: toy objects it shows (shape, colour, APFO updates).
-THUMBNAILS: Dict[str, Tuple[str, List[Tuple[str, str, int]]]] = {
+#: objects it shows (shape, colour, APFO NeRF updates, seed, view).
+THUMBNAILS: Dict[str, Tuple[str, List[tuple]]] = {
     "DreamFlow paper pipeline.json": ("3 stages: NeRF, mesh, SDXL", [
-        ("cube", "blue", 100), ("sphere", "purple", 100), ("cone", "green", 100), ("cylinder", "yellow", 100)]),
+        ("cone", "blue", 200, 2, "front"), ("sphere", "green", 200, 0, "front"),
+        ("mushroom", "red", 200, 1, "front"), ("torus", "purple", 200, 2, "top")]),
     "DreamFlow quick draft.json": ("quick draft: few updates", [
-        ("cube", "green", 25), ("cube", "green", 50), ("cube", "green", 100)]),
+        ("torus", "purple", 50, 1, "top"), ("torus", "purple", 100, 1, "top"), ("torus", "purple", 200, 1, "top")]),
     "DreamFlow custom stages.json": ("coarse NeRF, then details", [
-        ("cylinder", "orange", 25), ("cylinder", "orange", 100)]),
-    "DreamFlow offline toy demo.json": ("offline toy prior: a red cube", [("cube", "red", 100)]),
+        ("mushroom", "red", 50, 1, "front"), ("mushroom", "red", 200, 1, "front")]),
+    "DreamFlow offline toy demo.json": ("offline toy prior, CPU minutes", [
+        ("torus", "purple", 200, 2, "top"), ("cylinder", "yellow", 200, 0, "front"),
+        ("sphere", "green", 200, 0, "front"), ("cone", "blue", 200, 2, "front")]),
 }
 
 
-def thumbnail(caption: str, objects: List[Tuple[str, str, int]], source: Optional[str] = None):
+def thumbnail(caption: str, objects: List[tuple], source: Optional[str] = None):
     """A THUMBNAIL_SIZE square JPEG-ready PIL image: the objects' renders side by side over a caption."""
     from PIL import Image, ImageDraw, ImageFont
 
@@ -351,9 +355,9 @@ def thumbnail(caption: str, objects: List[Tuple[str, str, int]], source: Optiona
     cols = 2 if n == 4 else n
     rows = -(-n // cols)
     side = min(S // cols, (S - band) // rows)
-    for k, (shape, colour, updates) in enumerate(objects):
-        r, c = _cell(shape, colour, updates)
-        m = 6  # the objects fill the middle of their cells
+    for k, obj in enumerate(objects):
+        r, c = _cell(*obj)
+        m = 4  # the objects fill the middle of their cells
         crop = grid.crop((c * _CELL + m, r * _CELL + m, (c + 1) * _CELL - m, (r + 1) * _CELL - m))
         crop = crop.resize((side, side), Image.LANCZOS)
         x = (S - cols * side) // 2 + (k % cols) * side

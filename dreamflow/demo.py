@@ -6,7 +6,7 @@ GLB's path.
 
 Two routes, same settings (:class:`DemoConfig`):
 
-1. ``workflows/dreamflow_toy_demo.json`` exists: it runs through the headless runner (``python -m dreamflow run``)
+1. ``workflows/DreamFlow offline toy demo.json`` exists: it runs through the headless runner (``python -m dreamflow run``)
    with ``--set`` overrides for the prompt and seed, i.e. exactly what ComfyUI would run;
 2. otherwise the stages are called directly (``run_nerf_stage``, ``extract_mesh_state``, ``run_mesh_stage``,
    ``MeshState.export_glb``).
@@ -30,7 +30,7 @@ from .errors import DreamFlowError, DreamFlowInterrupted
 
 #: The toy workflow the node engineer ships (route 1 of the module docstring).
 DEMO_WORKFLOW = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows",
-                             "dreamflow_toy_demo.json")
+                             "DreamFlow offline toy demo.json")
 
 
 @dataclass

@@ -334,7 +334,7 @@ def test_toy_texture_workflow_makes_a_valid_glb_with_the_files_geometry(tmp_path
                         "DreamFlowMeshStage.denoise_resolution=16", "DreamFlowMeshStage.views_per_update=1",
                         "DreamFlowMeshStage.preview_views=1", "DreamFlowMeshStage.preview_resolution=16",
                         "DreamFlowLoadDenoiser.device=cpu"]
-    prompt, result, files = _run_workflow(os.path.join(pack_root(), "workflows", "dreamflow_texture_mesh_toy.json"),
+    prompt, result, files = _run_workflow(os.path.join(pack_root(), "workflows", "DreamFlow texture a mesh offline.json"),
                                           sets, tmp_path, monkeypatch)
     (stage_id,) = [k for k, v in prompt.items() if v["class_type"] == "DreamFlowMeshStage"]
     (load_id,) = [k for k, v in prompt.items() if v["class_type"] == "DreamFlowLoadMesh"]

@@ -115,7 +115,8 @@ def autograd_on(fn):
 def optimise(*, stage: str, denoiser, prompt: str, negative_prompt: str, config,
              render_fn: Callable, optimizer: torch.optim.Optimizer, snapshot: Callable[[List[dict]], object],
              callbacks: Optional[Callbacks] = None, guidance_state: Optional[Dict[str, torch.Tensor]] = None,
-             on_step: Optional[Callable[[int], None]] = None) -> LoopResult:
+             on_step: Optional[Callable[[int], None]] = None,
+             preview_fn: Optional[Callable[[], torch.Tensor]] = None) -> LoopResult:
     """Run ``config.iterations`` updates of a stage.
 
     Args:
@@ -124,6 +125,8 @@ def optimise(*, stage: str, denoiser, prompt: str, negative_prompt: str, config,
             last good state on divergence).
         guidance_state: scene-LoRA tensors to resume from (APFO/VSD).
         on_step: called after each optimiser step (e.g. to refresh an occupancy grid).
+        preview_fn: ``() -> [H, W, 3]`` image of the scene as the user will get it, for live previews (called
+            after the update's optimiser step, under no_grad); default: the first training render.
     Returns:
         LoopResult with the log rows (t, sigma, grad_norm, loss, ...) and the guidance's LoRA tensors.
     Raises:
@@ -215,7 +218,13 @@ def optimise(*, stage: str, denoiser, prompt: str, negative_prompt: str, config,
                         callbacks.log(log[-1])
                 if callbacks.progress is not None:
                     every = callbacks.preview_every
-                    preview = to_pil(rgb[0]) if every and (step % every == 0 or step == total - 1) else None
+                    preview = None
+                    if every and (step % every == 0 or step == total - 1):
+                        if preview_fn is not None:
+                            with torch.no_grad():
+                                preview = to_pil(preview_fn())
+                        else:
+                            preview = to_pil(rgb[0])
                     callbacks.progress(step + 1, total, preview)
         except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as e:
             if not is_out_of_memory(e):

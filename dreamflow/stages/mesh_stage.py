@@ -99,6 +99,10 @@ class MeshStageConfig:
         return self
 
 
+#: Side of the live preview image of the mesh stages, pixels (ComfyUI shows previews at up to 512 px).
+PREVIEW_RESOLUTION = 256
+
+
 @dataclass
 class RefineConfig(MeshStageConfig):
     """Stage 3 settings (SDXL refiner). Defaults: paper (1024 px, t 0.3 -> 0.0), colour only."""
@@ -120,7 +124,7 @@ class RefineConfig(MeshStageConfig):
 @autograd_on
 def _run_mesh_like(stage: str, kind: str, denoiser, mesh: MeshState, prompt: str, negative_prompt: str,
                    config: MeshStageConfig, callbacks: Optional[Callbacks]) -> MeshState:
-    from ..render.mesh_render import render_mesh
+    from ..render.mesh_render import render_mesh, render_turntable
     from ..render.raster import antialias_topology
 
     config = config.validate()
@@ -185,8 +189,16 @@ def _run_mesh_like(stage: str, kind: str, denoiser, mesh: MeshState, prompt: str
                          settings=settings, guidance_log=list(mesh.guidance_log) + [dict(r, stage=stage) for r in log],
                          history=history, vertices=vertices, faces=model.faces.clone())
 
+    def preview_fn():
+        # What the user gets (the stage's turntable output and SaveGLB's look): the coloured mesh, unlit, on white,
+        # from the front; not the training render (random shading mode, light and background).
+        geo = frozen if frozen is not None else model.deform()
+        return render_turntable(geo.vertices, faces32, model.albedo, n_views=1, resolution=PREVIEW_RESOLUTION,
+                                backend=config.backend)[0]
+
     result = optimise(stage=stage, denoiser=denoiser, prompt=prompt, negative_prompt=negative_prompt, config=config,
-                      render_fn=render_fn, optimizer=optimizer, snapshot=snapshot, callbacks=callbacks)
+                      render_fn=render_fn, optimizer=optimizer, snapshot=snapshot, callbacks=callbacks,
+                      preview_fn=preview_fn)
     for p in list(model.parameters()) + list(background.parameters()):
         p.requires_grad_(True)
     model.eval()

@@ -131,18 +131,21 @@ def run_direct(prompt: str, cfg: DemoConfig, output_dir: str, log=print) -> str:
 
 def workflow_sets(prompt: str, cfg: DemoConfig) -> List[str]:
     """``--set`` edits that make the toy workflow run exactly :class:`DemoConfig` (route 1 == route 2)."""
+    from .toy.world import TOY_CAMERA
+
+    camera = dict(zip(("elevation_min", "elevation_max"), TOY_CAMERA.elevation_range))
     values = {
         "DreamFlowNeRFStage": dict(prompt=prompt, seed=cfg.seed, iterations=cfg.nerf_iterations,
                                    resolution=cfg.nerf_resolution, denoise_resolution=64,
                                    views_per_update=cfg.nerf_views, method="apfo", cfg_scale=cfg.cfg_scale,
                                    t_start=1.0, t_end=0.2, lr_grid=cfg.lr_grid, lr_mlp=cfg.lr_mlp,
                                    grid_levels=cfg.hash_levels, grid_log2_size=cfg.hash_log2_size,
-                                   n_samples=cfg.n_samples, n_importance=cfg.n_importance),
+                                   n_samples=cfg.n_samples, n_importance=cfg.n_importance, **camera),
         "DreamFlowExtractMesh": dict(resolution=cfg.extract_resolution, face_budget=cfg.face_budget),
         "DreamFlowMeshStage": dict(prompt=prompt, seed=cfg.seed, iterations=cfg.mesh_iterations,
                                    resolution=cfg.mesh_resolution, denoise_resolution=64,
                                    views_per_update=cfg.nerf_views, method="apfo", cfg_scale=cfg.cfg_scale,
-                                   t_start=0.5, t_end=0.1),
+                                   t_start=0.5, t_end=0.1, **camera),
         "DreamFlowSaveGLB": dict(texture_size=cfg.texture_size, turntable_views=cfg.turntable_views,
                                  turntable_resolution=cfg.turntable_resolution),
     }

@@ -130,6 +130,23 @@ def preview_inputs() -> Dict[str, tuple]:
     }
 
 
+def camera_inputs(config: Any) -> Dict[str, tuple]:
+    """The random cameras' elevation range (last widgets of a stage node, so saved workflows keep their values)."""
+    lo, hi = config.camera.elevation_range
+    return {
+        "elevation_min": ("FLOAT", {"default": float(lo), "min": -89.0, "max": 89.0, "step": 1.0, "round": False,
+                                    "tooltip": "Lowest camera elevation, degrees (threestudio: -10)."}),
+        "elevation_max": ("FLOAT", {"default": float(hi), "min": -89.0, "max": 89.0, "step": 1.0, "round": False,
+                                    "tooltip": "Highest camera elevation, degrees (threestudio: 45; above 60 the view "
+                                               "prompt says 'overhead view'; the toy prior was trained up to 80)."}),
+    }
+
+
+def camera_changes(elevation_min: float, elevation_max: float) -> Dict[str, Any]:
+    """Dotted config changes for :func:`dreamflow.config.replace` from :func:`camera_inputs`' widgets."""
+    return {"camera.elevation_range": (float(elevation_min), float(elevation_max))}
+
+
 def guidance_changes(method: str, cfg_scale: float, t_start: float, t_end: float, updates_per_t: int,
                      lr_lora: float) -> Dict[str, Any]:
     """Dotted config changes for :func:`dreamflow.config.replace` from the guidance widgets."""

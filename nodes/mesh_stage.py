@@ -5,7 +5,7 @@ from __future__ import annotations
 from dreamflow import hosting
 from dreamflow.stages import MeshStageConfig, run_mesh_stage
 
-from .common import (CATEGORY, DENOISER, MESH, Checked, check_prompt_value, denoise_resolution_input, engine_call,
+from .common import (CATEGORY, DENOISER, MESH, Checked, camera_changes, camera_inputs, check_prompt_value, denoise_resolution_input, engine_call,
                      guidance_changes, guidance_inputs, int_input, known, make_config, mesh_changes, mesh_inputs,
                      preview_inputs, prompt_inputs, seed_input, to_image)
 
@@ -41,6 +41,7 @@ class MeshStage(Checked):
                 "texture_only": ("BOOLEAN", {"default": not c.optimize_geometry,
                                              "tooltip": "Freeze the geometry: optimise the colour field only, the "
                                                         "vertices stay bit-identical (texture a loaded mesh)."}),
+                **camera_inputs(c),
             }
         }
 
@@ -56,10 +57,10 @@ class MeshStage(Checked):
     @classmethod
     def build_config(cls, seed, iterations, resolution, denoise_resolution, views_per_update, method, cfg_scale,
                      t_start, t_end, updates_per_t, lr_geometry, lr_grid, lr_mlp, lr_lora, lambda_normal_consistency,
-                     lambda_laplacian, texture_only=False, **_):
+                     lambda_laplacian, texture_only=False, elevation_min=-10.0, elevation_max=45.0, **_):
         return make_config(MeshStageConfig, seed=seed, iterations=iterations, resolution=resolution,
                            denoise_resolution=denoise_resolution, views_per_update=views_per_update,
-                           optimize_geometry=not texture_only,
+                           optimize_geometry=not texture_only, **camera_changes(elevation_min, elevation_max),
                            **mesh_changes(lr_geometry, lr_grid, lr_mlp, lambda_normal_consistency, lambda_laplacian),
                            **guidance_changes(method, cfg_scale, t_start, t_end, updates_per_t, lr_lora))
 
@@ -71,7 +72,8 @@ class MeshStage(Checked):
 
     def run(self, denoiser, mesh, prompt, negative_prompt, seed, iterations, resolution, denoise_resolution,
             views_per_update, method, cfg_scale, t_start, t_end, updates_per_t, lr_geometry, lr_grid, lr_mlp,
-            lr_lora, lambda_normal_consistency, lambda_laplacian, preview_views, preview_resolution, texture_only):
+            lr_lora, lambda_normal_consistency, lambda_laplacian, preview_views, preview_resolution, texture_only,
+            elevation_min, elevation_max):
         config = self.build_config(**locals())  # the widgets by name (build_config ignores the rest)
         with engine_call(node="MeshStage", memory_hint=MEMORY_HINT):
             state = run_mesh_stage(denoiser, mesh, prompt, negative_prompt, config,

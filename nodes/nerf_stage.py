@@ -5,7 +5,7 @@ from __future__ import annotations
 from dreamflow import hosting
 from dreamflow.stages import NeRFStageConfig, run_nerf_stage
 
-from .common import (CATEGORY, DENOISER, NERF, Checked, check_prompt_value, denoise_resolution_input, engine_call,
+from .common import (CATEGORY, DENOISER, NERF, Checked, camera_changes, camera_inputs, check_prompt_value, denoise_resolution_input, engine_call,
                      float_input, guidance_changes, guidance_inputs, int_input, known, lr_lora_input, make_config,
                      preview_inputs, prompt_inputs, seed_input, to_image)
 
@@ -51,6 +51,7 @@ class NeRFStage(Checked):
                 "n_importance": int_input(c, "render.n_importance", 0, 1024, "Fine samples per ray drawn from the "
                                           "coarse weights (0: coarse only)."),
                 **preview_inputs(),
+                **camera_inputs(c),  # last, so that workflows saved before them keep their widget values
             },
             "optional": {
                 "init": (NERF, {"tooltip": "Continue from this NeRF (a previous NeRF stage or a loaded state) "
@@ -71,12 +72,13 @@ class NeRFStage(Checked):
     @classmethod
     def build_config(cls, seed, iterations, resolution, denoise_resolution, views_per_update, method, cfg_scale,
                      t_start, t_end, updates_per_t, lr_grid, lr_mlp, lr_lora, lambda_sparsity, lambda_orient,
-                     grid_levels, grid_log2_size, n_samples, n_importance, **_):
+                     grid_levels, grid_log2_size, n_samples, n_importance, elevation_min=-10.0, elevation_max=45.0, **_):
         return make_config(NeRFStageConfig, seed=seed, iterations=iterations, resolution=resolution,
                            denoise_resolution=denoise_resolution, views_per_update=views_per_update,
                            lr_grid=lr_grid, lr_mlp=lr_mlp, lambda_sparsity=lambda_sparsity, lambda_orient=lambda_orient,
                            **{"nerf.grid.n_levels": grid_levels, "nerf.grid.log2_hashmap_size": grid_log2_size,
                               "render.n_samples": n_samples, "render.n_importance": n_importance},
+                           **camera_changes(elevation_min, elevation_max),
                            **guidance_changes(method, cfg_scale, t_start, t_end, updates_per_t, lr_lora))
 
     @classmethod
@@ -88,7 +90,7 @@ class NeRFStage(Checked):
     def run(self, denoiser, prompt, negative_prompt, seed, iterations, resolution, denoise_resolution,
             views_per_update, method, cfg_scale, t_start, t_end, updates_per_t, lr_grid, lr_mlp, lr_lora,
             lambda_sparsity, lambda_orient, grid_levels, grid_log2_size, n_samples, n_importance, preview_views,
-            preview_resolution, init=None):
+            preview_resolution, elevation_min, elevation_max, init=None):
         config = self.build_config(**locals())  # the widgets by name (build_config ignores the rest)
         with engine_call(node="NeRFStage", memory_hint=MEMORY_HINT):
             state = run_nerf_stage(denoiser, prompt, negative_prompt, config,

@@ -285,6 +285,7 @@ def toy_demo(defs: Dict[str, NodeDef]) -> dict:
     """The offline demo on the shipped toy prior ``dreamflow-toy``: the settings of
     :class:`dreamflow.demo.DemoConfig` (``python -m dreamflow demo`` runs this file when it exists)."""
     from ..demo import DemoConfig
+    from ..toy.world import TOY_CAMERA
 
     c = DemoConfig()
     prompt = "a red torus"  # the demo's default prompt (cubes do not pass the GLB fidelity check yet)
@@ -294,16 +295,17 @@ def toy_demo(defs: Dict[str, NodeDef]) -> dict:
            "'a green cone'. Same settings as `python -m dreamflow demo`.", (-440, -220), size=(400, 180))
     sd = b.add("DreamFlowLoadDenoiser", (-440, 0), title="Toy prior", model_name=c.model)
     small = dict(preview_views=4, preview_resolution=64)
+    camera = dict(zip(("elevation_min", "elevation_max"), TOY_CAMERA.elevation_range))  # the prior's training views
     _, mesh = _pipeline(
         b, sd, 0,
         nerf_values=dict(seed=c.seed, iterations=c.nerf_iterations, views_per_update=c.nerf_views,
                          resolution=c.nerf_resolution, denoise_resolution=64, cfg_scale=c.cfg_scale, t_start=1.0,
                          t_end=0.2, lr_grid=c.lr_grid, lr_mlp=c.lr_mlp, grid_levels=c.hash_levels, grid_log2_size=c.hash_log2_size,
-                         n_samples=c.n_samples, n_importance=c.n_importance, **small),
+                         n_samples=c.n_samples, n_importance=c.n_importance, **small, **camera),
         extract_values=dict(resolution=c.extract_resolution, face_budget=c.face_budget, **small),
         mesh_values=dict(seed=c.seed, iterations=c.mesh_iterations, views_per_update=c.nerf_views,
                          resolution=c.mesh_resolution, denoise_resolution=64, cfg_scale=c.cfg_scale, t_start=0.5,
-                         t_end=0.1, **small),
+                         t_end=0.1, **small, **camera),
         prompt=prompt)
     _save(b, mesh, 1320, "dreamflow/toy", texture_size=c.texture_size, turntable_views=c.turntable_views,
           turntable_resolution=c.turntable_resolution)

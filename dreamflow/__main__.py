@@ -1,6 +1,8 @@
-"""``python -m dreamflow``: ``run`` executes a workflow headless; ``demo`` runs the offline demo.
+"""``python -m dreamflow``: ``run`` executes a workflow headless; ``batch`` runs it for many prompts and seeds
+(on Ray when installed); ``demo`` runs the offline demo.
 
     python -m dreamflow run "workflows/DreamFlow quick draft.json" --set DreamFlowNeRFStage.iterations=200
+    python -m dreamflow batch prompts.txt --workflow "workflows/DreamFlow quick draft.json" --output out/batch --seeds 2
     python -m dreamflow demo --prompt "a red torus"
 """
 
@@ -19,6 +21,7 @@ def demo(argv: List[str]) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from .runner.batch import add_batch_arguments, batch_command
     from .runner.cli import add_run_arguments, run_command
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -27,8 +30,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dreamflow", description="DreamFlow text-to-3D (headless)")
     sub = parser.add_subparsers(dest="command", required=True)
     add_run_arguments(sub.add_parser("run", help="run a ComfyUI workflow of DreamFlow nodes without ComfyUI"))
+    add_batch_arguments(sub.add_parser("batch", help="run a workflow for every prompt of a file and every seed, on "
+                                                     "Ray (local or a cluster) or local processes; resumable"))
     sub.add_parser("demo", help="offline end-to-end demo on the shipped toy prior (see `demo --help`)")
-    return run_command(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    return batch_command(args) if args.command == "batch" else run_command(args)
 
 
 if __name__ == "__main__":

@@ -149,6 +149,8 @@ def check_first_run(res, out):
         (geom,) = trimesh.load(out / r["glb"]).geometry.values()
         assert len(geom.faces) > 20 and geom.visual.material.baseColorTexture.size == (64, 64)
         assert Image.open(out / r["turntable"]).size[1] == 32
+        log = (out / r["job"] / "log.txt").read_text()
+        assert "(DreamFlowNeRFStage)" in log and "it/s" not in log  # the runner's lines, no progress bars
     assert not [n for n in os.listdir(out) if n.startswith(".tmp")]
     return rows
 
@@ -162,6 +164,7 @@ def check_resume(res, out, rows, rerun):
 
 
 @pytest.mark.e2e
+@pytest.mark.timeout(600)  # two batch calls; 70 s of CPU, minutes on a shared 2-core box
 def test_batch_on_local_ray_fails_one_job_and_resumes(tmp_path):
     pytest.importorskip("ray")
     prompts, out = tmp_path / "prompts.txt", tmp_path / "out"
@@ -184,6 +187,7 @@ def test_batch_on_local_ray_fails_one_job_and_resumes(tmp_path):
 
 
 @pytest.mark.e2e
+@pytest.mark.timeout(600)  # two batch calls; 70 s of CPU, minutes on a shared 2-core box
 def test_batch_without_ray_uses_processes_and_resumes(tmp_path):
     prompts, out = tmp_path / "prompts.txt", tmp_path / "out"
     prompts.write_text("\n".join(PROMPTS) + "\n")

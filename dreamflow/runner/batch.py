@@ -54,6 +54,9 @@ PACK_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 SHIP_EXCLUDES = [".git", ".venv", ".tools", ".whl", ".gl", ".device", "out", "output", "tests", "bench",
                  "__pycache__", "*.pyc", ".pytest_cache", ".bench-smoke"]
 TOY_MODEL = "dreamflow-toy"
+#: Environment of every job's process: no progress bars in a job's log (the batch prints its own lines; tqdm
+#: reads the variable when first imported, and Ray's workers import it before any job).
+JOB_ENV = {"TQDM_DISABLE": "1"}
 
 
 def one_line(text: str, limit: int = 500) -> str:
@@ -155,7 +158,6 @@ def run_job(spec: dict) -> dict:
     ``threads``. Returns ``{"record": ..., "files": {relative path: bytes}, "log": text}``; never raises for
     a failed run (the record says ``status: "failed"`` with a one-line ``error``).
     """
-    os.environ.setdefault("TQDM_DISABLE", "1")  # no bars in a job's log (tqdm reads it when first imported)
     from .. import hosting
     from ..errors import DreamFlowInterrupted
     from .cli import _env, saved_files
@@ -355,14 +357,14 @@ class RayBackend:
         kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
         if address:
             env = {"working_dir": PACK_ROOT, "excludes": SHIP_EXCLUDES} if ship_code else {}
-            ray.init(address=address, runtime_env=env or None, **kwargs)
+            ray.init(address=address, runtime_env={**env, "env_vars": dict(JOB_ENV)}, **kwargs)
             self.where = f"the Ray cluster at {address}"
         else:
             if gpus_per_job == 0 and workers:
                 kwargs["num_cpus"] = max(1, int(workers * cpus_per_job))
             # local workers import the pack from here
             path = os.pathsep.join(p for p in (PACK_ROOT, os.environ.get("PYTHONPATH")) if p)
-            ray.init(runtime_env={"env_vars": {"PYTHONPATH": path}}, **kwargs)
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": path, **JOB_ENV}}, **kwargs)
             self.where = "local Ray"
         res = ray.cluster_resources()
         gpus, cpus = float(res.get("GPU", 0)), float(res.get("CPU", 1))
@@ -452,17 +454,19 @@ class ProcessBackend:
     def submit(self, key, spec: dict) -> None:
         slot = self.free.pop(0)
         recv, send = self.ctx.Pipe(duplex=False)
-        old = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if self.gpus_per_job > 0 or old is None or slot:
-            os.environ["CUDA_VISIBLE_DEVICES"] = slot  # "" hides every GPU from a CPU job
+        # a spawned child inherits os.environ as it is at start(): set its variables around that call
+        env = {**JOB_ENV, "CUDA_VISIBLE_DEVICES": slot}  # "" hides every GPU from a CPU job
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
         try:
             proc = self.ctx.Process(target=_process_entry, args=(spec, send), daemon=True)
             proc.start()
         finally:
-            if old is None:
-                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-            else:
-                os.environ["CUDA_VISIBLE_DEVICES"] = old
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         send.close()
         self.running[key] = (proc, recv, slot)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -128,6 +129,7 @@ def check_first_run(res, out):
     assert res.returncode == batch.EXIT_SOME_FAILED, res.stdout[-3000:] + res.stderr[-3000:]
     assert "4 jobs (4 prompts x 1 seeds), 0 done before, 4 to run" in res.stdout
     assert "2 at once" in res.stdout and "[4/4]" in res.stdout and "3 ok, 1 failed" in res.stdout
+    assert re.search(r"3 ok, 1 failed, 0 done before; [0-9.]+ min, [0-9.]+ jobs / hour", res.stdout)
     rows = manifest(out)
     assert sorted((r["prompt"], r["status"], r["attempts"]) for r in rows) == sorted(
         (p, "failed" if p == OUTSIDE else "ok", 2 if p == OUTSIDE else 1) for p in PROMPTS)
@@ -164,7 +166,7 @@ def check_resume(res, out, rows, rerun):
 
 
 @pytest.mark.e2e
-@pytest.mark.timeout(600)  # two batch calls; 70 s of CPU, minutes on a shared 2-core box
+@pytest.mark.timeout(600)  # two batch calls: minutes on a busy 2-core machine
 def test_batch_on_local_ray_fails_one_job_and_resumes(tmp_path):
     pytest.importorskip("ray")
     prompts, out = tmp_path / "prompts.txt", tmp_path / "out"
@@ -187,7 +189,7 @@ def test_batch_on_local_ray_fails_one_job_and_resumes(tmp_path):
 
 
 @pytest.mark.e2e
-@pytest.mark.timeout(600)  # two batch calls; 70 s of CPU, minutes on a shared 2-core box
+@pytest.mark.timeout(600)  # two batch calls: minutes on a busy 2-core machine
 def test_batch_without_ray_uses_processes_and_resumes(tmp_path):
     prompts, out = tmp_path / "prompts.txt", tmp_path / "out"
     prompts.write_text("\n".join(PROMPTS) + "\n")

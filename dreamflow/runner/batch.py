@@ -649,8 +649,10 @@ def run_batch(prompts_path: str, workflow: str, output: str, *, seeds: int = 1, 
         log(f"batch: interrupted: {summary.ok} done, {summary.failed} failed, {len(todo) - finished} not run "
             f"(nothing half-written); the same command resumes")
     else:
-        log(f"batch: {summary.ok} ok, {summary.failed} failed, {summary.skipped} done before; manifest "
-            f"{folder.manifest}")
+        wall = time.time() - t0
+        rate = f", {summary.ok / wall * 3600:.1f} jobs / hour" if summary.ok else ""
+        log(f"batch: {summary.ok} ok, {summary.failed} failed, {summary.skipped} done before; {wall / 60:.1f} min"
+            f"{rate}; manifest {folder.manifest}")
     return summary
 
 

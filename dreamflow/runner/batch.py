@@ -424,7 +424,8 @@ class ProcessBackend:
 
     name = "local processes"
 
-    def __init__(self, workers: Optional[int], gpus_per_job: Optional[float], cpus_per_job: float):
+    def __init__(self, workers: Optional[int], gpus_per_job: Optional[float], cpus_per_job: float,
+                 why: str = "Ray is not installed: pip install comfyui-dreamflow[batch]"):
         import multiprocessing as mp
 
         import torch
@@ -439,8 +440,10 @@ class ProcessBackend:
         if gpus_per_job > 1:
             raise DreamFlowError("without Ray a job runs on one GPU at most; use --gpus-per-job 1 (or 0.5 for two "
                                  "jobs a card), or install Ray (pip install comfyui-dreamflow[batch])")
-        if gpus_per_job > 0:
-            slots = [str(g) for g in range(ngpu) for _ in range(int(1 / gpus_per_job))]
+        if gpus_per_job > 0:  # slots name the devices as this process sees them (CUDA_VISIBLE_DEVICES kept)
+            visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+            ids = visible[:ngpu] if len(visible) >= ngpu else [str(g) for g in range(ngpu)]
+            slots = [d for d in ids for _ in range(int(1 / gpus_per_job))]
         else:
             slots = [""] * max(1, int((os.cpu_count() or 1) // max(cpus_per_job, 1)))
         if workers:
@@ -448,7 +451,7 @@ class ProcessBackend:
         self.free: List[str] = slots
         self.workers = len(slots)
         self.gpus_per_job, self.cpus_per_job = gpus_per_job, cpus_per_job
-        self.where = "local processes (Ray is not installed: pip install comfyui-dreamflow[batch])"
+        self.where = f"local processes ({why})"
         self.running: Dict[object, tuple] = {}
 
     def submit(self, key, spec: dict) -> None:
@@ -553,7 +556,8 @@ def make_backend(backend: str, ray_address: Optional[str], workers: Optional[int
             raise DreamFlowError("Ray is not installed; pip install comfyui-dreamflow[batch] (or pip install ray), or "
                                  "drop --ray / --backend ray to run jobs in local processes")
         return RayBackend(ray_address, workers, gpus_per_job, cpus_per_job, ship_code)
-    return ProcessBackend(workers, gpus_per_job, cpus_per_job)
+    return ProcessBackend(workers, gpus_per_job, cpus_per_job,
+                          "--backend process" if has_ray else "Ray is not installed: pip install comfyui-dreamflow[batch]")
 
 
 def run_batch(prompts_path: str, workflow: str, output: str, *, seeds: int = 1, first_seed: int = 0,

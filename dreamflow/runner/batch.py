@@ -181,8 +181,9 @@ def run_job(spec: dict) -> dict:
             gpu = torch.cuda.get_device_name(0)
             torch.cuda.reset_peak_memory_stats()
             record["device"] = gpu
-        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), _env(DREAMFLOW_OUTPUT=tmp):
-            defs = node_defs()
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), \
+                _env(DREAMFLOW_OUTPUT=tmp, DREAMFLOW_INPUT=spec.get("input")):
+            defs = node_defs(custom_nodes=spec.get("custom_nodes") or ())
             api = copy.deepcopy(spec["api"])
             apply_sets(api, job_sets(api, defs, spec["prompt"], spec["seed"]), defs)
             api = validate_prompt(api, defs)
@@ -563,7 +564,8 @@ def make_backend(backend: str, ray_address: Optional[str], workers: Optional[int
 def run_batch(prompts_path: str, workflow: str, output: str, *, seeds: int = 1, first_seed: int = 0,
               sets: Optional[List[str]] = None, backend: str = "auto", ray_address: Optional[str] = None,
               workers: Optional[int] = None, gpus_per_job: Optional[float] = None, cpus_per_job: float = 1,
-              ship_code: bool = True, log: Callable[[str], None] = print) -> BatchSummary:
+              ship_code: bool = True, input_dir: Optional[str] = None, custom_nodes=(),
+              log: Callable[[str], None] = print) -> BatchSummary:
     """Run every (prompt, seed) job of a batch not yet done in ``output``; see the module docstring."""
     from .cli import prepare
 
@@ -572,7 +574,8 @@ def run_batch(prompts_path: str, workflow: str, output: str, *, seeds: int = 1, 
     if gpus_per_job is not None and gpus_per_job < 0:
         raise DreamFlowError(f"--gpus-per-job {gpus_per_job:g}: give 0 (CPU jobs) or more")
     prompts = read_prompts(prompts_path)
-    api, ui, defs = prepare(workflow, list(sets or []), log=lambda line: None)
+    custom_nodes = [os.path.abspath(d) for d in custom_nodes]
+    api, ui, defs = prepare(workflow, list(sets or []), log=lambda line: None, custom_nodes=custom_nodes)
     jobs = plan_jobs(prompts, seeds, first_seed)
     probe = copy.deepcopy(api)
     edits = job_sets(probe, defs, jobs[0].prompt, jobs[0].seed)
@@ -609,7 +612,8 @@ def run_batch(prompts_path: str, workflow: str, output: str, *, seeds: int = 1, 
                     job, attempt, errors = queue.popleft()
                     inflight[job.id] = (job, attempt, errors)
                     runner.submit(job.id, {"job": job.id, "prompt": job.prompt, "seed": job.seed, "api": api,
-                                           "ui": ui, "threads": threads})
+                                           "ui": ui, "threads": threads, "custom_nodes": custom_nodes,
+                                           "input": input_dir and os.path.abspath(input_dir)})
                 for key, result in runner.wait(0.5):
                     if stop.requested:
                         break  # results after Ctrl-C are dropped: the next call runs those jobs again
@@ -668,6 +672,10 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--first-seed", type=int, default=0, metavar="S", help="first seed (default 0)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="NODE.INPUT=VALUE",
                    help="change an input of the workflow for every job, as in `run` (repeatable)")
+    p.add_argument("--input", metavar="DIR", help="input folder for Load State / Load Mesh (default: $DREAMFLOW_INPUT "
+                                                  "or ./input)")
+    p.add_argument("--nodes", dest="custom_nodes", action="append", default=[], metavar="DIR",
+                   help="also load this custom-node folder, as `run --nodes` (repeatable)")
     p.add_argument("--ray", dest="ray_address", metavar="ADDRESS",
                    help="a running Ray cluster ('auto', 'ray://head:10001', 'head:6379'); default: local Ray")
     p.add_argument("--backend", choices=("auto", "ray", "process"), default="auto",
@@ -691,7 +699,8 @@ def batch_command(args: argparse.Namespace) -> int:
         summary = run_batch(args.prompts, args.workflow, args.output, seeds=args.seeds, first_seed=args.first_seed,
                             sets=args.sets, backend=args.backend, ray_address=args.ray_address, workers=args.workers,
                             gpus_per_job=args.gpus_per_job, cpus_per_job=args.cpus_per_job,
-                            ship_code=args.ship_code, log=lambda line: print(line, flush=True))
+                            ship_code=args.ship_code, input_dir=args.input, custom_nodes=args.custom_nodes,
+                            log=lambda line: print(line, flush=True))
     except DreamFlowError as e:
         print(f"dreamflow: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -459,18 +459,11 @@ class ProcessBackend:
         slot = self.free.pop(0)
         recv, send = self.ctx.Pipe(duplex=False)
         # a spawned child inherits os.environ as it is at start(): set its variables around that call
-        env = {**JOB_ENV, "CUDA_VISIBLE_DEVICES": slot}  # "" hides every GPU from a CPU job
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
+        from .cli import environ
+
+        with environ(**JOB_ENV, CUDA_VISIBLE_DEVICES=slot):  # "" hides every GPU from a CPU job
             proc = self.ctx.Process(target=_process_entry, args=(spec, send), daemon=True)
             proc.start()
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         send.close()
         self.running[key] = (proc, recv, slot)
 

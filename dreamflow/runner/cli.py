@@ -37,13 +37,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 @contextmanager
-def _env(**values: Optional[str]):
-    """Set environment variables for the run (the engine reads the folders from them), then restore."""
+def environ(**values: Optional[str]):
+    """Set environment variables (``None``: left as they are) for the block, then restore them."""
     old = {k: os.environ.get(k) for k in values}
     try:
         for k, v in values.items():
             if v is not None:
-                os.environ[k] = os.path.abspath(v)
+                os.environ[k] = v
         yield
     finally:
         for k, v in old.items():
@@ -51,6 +51,11 @@ def _env(**values: Optional[str]):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _env(**values: Optional[str]):
+    """Folders for the run (the engine reads them from these variables) as absolute paths, then restored."""
+    return environ(**{k: None if v is None else os.path.abspath(v) for k, v in values.items()})
 
 
 def prepare(path: str, sets: List[str], log=print, custom_nodes=()) -> tuple:

@@ -22,13 +22,13 @@ TRIMESH = "TRIMESH"
 """A ``trimesh.Trimesh`` object (the mesh type most 3D packs pass)."""
 INPUT_TAG = " [input]"
 EXAMPLE_TAG = " [example]"
-"""Meshes shipped in the pack's ``examples/`` (listed with this tag, so a workflow runs out of the box)."""
+"""Meshes shipped in the pack's ``samples/`` (listed with this tag, so a workflow runs out of the box)."""
 
 
 def _examples_dir() -> str:
     from dreamflow.runner.defs import pack_root
 
-    return os.path.join(pack_root(), "examples")
+    return os.path.join(pack_root(), "samples")
 
 
 def _import_widgets(recenter_default: bool) -> Dict[str, Tuple[str, tuple]]:

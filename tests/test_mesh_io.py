@@ -106,7 +106,7 @@ def test_shipped_toy_mesh_loads_with_its_two_colours():
     from dreamflow.runner.defs import pack_root
     from dreamflow.toy.world import COLOURS, SECONDARY_COLOURS, shape_mesh
 
-    state = load_mesh_file(os.path.join(pack_root(), "examples", "toy_mushroom.glb"), small(recenter=False))
+    state = load_mesh_file(os.path.join(pack_root(), "samples", "toy_mushroom.glb"), small(recenter=False))
     v, f = shape_mesh("mushroom")
     assert len(state.faces) == len(weld_vertices(v.double().numpy(), f.numpy())[1]) < len(f)  # poles welded
     assert float((state.vertices.max(0).values - v.max(0).values).abs().max()) < 1e-6
@@ -305,7 +305,7 @@ def test_example_custom_stage_runs_between_two_dreamflow_nodes(tmp_path, monkeyp
     from gltf_validator import validate_glb
 
     root = pack_root()
-    prompt, result, files = _run_workflow(os.path.join(root, "examples", "dreamflow_custom_stage_example.json"),
+    prompt, result, files = _run_workflow(os.path.join(root, "samples", "dreamflow_custom_stage_example.json"),
                                           FAST_LOAD, tmp_path, monkeypatch, [os.path.join(root, EXAMPLE_STAGE)])
     (smooth_id,) = [k for k, v in prompt.items() if v["class_type"] == "DreamFlowExampleSmoothMesh"]
     (load_id,) = [k for k, v in prompt.items() if v["class_type"] == "DreamFlowLoadMesh"]

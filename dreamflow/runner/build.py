@@ -313,7 +313,7 @@ def toy_demo(defs: Dict[str, NodeDef]) -> dict:
 
 
 EXAMPLE_MESH = "toy_mushroom.glb [example]"
-"""The toy-world mesh shipped in ``examples/`` (a red mushroom, vertex colours), as Load Mesh lists it."""
+"""The toy-world mesh shipped in ``samples/`` (a red mushroom, vertex colours), as Load Mesh lists it."""
 TOY_MESH_STAGE = dict(iterations=30, resolution=64, denoise_resolution=64, views_per_update=2, t_start=0.5, t_end=0.1,
                       preview_views=4, preview_resolution=64)
 """The toy demo's mesh-stage settings (``DemoConfig``: 30 updates at 64 px, APFO t 0.5 -> 0.1)."""
@@ -375,7 +375,7 @@ WORKFLOWS: Dict[str, Callable[[Dict[str, NodeDef]], dict]] = {
     "DreamFlow texture a mesh offline.json": texture_mesh_toy,
 }
 
-EXAMPLE_STAGE = "examples/dreamflow_example_stage"
+EXAMPLE_STAGE = "samples/dreamflow_example_stage"
 """The example custom stage (a custom-node folder of its own; docs/STATES.md)."""
 
 
@@ -384,7 +384,7 @@ def custom_stage_example(defs: Dict[str, NodeDef]) -> dict:
     b = WorkflowBuilder(defs)
     b.note("**A custom stage between DreamFlow nodes**: `DreamFlowExampleSmoothMesh` (from "
            f"`{EXAMPLE_STAGE}`, copy it into `custom_nodes/`) takes a DreamFlow mesh state and returns a new one "
-           "(docs/STATES.md). Headless: `python -m dreamflow run examples/dreamflow_custom_stage_example.json "
+           "(docs/STATES.md). Headless: `python -m dreamflow run samples/dreamflow_custom_stage_example.json "
            f"--nodes {EXAMPLE_STAGE}`.", (-440, -220), size=(400, 180))
     load = b.add("DreamFlowLoadMesh", (-440, 0), **TOY_LOAD)
     smooth = b.add("DreamFlowExampleSmoothMesh", (0, 0), iterations=5, strength=0.5)
@@ -396,7 +396,7 @@ def custom_stage_example(defs: Dict[str, NodeDef]) -> dict:
 EXAMPLE_WORKFLOWS: Dict[str, Callable[[Dict[str, NodeDef]], dict]] = {
     "dreamflow_custom_stage_example.json": custom_stage_example,
 }
-"""Workflows in ``examples/`` that need the example nodes (``node_defs(custom_nodes=[EXAMPLE_STAGE])``)."""
+"""Workflows in ``samples/`` that need the example nodes (``node_defs(custom_nodes=[EXAMPLE_STAGE])``)."""
 
 
 #: Real renders of DreamFlow's exported GLBs with the toy prior, the source of the template thumbnails:
@@ -476,13 +476,13 @@ def write_all(folder: Optional[str] = None, thumbnails: bool = True) -> List[str
     written = []
     jobs = [(os.path.join(folder, name), fn, defs) for name, fn in WORKFLOWS.items()]
     example_defs = node_defs(custom_nodes=[os.path.join(pack_root(), EXAMPLE_STAGE)])
-    jobs += [(os.path.join(pack_root(), "examples", name), fn, example_defs) for name, fn in EXAMPLE_WORKFLOWS.items()]
+    jobs += [(os.path.join(pack_root(), "samples", name), fn, example_defs) for name, fn in EXAMPLE_WORKFLOWS.items()]
     for path, fn, d in jobs:
         with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.write(render(fn(d)))
         written.append(path)
         name = os.path.basename(path)
-        if thumbnails and name in THUMBNAILS:  # templates only (examples/ are not listed by ComfyUI)
+        if thumbnails and name in THUMBNAILS:  # templates only (ComfyUI does not list samples/)
             jpg = os.path.splitext(path)[0] + ".jpg"
             with atomic_path(jpg) as tmp:
                 thumbnail(*THUMBNAILS[name]).save(tmp, format="JPEG", quality=85, optimize=True)

@@ -31,7 +31,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", metavar="DIR", help="input folder for DreamFlowLoadState (default: $DREAMFLOW_INPUT or ./input)")
     p.add_argument("--nodes", dest="custom_nodes", action="append", default=[], metavar="DIR",
                    help="also load this custom-node folder (as ComfyUI loads custom_nodes/*), e.g. "
-                        "examples/dreamflow_example_stage (repeatable)")
+                        "samples/dreamflow_example_stage (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="convert and validate only; print the API prompt")
     p.add_argument("-v", "--verbose", action="store_true", help="log backend choices and engine details")
 

@@ -161,7 +161,7 @@ def load_node_pack(root: Optional[str] = None):
 
 
 def load_custom_nodes(folder: str) -> Dict[str, type]:
-    """``NODE_CLASS_MAPPINGS`` of another custom-node folder (e.g. ``examples/dreamflow_example_stage``), imported
+    """``NODE_CLASS_MAPPINGS`` of another custom-node folder (e.g. ``samples/dreamflow_example_stage``), imported
     by file as ComfyUI imports ``custom_nodes/*``; for headless runs of workflows with third-party stages."""
     folder = os.path.abspath(folder)
     init = os.path.join(folder, "__init__.py")

@@ -325,7 +325,7 @@ def render_world(shape: str, colour: str, n_views: int, seed: int = 0, cfg: Opti
 
 def shape_trimesh(shape: str, colour: str):
     """A world shape as a ``trimesh.Trimesh`` with vertex colours (its parts' colours as the prior sees them): the
-    example meshes of ``examples/`` (``toy_mushroom.glb``), loaded by DreamFlow Load Mesh."""
+    example meshes of ``samples/`` (``toy_mushroom.glb``), loaded by DreamFlow Load Mesh."""
     import trimesh
 
     if colour not in COLOURS:

@@ -3,7 +3,7 @@ and returns a new one, so it can sit between any two DreamFlow nodes (see docs/S
 
 Install: copy (or link) this folder into ``ComfyUI/custom_nodes/``. It imports nothing from DreamFlow: a state is
 used through its public fields (``vertices``, ``faces``, ``history``) and ``clone()``. Headless, the runner loads it
-with ``python -m dreamflow.runner WORKFLOW --nodes examples/dreamflow_example_stage``.
+with ``python -m dreamflow.runner WORKFLOW --nodes samples/dreamflow_example_stage``.
 
 The node, ``DreamFlowExampleSmoothMesh``: Taubin smoothing (a shrink step then an inflate step, so the mesh does
 not shrink as plain Laplacian smoothing does) of the vertices; faces, colour field and background are kept.

@@ -619,7 +619,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         import diffusers
 
         res["diffusers"] = diffusers.__version__
-        from dreamflow.render import backends
+        from dreamflow import backends
 
         res["raster_backend_auto"] = backends.pick("raster", "auto")
         res["hashgrid_backend_auto"] = backends.pick("hashgrid", "auto")

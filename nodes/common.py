@@ -12,9 +12,9 @@ from contextlib import contextmanager
 from typing import Any, Dict, Iterator
 
 from dreamflow import hosting
+from dreamflow.hosting import DYNAMIC_LIST
 from dreamflow.errors import check
 from dreamflow.guidance import METHODS  # the dropdown's order: DreamFlow's APFO first
-from dreamflow.runner.defs import DYNAMIC_LIST
 
 # Custom types carried between nodes. Namespaced so they never meet core types (MESH, MODEL, ...).
 DENOISER = "DREAMFLOW_DENOISER"
@@ -26,7 +26,7 @@ SEED_MAX = 0xFFFFFFFFFFFFFFFF  # ComfyUI's KSampler seed range
 
 
 def dynamic_list(options: Dict[str, Any]) -> Dict[str, Any]:
-    """Mark a dropdown filled from this machine's files (models, states); see ``runner.defs.DYNAMIC_LIST``."""
+    """Mark a dropdown filled from this machine's files (models, states); see ``dreamflow.hosting.DYNAMIC_LIST``."""
     return {**options, DYNAMIC_LIST: True}
 
 

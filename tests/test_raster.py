@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dreamflow.errors import DreamFlowError
-from dreamflow.render import backends
+from dreamflow import backends
 from dreamflow.render.cameras import make_cameras
 from dreamflow.render.raster import (antialias, interpolate, rasterize, triangle_neighbors)
 from dreamflow.scene.mesh import box_mesh, uv_sphere

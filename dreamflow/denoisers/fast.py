@@ -471,8 +471,6 @@ def _scene_call(scene, eager: Callable, x_t: Tensor, t, embeds, camera: Optional
     """What the scene-model wrappers capture: ``(t, tensors, inputs, call)`` with ``t`` as a [B] tensor, every
     input tensor (for the graph preconditions), the named static inputs and ``call(**inputs)`` = ``eager(x_t, t,
     embeds, camera)`` (prompt embeddings passed as ``e_<field>`` tensors, rebuilt into PromptEmbeds)."""
-    from .denoiser import PromptEmbeds
-
     t = scene.denoiser._t(t, x_t.shape[0]) if not torch.is_tensor(t) or t.ndim == 0 else t
     emb = {f.name: getattr(embeds, f.name) for f in fields(embeds) if getattr(embeds, f.name) is not None}
     tensors = [x_t, t, camera, *emb.values()]
@@ -480,8 +478,10 @@ def _scene_call(scene, eager: Callable, x_t: Tensor, t, embeds, camera: Optional
     if camera is not None:
         inputs["camera"] = camera
 
+    rebuild = type(embeds)  # PromptEmbeds (read from the value: this module does not import denoiser.py)
+
     def call(x, t, camera=None, **e):
-        return eager(x, t, PromptEmbeds(**{k[2:]: v for k, v in e.items()}), camera)
+        return eager(x, t, rebuild(**{k[2:]: v for k, v in e.items()}), camera)
 
     return t, tensors, inputs, call
 

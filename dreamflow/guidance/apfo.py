@@ -28,14 +28,16 @@ from __future__ import annotations
 
 import torch
 
-from .base import Guidance, GuidanceOutput
+from .base import Guidance, GuidanceOutput, register
 from .schedule import TimestepSchedule
 
 
+@register
 class APFOGuidance(Guidance):
     """DreamFlow's guidance. Deterministic given the seed: the schedule is fixed, noise is seeded."""
 
     name = "apfo"
+    order = 0
     uses_scene_lora = True
 
     def __init__(self, denoiser, config, total_updates: int, seed: int = 0):

@@ -15,20 +15,32 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
+from ..denoisers.scene import SceneLoRAConfig
 from ..errors import DivergenceError, check
 from ..seeding import derived_seed
 
-METHODS = ("apfo", "sds", "vsd")
+#: name -> Guidance subclass, filled by :func:`register` (each method's module registers itself; the package's
+#: ``__init__`` imports every module of ``guidance/``, so a new method is one new file).
+REGISTRY: Dict[str, type] = {}
 
 
-def _lora_config_default():
-    from ..denoisers.scene import SceneLoRAConfig
+def register(cls: type) -> type:
+    """Class decorator: make a :class:`Guidance` subclass available as ``GuidanceConfig(method=cls.name)``."""
+    check(isinstance(cls, type) and issubclass(cls, Guidance) and cls.name not in ("", "base"),
+          f"register() takes a Guidance subclass with its own name, got {cls!r}")
+    check(REGISTRY.get(cls.name, cls) is cls, f"guidance method '{cls.name}' is registered twice "
+          f"({REGISTRY.get(cls.name)!r} and {cls!r}); give the new class another name")
+    REGISTRY[cls.name] = cls
+    return cls
 
-    return SceneLoRAConfig()
+
+def methods() -> Tuple[str, ...]:
+    """Registered method names, in their dropdown order (``Guidance.order``, then name)."""
+    return tuple(sorted(REGISTRY, key=lambda n: (REGISTRY[n].order, n)))
 
 
 @dataclass
@@ -57,7 +69,7 @@ class GuidanceConfig:
     schedule's shape, large steps early with "linear" spacing, is kept)."""
     weighting: str = "sds"
     """SDS/VSD weight w(t): "sds" = 1 - alpha_bar(t) (threestudio) or "uniform" = 1."""
-    lora: object = field(default_factory=_lora_config_default)
+    lora: SceneLoRAConfig = field(default_factory=SceneLoRAConfig)
     """APFO/VSD: the scene LoRA (SceneLoRAConfig: rank 4, lr 1e-4, camera-conditioned; threestudio VSD)."""
     lora_steps_per_update: int = 1
     """APFO/VSD: LoRA optimiser steps per scene update (threestudio: 1)."""
@@ -73,7 +85,7 @@ class GuidanceConfig:
     (threestudio's way; one more scene-model call per update)."""
 
     def validate(self) -> "GuidanceConfig":
-        check(self.method in METHODS, f"guidance method '{self.method}' is unknown; use one of: {', '.join(METHODS)}")
+        check(self.method in REGISTRY, f"guidance method '{self.method}' is unknown; use one of: {', '.join(methods())}")
         check(self.cfg_scale >= 1.0, f"cfg_scale={self.cfg_scale} must be >= 1 (1 = no classifier-free guidance)")
         check(0.0 <= self.t_end < self.t_start <= 1.0,
               f"t_start={self.t_start} must be greater than t_end={self.t_end}, both in [0, 1]; e.g. 1.0 -> 0.2")
@@ -105,6 +117,9 @@ class Guidance:
     """Base class: holds the denoiser, the config, a seeded noise generator and optionally the scene LoRA."""
 
     name = "base"
+    """The method's name in ``GuidanceConfig.method`` and the nodes' dropdown."""
+    order = 100
+    """Position in the dropdown (lower first; DreamFlow's APFO is 0)."""
     uses_scene_lora = False
 
     def __init__(self, denoiser, config: GuidanceConfig, total_updates: int, seed: int = 0):
@@ -266,11 +281,6 @@ class Guidance:
 
 
 def make_guidance(denoiser, config: GuidanceConfig, total_updates: int, seed: int = 0) -> Guidance:
-    """Build the guidance named by ``config.method``."""
-    from .apfo import APFOGuidance
-    from .sds import SDSGuidance
-    from .vsd import VSDGuidance
-
+    """Build the guidance named by ``config.method`` (a registered method, see :func:`register`)."""
     config.validate()
-    cls = {"apfo": APFOGuidance, "sds": SDSGuidance, "vsd": VSDGuidance}[config.method]  # validated above
-    return cls(denoiser, config, total_updates, seed)
+    return REGISTRY[config.method](denoiser, config, total_updates, seed)

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import torch
 
-from .base import Guidance, GuidanceOutput
+from .base import Guidance, GuidanceOutput, register
 
 
+@register
 class VSDGuidance(Guidance):
     name = "vsd"
+    order = 2
     uses_scene_lora = True
 
     def __call__(self, latents, embeds, camera, step: int) -> GuidanceOutput:

@@ -15,15 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..errors import DreamFlowError
+from ..hosting import DYNAMIC_LIST
 
 #: Input types the frontend draws as widgets (a list / "COMBO" is a dropdown).
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 #: Values of the hidden widget the frontend adds after a seed (``control_after_generate``).
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
-#: Option key our nodes set on dropdowns filled from this machine's files (models, state files):
-#: a workflow saved on another machine may name a file not listed here, so the runner checks these
-#: when the node runs (the engine's loaders give the one-line error), not against the list.
-DYNAMIC_LIST = "dreamflow_dynamic"
 #: Frontend-only nodes: never sent to the server (ComfyUI's ``isVirtualNode``).
 VIRTUAL_NODES = ("Note", "MarkdownNote", "Reroute", "PrimitiveNode")
 #: Core nodes that only display a result; the headless runner skips them (inputs from ComfyUI 0.3.64

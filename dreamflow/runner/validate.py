@@ -4,7 +4,7 @@ The checks follow ComfyUI 0.3.64's ``execution.validate_inputs``: every required
 links point at an existing node's existing output whose type matches (comma-separated union types,
 "*" matches all); widget values convert to their type (INT, FLOAT, STRING, BOOLEAN) and lie within
 ``min`` / ``max``; dropdown values are in their list (except lists filled from this machine's files,
-see ``defs.DYNAMIC_LIST``). Every problem is one line naming the node and the fix.
+see ``dreamflow.hosting.DYNAMIC_LIST``). Every problem is one line naming the node and the fix.
 """
 
 from __future__ import annotations

@@ -4,5 +4,6 @@
   captions with view words; prompt parsing.
 * ``prior``: the prior's diffusers layout (a small Stable Diffusion, 64 px) and weight installation.
 * ``train``: rendering a bank of views, VAE / UNet / classifier training, sampling (``bench/toy_train.py``).
+* ``demo_settings``: the offline demo's settings and their one mapping to the toy workflow's widgets.
 * ``classifier``: the shape x colour judge of ``bench/toy_quality.py`` (R-precision).
 """

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..errors import DivergenceError, DreamFlowError
 from ..guidance import make_guidance
 from ..hosting import Callbacks, raise_interrupt
-from ..seeding import derived_seed
+from ..seeding import SEED_VAE_SAMPLE, derived_seed
 from ..render.cameras import sample_cameras, view_prompt
 
 
@@ -91,7 +91,7 @@ def optimise(*, stage: str, denoiser, prompt: str, negative_prompt: str, config,
     total = int(config.iterations)
     cam_gen = torch.Generator().manual_seed(int(config.seed))
     # The VAE posterior sample is random too (threestudio samples it): seed it for reproducible runs.
-    vae_gen = torch.Generator(device=device).manual_seed(derived_seed(config.seed, 3))
+    vae_gen = torch.Generator(device=device).manual_seed(derived_seed(config.seed, SEED_VAE_SAMPLE))
     guidance = make_guidance(denoiser, config.guidance, total, seed=int(config.seed))
     try:  # the guidance's LoRA sits on the shared UNet: remove it if resuming fails
         if guidance_state:

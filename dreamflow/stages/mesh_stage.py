@@ -23,7 +23,7 @@ from ..render.shading import ShadingConfig, pick_mode, random_light
 from ..scene.mesh import MeshModel, MeshModelConfig
 from ..state import MeshState, NeRFState, require_state
 from .extract import ExtractConfig, extract_mesh
-from ..seeding import derived_seed
+from ..seeding import SEED_HOST_CHOICES, SEED_RENDER, derived_seed
 from .loop import autograd_on, optimise
 from .nerf_stage import check_common, check_denoiser, check_prompt
 
@@ -143,11 +143,12 @@ def _run_mesh_like(stage: str, kind: str, denoiser, mesh: MeshState, prompt: str
     for p in background.parameters():
         p.requires_grad_(config.optimize_color)
     optimizer = torch.optim.Adam(groups, betas=tuple(config.betas), eps=config.adam_eps)
-    gen = torch.Generator().manual_seed(derived_seed(config.seed, 7))  # host-side choices (shading mode, light)
+    gen = torch.Generator().manual_seed(derived_seed(config.seed, SEED_HOST_CHOICES))  # shading mode, light
     # On CUDA the background's random solid colours are drawn on the device: a CPU draw would be copied over
     # with a stream sync at every update. On the CPU there is no sync to save, and sharing ``gen`` keeps CPU
     # runs drawing exactly what they drew before.
-    render_gen = gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(derived_seed(config.seed, 11))
+    render_gen = gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(
+        derived_seed(config.seed, SEED_RENDER))
     faces32 = model.faces.int()
     topology = antialias_topology(faces32, config.backend)
 

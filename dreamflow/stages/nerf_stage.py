@@ -20,7 +20,7 @@ from ..render.shading import ShadingConfig, pick_mode, random_light
 from ..render.volume import VolumeRenderConfig, orientation_loss, render_volume, sparsity_loss
 from ..scene.nerf import Background, BackgroundConfig, NeRFField, NeRFFieldConfig
 from ..state import NeRFState, require_state
-from ..seeding import derived_seed, seeded
+from ..seeding import SEED_HOST_CHOICES, SEED_RENDER, derived_seed, seeded
 from .loop import autograd_on, optimise
 
 
@@ -142,11 +142,12 @@ def run_nerf_stage(denoiser, prompt: str, negative_prompt: str = "", config: Opt
     optimizer = torch.optim.AdamW(field_.param_groups(config.lr_grid, config.lr_mlp)
                                   + background.param_groups(config.lr_background),
                                   betas=tuple(config.betas), eps=config.adam_eps, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(derived_seed(config.seed, 7))  # host-side choices (shading mode, light)
+    gen = torch.Generator().manual_seed(derived_seed(config.seed, SEED_HOST_CHOICES))  # shading mode, light
     # On CUDA, render jitter, background colours and grid refreshes draw on the device: a CPU draw would be copied
     # over with a stream sync at every update. On the CPU there is no sync to save, and sharing ``gen`` keeps CPU
     # runs drawing what they drew before (as the mesh stages do).
-    render_gen = gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(derived_seed(config.seed, 11))
+    render_gen = gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(
+        derived_seed(config.seed, SEED_RENDER))
     need_normal = config.lambda_orient > 0
     # Built fresh from the current field (also when resuming): not part of the saved state.
     grid = OccupancyGrid.from_field(field_, config.occupancy, render_gen) if config.occupancy.enabled else None

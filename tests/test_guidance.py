@@ -204,8 +204,8 @@ def test_apfo_shared_forward_is_joined_before_the_cfg_call(tiny_sd, monkeypatch)
     order = []
     g = make_guidance(tiny_sd, GuidanceConfig(method="apfo", lora_shares_noise=True), total_updates=2, seed=0)
     try:
-        scene_eps, predict = g._scene_eps, tiny_sd.predict_eps
-        monkeypatch.setattr(g, "_scene_eps", lambda step: (order.append("join lora forward"), scene_eps(step))[1])
+        take, predict = g.scene_model._take, tiny_sd.predict_eps
+        monkeypatch.setattr(g.scene_model, "_take", lambda step: (order.append("join lora forward"), take(step))[1])
         monkeypatch.setattr(tiny_sd, "predict_eps", lambda *a, **k: (order.append("cfg"), predict(*a, **k))[1])
         g(_latents(tiny_sd), tiny_sd.encode_prompt(["a cube"] * 2), torch.eye(4).flatten().expand(2, 16), 0)
     finally:

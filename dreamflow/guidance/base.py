@@ -13,15 +13,15 @@ Every method writes its update as a stop-gradient target (threestudio's formulat
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 import torch
 
 from ..denoisers.scene import SceneLoRAConfig
+from ..denoisers.scene_model import SceneModel
 from ..errors import DivergenceError, check
-from ..seeding import derived_seed
+from ..seeding import SEED_GUIDANCE_NOISE, SEED_SCENE_LORA, derived_seed
 
 #: name -> Guidance subclass, filled by :func:`register` (each method's module registers itself; the package's
 #: ``__init__`` imports every module of ``guidance/``, so a new method is one new file).
@@ -114,7 +114,9 @@ class GuidanceOutput:
 
 
 class Guidance:
-    """Base class: holds the denoiser, the config, a seeded noise generator and optionally the scene LoRA."""
+    """Base class: holds the denoiser, the config, a seeded noise generator and, for APFO / VSD, the scene model
+    (:class:`~dreamflow.denoisers.scene_model.SceneModel`: ``scene_model.eps()`` and ``scene_model.step()``; how they
+    run, eagerly, from CUDA graphs or overlapped on a second stream, is its business)."""
 
     name = "base"
     """The method's name in ``GuidanceConfig.method`` and the nodes' dropdown."""
@@ -127,13 +129,22 @@ class Guidance:
         self.config = config.validate()
         self.total_updates = int(total_updates)
         check(self.total_updates >= 1, f"iterations={total_updates} must be >= 1")
-        self.generator = torch.Generator(device=denoiser.device).manual_seed(derived_seed(seed, 0))
-        self.scene = None
-        self._side, self._pending = None, False  # the LoRA steps' CUDA stream (fast path overlap_lora)
+        self.generator = torch.Generator(device=denoiser.device).manual_seed(derived_seed(seed, SEED_GUIDANCE_NOISE))
+        #: the scene model (APFO / VSD): eps() and step(), eager / graphed / overlapped behind one door
+        self.scene_model: Optional[SceneModel] = None
         if self.uses_scene_lora:
-            from ..denoisers.scene import SceneDenoiser
+            self.scene_model = SceneModel(denoiser, config.lora, seed=derived_seed(seed, SEED_SCENE_LORA))
 
-            self.scene = SceneDenoiser(denoiser, config.lora, seed=derived_seed(seed, 1))
+    @property
+    def scene(self):
+        """The scene LoRA network (:class:`~dreamflow.denoisers.scene.SceneDenoiser`), None without one or after
+        :meth:`close` (tests may put a stand-in here)."""
+        return None if self.scene_model is None else self.scene_model.net
+
+    @scene.setter
+    def scene(self, net) -> None:
+        check(self.scene_model is not None, f"guidance '{self.name}' has no scene model")
+        self.scene_model.net = net
 
     # -- helpers shared by the methods -------------------------------------------------------
     def _t(self, value, batch: int) -> torch.Tensor:
@@ -174,74 +185,10 @@ class Guidance:
         """``0.5 * ||x - stopgrad(x_hat)||^2`` summed per view, averaged over views."""
         return 0.5 * (x - x_hat.detach()).pow(2).sum() / x.shape[0]
 
-    def _lora_stream(self, x: torch.Tensor) -> Optional["torch.cuda.Stream"]:
-        """The CUDA stream the LoRA steps run on when the fast path overlaps them (FastPathConfig.overlap_lora)."""
-        fast = getattr(self.denoiser, "fast_path", None)
-        if fast is None or not fast.config.overlap_lora or not x.is_cuda:
-            return None
-        if self._side is None:
-            self._side = torch.cuda.Stream(x.device)
-        return self._side
-
-    def _begin_shared_lora(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, embeds, camera):
-        """APFO's ``lora_shares_noise``: the forward of the first LoRA step at the target's noise (a
-        :class:`~dreamflow.denoisers.scene.LoRAStep`; its ``eps`` is eps_phi at x_t), on the LoRA stream when the
-        fast path overlaps (autograd runs a backward on its forward's stream: the step's backward then overlaps
-        the scene's). Finish it with :meth:`_train_lora`, after reading ``step.eps`` through :meth:`_scene_eps`."""
-        side = self._to_lora_stream(x, (noise, t, camera, *vars(embeds).values()))
-        with (torch.cuda.stream(side) if side is not None else nullcontext()):
-            return self.scene.begin_step(x.detach(), embeds, camera, t=t, generator=self.generator, noise=noise)
-
-    def _scene_eps(self, step) -> torch.Tensor:
-        """``step.eps`` for the main stream (which waits for the LoRA stream's forward when there is one)."""
-        if self._side is not None and step.eps.is_cuda:
-            main = torch.cuda.current_stream(step.eps.device)
-            main.wait_stream(self._side)
-            step.eps.record_stream(main)
-        return step.eps
-
-    def _to_lora_stream(self, x: torch.Tensor, extra=()) -> Optional["torch.cuda.Stream"]:
-        """The LoRA stream after the main stream's work so far (None without overlap); the tensors it will read
-        are marked as used there (the main stream may free them while the LoRA still reads them)."""
-        side = self._lora_stream(x)
-        if side is not None:
-            side.wait_stream(torch.cuda.current_stream(x.device))
-            for tensor in (x, *extra):
-                if torch.is_tensor(tensor) and tensor.is_cuda:
-                    tensor.record_stream(side)
-        return side
-
-    def _train_lora(self, x: torch.Tensor, embeds, camera, t: Optional[torch.Tensor], begun=None):
-        """``lora_steps_per_update`` LoRA steps; returns the last loss, or the first non-finite one. With a fused
-        optimiser the steps make no host sync (``defer_check``): :meth:`check_finite` then does it.
-
-        With the fast path's ``overlap_lora`` the steps are queued on a second CUDA stream: they read only the
-        detached latents and write only the LoRA, so the GPU runs them alongside the scene's backward (the
-        render and VAE gradients). :meth:`join` orders the main stream after them; every reader of the LoRA
-        (the next update's scene prediction, :meth:`check_finite`, the state, ``close``) joins first.
-
-        ``begun``: a step from :meth:`_begin_shared_lora`, finished here as the first of the steps."""
-        side = self._to_lora_stream(x, (t, camera, *vars(embeds).values()))
-        loss = None
-        with (torch.cuda.stream(side) if side is not None else nullcontext()):
-            for i in range(self.config.lora_steps_per_update):
-                if i == 0 and begun is not None:
-                    step_loss = begun.finish(defer_check=True)
-                else:
-                    step_loss = self.scene.train_step(x.detach(), embeds, camera, t=t, generator=self.generator,
-                                                       defer_check=True)
-                loss = step_loss if loss is None else torch.where(torch.isfinite(loss), step_loss, loss)
-        if side is not None:
-            if loss is not None:
-                loss.record_stream(torch.cuda.current_stream(x.device))
-            self._pending = True
-        return loss
-
     def join(self) -> None:
-        """Order the current stream after the LoRA steps queued on the side stream (no host sync)."""
-        if self._pending:
-            torch.cuda.current_stream(self._side.device).wait_stream(self._side)
-            self._pending = False
+        """Order the current stream after the scene model's overlapped LoRA steps (no host sync; see SceneModel)."""
+        if self.scene_model is not None:
+            self.scene_model.join()
 
     def check_finite(self, loss: torch.Tensor, log: Dict[str, object]) -> None:
         """One host sync: raise DivergenceError if the scene ``loss`` or this update's LoRA loss is not finite."""
@@ -264,20 +211,16 @@ class Guidance:
 
     def state_tensors(self) -> Dict[str, torch.Tensor]:
         """Tensors needed to resume (the scene LoRA), empty for SDS."""
-        self.join()
-        return {} if self.scene is None else self.scene.state_tensors()
+        return {} if self.scene is None else self.scene_model.state_tensors()
 
     def load_state_tensors(self, tensors: Dict[str, torch.Tensor]) -> None:
-        self.join()
         if self.scene is not None and tensors:
-            self.scene.load_state_tensors(tensors)
+            self.scene_model.load_state_tensors(tensors)
 
     def close(self) -> None:
         """Remove the scene LoRA from the shared UNet (restores it exactly as loaded)."""
-        self.join()
-        if self.scene is not None:
-            self.scene.remove()
-            self.scene = None
+        if self.scene_model is not None:
+            self.scene_model.close()
 
 
 def make_guidance(denoiser, config: GuidanceConfig, total_updates: int, seed: int = 0) -> Guidance:

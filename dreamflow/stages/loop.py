@@ -96,9 +96,6 @@ def optimise(*, stage: str, denoiser, prompt: str, negative_prompt: str, config,
     try:  # the guidance's LoRA sits on the shared UNet: remove it if resuming fails
         if guidance_state:
             guidance.load_state_tensors(guidance_state)
-        fast = getattr(denoiser, "fast_path", None)
-        if fast is not None:  # opt-in CUDA fast path (Denoiser.enable_fast_path): graphed scene eps, fused LoRA AdamW
-            fast.prepare_guidance(guidance)
     except BaseException:
         guidance.close()
         raise

@@ -72,7 +72,7 @@ def run_direct(prompt: str, cfg: DemoConfig, output_dir: str, log=print) -> str:
     log(f"NeRF stage: {cfg.nerf_iterations} updates ({time.time() - t0:.1f} s)")
     mesh = extract_mesh_state(nerf, extract_cfg)
     log(f"mesh: {mesh.vertices.shape[0]} vertices, {mesh.faces.shape[0]} faces ({time.time() - t0:.1f} s)")
-    mesh = run_mesh_stage(denoiser, mesh, prompt, "", mesh_cfg, callbacks=comfy_progress(mesh_cfg.iterations))
+    mesh = run_mesh_stage(denoiser, mesh, config=mesh_cfg, callbacks=comfy_progress(mesh_cfg.iterations))  # its prompt
     log(f"mesh stage: {cfg.mesh_iterations} updates ({time.time() - t0:.1f} s)")
     name = "dreamflow/toy_" + "_".join(prompt.lower().replace(",", " ").split()[-2:])
     glb, _ = next_output_path(name, "glb", output_dir)

@@ -55,6 +55,7 @@ def seed_input(config: Any, tooltip: str = "Seed of the cameras, noise and initi
 
 
 def prompt_inputs(default_prompt: str = "") -> Dict[str, tuple]:
+    """The prompt widgets of the stage that starts from text (NeRFStage)."""
     return {
         "prompt": ("STRING", {"multiline": True, "default": default_prompt, "dynamicPrompts": False,
                               "tooltip": "What the object is. View words (front / side / back / overhead view) are "
@@ -62,6 +63,18 @@ def prompt_inputs(default_prompt: str = "") -> Dict[str, tuple]:
         "negative_prompt": ("STRING", {"multiline": True, "default": "", "dynamicPrompts": False,
                                        "tooltip": "What to avoid (classifier-free guidance's unconditional prompt); "
                                                   "may stay empty."}),
+    }
+
+
+def prompt_override_inputs() -> Dict[str, tuple]:
+    """The prompt widgets of a stage continuing a state (MeshStage, SDXLRefine): empty = the state's prompts."""
+    return {
+        "prompt": ("STRING", {"multiline": True, "default": "", "dynamicPrompts": False,
+                              "tooltip": "Empty (default): the prompt the mesh carries from the NeRF stage, typed "
+                                         "once. Text here overrides it for this stage (logged when it differs)."}),
+        "negative_prompt": ("STRING", {"multiline": True, "default": "", "dynamicPrompts": False,
+                                       "tooltip": "Empty (default): the mesh's negative prompt from the NeRF stage. "
+                                                  "Text here overrides it for this stage."}),
     }
 
 

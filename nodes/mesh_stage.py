@@ -7,7 +7,7 @@ from dreamflow.stages import MeshStageConfig, run_mesh_stage
 
 from .common import (CATEGORY, DENOISER, MESH, denoise_resolution_input, engine_call, guidance_changes,
                      guidance_inputs, int_input, make_config, mesh_changes, mesh_inputs, preview_inputs,
-                     prompt_inputs, seed_input, to_image)
+                     prompt_override_inputs, seed_input, to_image)
 
 
 class MeshStage:
@@ -18,7 +18,7 @@ class MeshStage:
             "required": {
                 "denoiser": (DENOISER, {"tooltip": "An SD 1.x/2.x denoiser (paper: SD 2.1, as in the NeRF stage)."}),
                 "mesh": (MESH, {"tooltip": "The mesh to fine-tune (ExtractMesh's output or a loaded mesh state)."}),
-                **prompt_inputs("A corgi standing up drinking boba."),
+                **prompt_override_inputs(),
                 "seed": seed_input(c),
                 "iterations": int_input(c, "iterations", 1, 100000, "Optimisation updates of the mesh."),
                 "resolution": int_input(c, "resolution", 16, 2048, "Rasterised image size, pixels (paper stage 2: "

@@ -7,7 +7,7 @@ from dreamflow.stages import RefineConfig, run_refine_stage
 
 from .common import (CATEGORY, DENOISER, MESH, denoise_resolution_input, engine_call, guidance_changes,
                      guidance_inputs, int_input, make_config, mesh_changes, mesh_inputs, preview_inputs,
-                     prompt_inputs, seed_input, to_image)
+                     prompt_override_inputs, seed_input, to_image)
 
 
 class SDXLRefine:
@@ -19,7 +19,7 @@ class SDXLRefine:
                 "refiner": (DENOISER, {"tooltip": "The SDXL refiner from DreamFlow Load Denoiser "
                                                   "(sd_xl_refiner_1.0)."}),
                 "mesh": (MESH, {"tooltip": "The mesh to refine (the mesh stage's output)."}),
-                **prompt_inputs("A corgi standing up drinking boba."),
+                **prompt_override_inputs(),
                 "seed": seed_input(c),
                 "iterations": int_input(c, "iterations", 1, 100000, "Optimisation updates of the refinement."),
                 "resolution": int_input(c, "resolution", 16, 2048, "Rasterised image size, pixels (paper stage 3 "

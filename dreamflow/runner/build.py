@@ -146,14 +146,15 @@ class WorkflowBuilder:
 
 def _pipeline(b: WorkflowBuilder, sd: int, x0: float, nerf_values: dict, extract_values: dict,
               mesh_values: dict, prompt: str, nerf_title: Optional[str] = None) -> Tuple[int, int]:
-    """NeRFStage -> ExtractMesh -> MeshStage with a PreviewImage under each; returns (nerf, mesh) node ids."""
+    """NeRFStage -> ExtractMesh -> MeshStage with a PreviewImage under each; returns (nerf, mesh) node ids. The
+    prompt is typed once, in the NeRF stage: the later stages take the one their state carries."""
     nerf = b.add("DreamFlowNeRFStage", (x0, 0), title=nerf_title, prompt=prompt, **nerf_values)
     b.link(sd, "denoiser", nerf, "denoiser")
     b.link(nerf, "preview", b.add("PreviewImage", (x0, 820), width=400), "images")
     extract = b.add("DreamFlowExtractMesh", (x0 + 440, 0), **extract_values)
     b.link(nerf, "nerf", extract, "nerf")
     b.link(extract, "preview", b.add("PreviewImage", (x0 + 440, 820), width=400), "images")
-    mesh = b.add("DreamFlowMeshStage", (x0 + 880, 0), prompt=prompt, **mesh_values)
+    mesh = b.add("DreamFlowMeshStage", (x0 + 880, 0), **mesh_values)  # the prompt comes with the mesh
     b.link(sd, "denoiser", mesh, "denoiser")
     b.link(extract, "mesh", mesh, "mesh")
     b.link(mesh, "preview", b.add("PreviewImage", (x0 + 880, 820), width=400), "images")
@@ -181,7 +182,7 @@ def paper_full(defs: Dict[str, NodeDef]) -> dict:
     state = b.add("DreamFlowSaveState", (0, 1160), filename_prefix="dreamflow/corgi_nerf")
     b.link(nerf, "nerf", state, "nerf")
     refiner = b.add("DreamFlowLoadDenoiser", (880, -260), title="SDXL refiner", model_name=SDXL_REFINER)
-    refine = b.add("DreamFlowSDXLRefine", (1320, 0), prompt=PAPER_PROMPT, resolution=1024, t_start=0.3, t_end=0.0,
+    refine = b.add("DreamFlowSDXLRefine", (1320, 0), resolution=1024, t_start=0.3, t_end=0.0,
                    refine_geometry=False)
     b.link(refiner, "denoiser", refine, "refiner")
     b.link(mesh, "mesh", refine, "mesh")

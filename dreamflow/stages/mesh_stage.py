@@ -1,14 +1,18 @@
 """Mesh stages: ExtractMesh (NeRF -> mesh), MeshStage (stage 2) and SDXLRefine (stage 3).
 
 * ``extract_mesh_state(nerf_state, ExtractConfig)`` -> MeshState (colour field = the NeRF's albedo).
-* ``run_mesh_stage(denoiser, mesh_state, prompt, ...)``: bounded vertex offsets + colour field at
+* ``run_mesh_stage(denoiser, mesh_state, prompt=None, ...)``: bounded vertex offsets + colour field at
   512 px, APFO t 0.5 -> 0.1 (paper stage 2), normal-consistency and Laplacian regularisers.
-* ``run_refine_stage(refiner, mesh_state, prompt, ...)``: the same loop with the SDXL refiner at
+* ``run_refine_stage(refiner, mesh_state, prompt=None, ...)``: the same loop with the SDXL refiner at
   1024 px, t 0.3 -> 0.0, colour only by default (paper stage 3).
+
+Both take the prompts the mesh state carries (typed once, in the NeRF stage); a prompt given here overrides them and
+is logged (:func:`state_prompts`). A scene LoRA the state carries continues when the state comes from the same stage.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
@@ -26,6 +30,8 @@ from .extract import ExtractConfig, extract_mesh
 from ..seeding import SEED_HOST_CHOICES, SEED_RENDER, derived_seed
 from .loop import autograd_on, optimise
 from .nerf_stage import check_common, check_denoiser, check_prompt
+
+log = logging.getLogger("dreamflow")
 
 
 def extract_mesh_state(nerf: NeRFState, config: Optional[ExtractConfig] = None) -> MeshState:
@@ -116,16 +122,20 @@ class RefineConfig(MeshStageConfig):
 
 
 @autograd_on
-def _run_mesh_like(stage: str, kind: str, denoiser, mesh: MeshState, prompt: str, negative_prompt: str,
+def _run_mesh_like(stage: str, kind: str, denoiser, mesh: MeshState, prompt: Optional[str],
+                   negative_prompt: Optional[str],
                    config: MeshStageConfig, callbacks: Optional[Callbacks]) -> MeshState:
     from ..render.mesh_render import render_mesh
     from ..render.raster import antialias_topology
 
     config = config.validate()
-    prompt = check_prompt(prompt, stage)
-    check_denoiser(denoiser, kind, config, stage)
     require_state(mesh, MeshState, stage, "connect ExtractMesh, a mesh stage or Load State's 'mesh' output "
                                          "(a NeRF must go through ExtractMesh first)")
+    prompt, negative_prompt = state_prompts(mesh, prompt, negative_prompt, stage)
+    check_denoiser(denoiser, kind, config, stage)
+    # The scene LoRA the state carries continues when the state comes from this very stage (a mesh stage after a
+    # mesh stage, as a NeRF stage continues its init's); after ExtractMesh or another stage there is none to use.
+    carried = mesh.lora if mesh.lora and mesh.history and mesh.history[-1] == stage else None
     device = denoiser.device
     start = mesh.clone().to(device)
     model = MeshModel(start.vertices, start.faces, start.field, config.mesh).to(device)
@@ -182,7 +192,8 @@ def _run_mesh_like(stage: str, kind: str, denoiser, mesh: MeshState, prompt: str
                          history=history, vertices=model.vertices().detach().clone(), faces=model.faces.clone())
 
     result = optimise(stage=stage, denoiser=denoiser, prompt=prompt, negative_prompt=negative_prompt, config=config,
-                      render_fn=render_fn, optimizer=optimizer, snapshot=snapshot, callbacks=callbacks)
+                      render_fn=render_fn, optimizer=optimizer, snapshot=snapshot, callbacks=callbacks,
+                      guidance_state=carried)
     for p in list(model.parameters()) + list(background.parameters()):
         p.requires_grad_(True)
     model.eval()
@@ -192,13 +203,30 @@ def _run_mesh_like(stage: str, kind: str, denoiser, mesh: MeshState, prompt: str
     return state
 
 
-def run_mesh_stage(denoiser, mesh: MeshState, prompt: str, negative_prompt: str = "",
+def state_prompts(state, prompt: Optional[str], negative_prompt: Optional[str], stage: str) -> Tuple[str, str]:
+    """The prompts a stage continuing ``state`` uses: the state's own (typed once, in the NeRF stage, and carried
+    by every state since), unless ``prompt`` / ``negative_prompt`` override them (None or blank = the state's).
+    An override that differs from the state's is logged, so a mismatch is never silent."""
+    def pick(given: Optional[str], carried: str, what: str) -> str:
+        if given is None or not given.strip():
+            return carried
+        if carried and given.strip() != carried.strip():
+            log.warning("dreamflow: %s: %s override %r replaces the state's %r", stage, what, given.strip(), carried)
+        return given
+
+    prompt = check_prompt(pick(prompt, state.prompt, "prompt"), stage)
+    return prompt, pick(negative_prompt, state.negative_prompt, "negative prompt")
+
+
+def run_mesh_stage(denoiser, mesh: MeshState, prompt: Optional[str] = None, negative_prompt: Optional[str] = None,
                    config: Optional[MeshStageConfig] = None, callbacks: Optional[Callbacks] = None) -> MeshState:
-    """Stage 2: refine geometry (bounded offsets) and colour of ``mesh`` with an SD denoiser at 512 px."""
+    """Stage 2: refine geometry (bounded offsets) and colour of ``mesh`` with an SD denoiser at 512 px.
+    ``prompt`` / ``negative_prompt``: None (or blank) = the mesh state's own; text overrides them (logged)."""
     return _run_mesh_like("MeshStage", "sd", denoiser, mesh, prompt, negative_prompt, config or MeshStageConfig(), callbacks)
 
 
-def run_refine_stage(refiner, mesh: MeshState, prompt: str, negative_prompt: str = "",
+def run_refine_stage(refiner, mesh: MeshState, prompt: Optional[str] = None, negative_prompt: Optional[str] = None,
                      config: Optional[RefineConfig] = None, callbacks: Optional[Callbacks] = None) -> MeshState:
-    """Stage 3: refine colour (and optionally geometry) of ``mesh`` with the SDXL refiner at 1024 px."""
+    """Stage 3: refine colour (and optionally geometry) of ``mesh`` with the SDXL refiner at 1024 px.
+    ``prompt`` / ``negative_prompt``: None (or blank) = the mesh state's own; text overrides them (logged)."""
     return _run_mesh_like("SDXLRefine", "sdxl_refiner", refiner, mesh, prompt, negative_prompt, config or RefineConfig(), callbacks)

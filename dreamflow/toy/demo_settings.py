@@ -70,7 +70,8 @@ def widget_values(cfg: DemoConfig, prompt: str) -> Dict[str, Dict[str, object]]:
                                    grid_levels=cfg.hash_levels, grid_log2_size=cfg.hash_log2_size,
                                    n_samples=cfg.n_samples, n_importance=cfg.n_importance),
         "DreamFlowExtractMesh": dict(resolution=cfg.extract_resolution, face_budget=cfg.face_budget),
-        "DreamFlowMeshStage": dict(prompt=prompt, seed=cfg.seed, iterations=cfg.mesh_iterations,
+        # MeshStage's prompt stays empty: it takes the one the mesh state carries from the NeRF stage
+        "DreamFlowMeshStage": dict(seed=cfg.seed, iterations=cfg.mesh_iterations,
                                    resolution=cfg.mesh_resolution, denoise_resolution=64,
                                    views_per_update=cfg.nerf_views, method="apfo", cfg_scale=cfg.cfg_scale,
                                    t_start=0.5, t_end=0.1),

@@ -35,25 +35,22 @@ DEMO_WORKFLOW = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
 
 
 def stage_configs(cfg: DemoConfig):
-    """(NeRFStageConfig, ExtractConfig, MeshStageConfig) of the demo."""
-    from .guidance import GuidanceConfig
-    from .render.volume import VolumeRenderConfig
-    from .scene.hashgrid import HashGridConfig
-    from .scene.nerf import NeRFFieldConfig
+    """(NeRFStageConfig, ExtractConfig, MeshStageConfig) of the demo: what the nodes build from the demo's widget
+    values (``toy.demo_settings.widget_values``, the one mapping of :class:`DemoConfig`), through the nodes' own
+    widget tables, so route 2 runs what route 1's workflow runs (plus the toy world's cameras, which no widget
+    sets)."""
+    from .runner.defs import load_node_pack
     from .stages import ExtractConfig, MeshStageConfig, NeRFStageConfig
     from .toy.world import TOY_CAMERA
 
-    nerf = NeRFStageConfig(camera=dataclasses.replace(TOY_CAMERA),
-        iterations=cfg.nerf_iterations, views_per_update=cfg.nerf_views, resolution=cfg.nerf_resolution,
-        denoise_resolution=64, seed=cfg.seed, lr_grid=cfg.lr_grid, lr_mlp=cfg.lr_mlp,
-        guidance=GuidanceConfig(method="apfo", cfg_scale=cfg.cfg_scale, t_start=1.0, t_end=0.2),
-        nerf=NeRFFieldConfig(grid=HashGridConfig(n_levels=cfg.hash_levels, log2_hashmap_size=cfg.hash_log2_size)),
-        render=VolumeRenderConfig(n_samples=cfg.n_samples, n_importance=cfg.n_importance))
-    extract = ExtractConfig(resolution=cfg.extract_resolution, face_budget=cfg.face_budget)
-    mesh = MeshStageConfig(camera=dataclasses.replace(TOY_CAMERA), iterations=cfg.mesh_iterations, views_per_update=cfg.nerf_views,
-                           resolution=cfg.mesh_resolution, denoise_resolution=64, seed=cfg.seed,
-                           guidance=GuidanceConfig(method="apfo", cfg_scale=cfg.cfg_scale, t_start=0.5, t_end=0.1))
-    return nerf, extract, mesh
+    nodes = load_node_pack().nodes
+    values = widget_values(cfg, prompt="")
+    # The toy world's cameras (elevations up to 80 degrees) have no widget: set here, as before.
+    nerf = nodes.nerf_stage.WIDGETS.config(NeRFStageConfig, values["DreamFlowNeRFStage"])
+    mesh = nodes.mesh_stage.WIDGETS.config(MeshStageConfig, values["DreamFlowMeshStage"])
+    return (dataclasses.replace(nerf, camera=dataclasses.replace(TOY_CAMERA)),
+            nodes.extract_mesh.WIDGETS.config(ExtractConfig, values["DreamFlowExtractMesh"]),
+            dataclasses.replace(mesh, camera=dataclasses.replace(TOY_CAMERA)))
 
 
 def run_direct(prompt: str, cfg: DemoConfig, output_dir: str, log=print) -> str:

@@ -7,28 +7,32 @@ import posixpath
 
 from dreamflow.export import ExportConfig, turntable_path
 
-from .common import CATEGORY, MESH, check_state, engine_call, int_input, make_config
+from .common import CATEGORY, MESH, check_state, engine_call
+from .widgets import Widget, WidgetTable
 
 NODE = "DreamFlowSaveGLB"
+
+#: The node's widgets, in saved-workflow order: one row each (name, config field, range, tooltip).
+WIDGETS = WidgetTable(
+    Widget("filename_prefix", kind="STRING", default="dreamflow/object",
+           tooltip="File name prefix inside the output folder; a counter and .glb are appended "
+                   "(dreamflow/object_00001_.glb)."),
+    Widget("texture_size", "texture_size", "INT", 64, 8192, 64,
+           "Width = height of the baked base-colour texture, texels."),
+    Widget("turntable_views", "turntable", "INT", 0, 360, 1,
+           "Views of a turntable of the saved, textured mesh, written beside the GLB as <name>_turntable.png and "
+           "shown on this node (0: none)."),
+    Widget("turntable_resolution", "turntable_resolution", "INT", 16, 4096, 16, "Side of each turntable view, pixels."),
+)
 
 
 class SaveGLB:
     @classmethod
     def INPUT_TYPES(cls):
-        c = ExportConfig()
         return {
             "required": {
                 "mesh": (MESH, {"tooltip": "The textured mesh to save (any stage's 'mesh' output)."}),
-                "filename_prefix": ("STRING", {"default": "dreamflow/object",
-                                               "tooltip": "File name prefix inside the output folder; a counter and "
-                                                          ".glb are appended (dreamflow/object_00001_.glb)."}),
-                "texture_size": int_input(c, "texture_size", 64, 8192, "Width = height of the baked base-colour "
-                                          "texture, texels.", step=64),
-                "turntable_views": int_input(c, "turntable", 0, 360, "Views of a turntable of the saved, textured "
-                                             "mesh, written beside the GLB as <name>_turntable.png and shown on this "
-                                             "node (0: none)."),
-                "turntable_resolution": int_input(c, "turntable_resolution", 16, 4096, "Side of each turntable "
-                                                  "view, pixels.", step=16),
+                **WIDGETS.inputs(ExportConfig()),
             }
         }
 
@@ -41,12 +45,12 @@ class SaveGLB:
     DESCRIPTION = ("Saves the mesh as a binary glTF (.glb): UV atlas, baked base-colour texture, PBR material; "
                    "+Y up, facing +Z. The file is written atomically (never half a file).")
 
-    def save(self, mesh, filename_prefix, texture_size, turntable_views, turntable_resolution):
+    @WIDGETS.method("mesh")
+    def save(self, mesh, filename_prefix, turntable_views, **widgets):
         from dreamflow.io import next_output_path
         from dreamflow.state import MeshState
 
-        config = make_config(ExportConfig, texture_size=texture_size, turntable=turntable_views,
-                             turntable_resolution=turntable_resolution)
+        config = WIDGETS.config(ExportConfig, dict(widgets, turntable_views=turntable_views))
         check_state(mesh, MeshState, NODE, "mesh", "connect a stage's 'mesh' output (a NeRF must go through "
                                                    "ExtractMesh first)")
         full, rel = next_output_path(filename_prefix, "glb")

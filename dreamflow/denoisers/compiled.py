@@ -1,5 +1,5 @@
 """``torch.compile`` of the UNet's (and VAE encoder's) repeated blocks, under the fast path's CUDA graphs
-(``FastPathConfig.compile``; why and what it measured: that field's docstring)."""
+(``FastPathConfig.compile``; why: that field's docstring)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ def compile_blocks(root: torch.nn.Module, mode: str, blocks: Tuple[str, ...] = C
     use_persistent_compile_cache()  # before the first compile: kernels kept between reboots
 
     # The SDXL refiner's ResnetBlock2D alone meets ~60 shapes (levels x in/out widths x CFG / scene / LoRA-step
-    # batches x grad on / off): measured hitting a limit of 64 on an H100, after which shapes run eagerly.
+    # batches x grad on / off): it hit a limit of 64 in a GPU run (bench/RESULTS.md, "Figures moved from
+    # docstrings"), after which shapes ran eagerly.
     for name, value in (("recompile_limit", 512), ("cache_size_limit", 512), ("accumulated_recompile_limit", 4096),
                         ("accumulated_cache_size_limit", 4096)):
         if hasattr(torch._dynamo.config, name):

@@ -1,10 +1,9 @@
 """CUDA fast paths for the denoiser calls of a stage: CUDA-graph replay and a fused LoRA optimiser (opt-in).
 
 Why: an SD 2.1 UNet call is ~1,500 kernel launches, and the peft-wrapped scene model adds several per attention
-projection. Run eagerly, Python and the dispatcher spend longer launching them than an H100 needs to run them at
-a stage's batch sizes. Measured on an H100 (bench/RESULTS.md): SD 2.1 CFG call 35-47 ms eager vs 26 ms replayed,
-scene-LoRA prediction 95-110 vs 23 ms, LoRA training step 170-185 vs 56 ms. A CUDA graph records the launches
-once per input shape and replays them with one call.
+projection. Run eagerly, Python and the dispatcher spend longer launching them than the GPU needs to run them at a
+stage's batch sizes. A CUDA graph records the launches once per input shape and replays them with one call
+(eager vs replayed timings of each call: bench/RESULTS.md, "Pieces" of each run).
 
 What is replayed (pure functions of their inputs and of weights read in place, so a replay computes what the
 eager call computes, with the same kernels on the same inputs; measured bit-identical):
@@ -67,8 +66,8 @@ class FastPathConfig:
     """Which fast paths to use (all default on; each keeps the eager path's results up to float rounding)."""
 
     cuda_graphs: bool = True
-    """Replay the pretrained CFG UNet call from a CUDA graph per input shape (measured on an H100: SD 2.1,
-    8 x 64 x 64 latents, see bench/RESULTS.md)."""
+    """Replay the pretrained CFG UNet call from a CUDA graph per input shape (its launches otherwise cost more
+    than its kernels at a stage's batch; bench/RESULTS.md, "Pieces" of each run)."""
     graph_scene_eps: bool = True
     """Replay the scene LoRA's prediction (APFO / VSD) from CUDA graphs too (ours)."""
     graph_lora_step: bool = True
@@ -82,30 +81,27 @@ class FastPathConfig:
     vae_matmul_attention: bool = True
     """Run the VAE's self-attention (one head of width 512 in the SD / SDXL VAEs' mid-blocks) as cuBLAS matmuls and a
     softmax (:class:`MatmulAttention`) instead of SDPA: SDPA has no flash kernel for width 512, and the
-    memory-efficient kernel's backward took 96 of the 193 ms of the refiner's 2 x 1024 px encode + backward and 19 ms
-    of every SD 2.1 NeRF / mesh update on an H100 (bench/RESULTS.md run 4). bfloat16 / float32 VAEs compute it in
-    their dtype, float16 VAEs (SD 2.1) in bfloat16: float16's range underflows the attention's small backward
-    gradients (real SD 2.1 VAE architecture, float32 weights, CPU: image-gradient error 1.6% with float16 maths, 0.07%
-    with bfloat16) and was slower (H100, 4 x 512 px encode + backward: SDPA 86.9 ms, float16 85.3, bfloat16 72.1). In
-    the stages (H200, run 6): SD 2.1 NeRF / mesh updates 176.2 -> 167.5 / 124.9 -> 115.4 ms against SDPA.
-    Costs one [B, N, N] attention matrix (1 GiB at 2 x 1024 px)."""
+    memory-efficient kernel's backward dominated the refiner's encode + backward (bench/RESULTS.md, run 4; stage
+    updates with it: run 6). bfloat16 / float32 VAEs compute it in their dtype, float16 VAEs (SD 2.1) in bfloat16:
+    float16's range underflows the attention's small backward gradients (a CPU check on the real SD 2.1 VAE
+    architecture showed a 20x larger image-gradient error with float16 maths) and was slower. Costs one [B, N, N]
+    attention matrix per call."""
     compile: str = "blocks"
     """``torch.compile`` (default mode, static shapes) under the graphs: "blocks" compiles the UNet's repeated
     blocks (ResnetBlock2D, BasicTransformerBlock; regional compilation: each block class compiles once per
-    shape and is shared by its instances), "unet" the whole UNet, "off" none. Measured on an H100, SD 2.1
-    CFG call 8 x 64^2 replayed: 25.7 ms plain, 20.4 ms "blocks", 19.4 ms "unet" (68 s to compile); refiner
-    CFG 84.5 -> 69.1 ms "blocks" (bench/RESULTS.md run 3). Fuses GroupNorm + SiLU, residual adds and attention's
-    reshapes. The first use of a model in a process compiles for ~2-5 min (cold cache, measured on an H100); the
-    kernels are kept in ~/.cache/dreamflow/torchinductor (dreamflow/compile_cache.py), so later processes start in
-    ~20-26 s (H200, run 6)."""
+    shape and is shared by its instances), "unet" the whole UNet, "off" none. Fuses GroupNorm + SiLU, residual adds
+    and attention's reshapes; "blocks" gets most of "unet"'s gain at a fraction of its compile time
+    (bench/RESULTS.md, run 3). The first use of a model in a process compiles for minutes on a cold cache; the
+    kernels are kept in ~/.cache/dreamflow/torchinductor (dreamflow/compile_cache.py), so later processes start
+    much sooner (run 6, "Cold compile")."""
     compile_vae: bool = True
     """With ``compile`` on, also compile the VAE encoder's ResnetBlock2D blocks (the stages differentiate
     through the encoder every update; its GroupNorm + SiLU forward and backward are memory-bound in eager
-    mode; refiner 2 x 1024 px encode + backward 216 -> 192 ms). Skipped with ``cpu_offload`` (the VAE then
-    moves between the CPU and the GPU around each stage; compiled blocks were not measured that way)."""
+    mode; bench/RESULTS.md, run 3). Skipped with ``cpu_offload`` (the VAE then moves between the CPU and the GPU
+    around each stage; compiled blocks were not measured that way)."""
     warmup_calls: int = 2
     """Eager calls on the capture stream before each capture (lazy cuBLAS / cuDNN set-up must not be captured;
-    PyTorch's CUDA-graph notes use 3, 2 measured enough here)."""
+    PyTorch's CUDA-graph notes use 3; 2 sufficed in every GPU run)."""
     max_graphs: int = 8
     """Captured shapes kept per call site; the least recently used one is dropped beyond this (each holds
     its output and shares the activation pool)."""

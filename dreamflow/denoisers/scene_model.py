@@ -86,7 +86,7 @@ class SceneModel:
         noisy latents, on the LoRA stream when the fast path overlaps (autograd runs a backward on its forward's
         stream: the step's backward then overlaps the scene's), and its prediction is returned; the main stream
         waits for that forward (two CUDA-graph replays side by side, the LoRA's forward graph and a CFG graph,
-        hung an H100). The next :meth:`step` finishes it."""
+        hung the GPU in bench/RESULTS.md run 5). The next :meth:`step` finishes it."""
         self.join()
         if share is None:
             with torch.no_grad():

@@ -77,10 +77,9 @@ class GuidanceConfig:
     """APFO: True (default) = the update's first LoRA step trains on the same noisy latents x_t (same t_i, same eps)
     whose scene prediction eps_phi enters the target, so one scene-model UNet forward serves both (ProlificDreamer's
     Algorithm 1 updates the particle and the LoRA with one draw); eps_phi is read before the LoRA step changes the
-    LoRA, and the main stream waits for that forward before the CFG call (two graph replays side by side hung an
-    H100 in run 5). Measured on an H200 (bench/RESULTS.md run 6): stage 1 167.5 -> 149.6 ms / update, stage 2 115.4
-    -> 98.4, stage 3 339.7 -> 289.7; toy-world R-precision at 100 updates 0.95 vs 0.90 with False (42 prompts, same
-    card and seed). With the camera-dropout coin fallen (camera_dropout, 10% of updates) eps_phi is then the
+    LoRA, and the main stream waits for that forward before the CFG call (two graph replays side by side hung the
+    GPU in bench/RESULTS.md run 5). Faster updates in every stage at no loss of toy-world R-precision (run 6,
+    "The two levers" and "Quality of the new default"). With the camera-dropout coin fallen (camera_dropout, 10% of updates) eps_phi is then the
     camera-free prediction. False: the LoRA step draws fresh noise at the same t_i and runs its own forward
     (threestudio's way; one more scene-model call per update)."""
 

@@ -51,8 +51,9 @@ class HashGridConfig:
     backend: str = "auto"
     """"auto" (tcnn when installed with CUDA, else torch), "torch" or "cuda" (see dreamflow/backends.py)."""
     compile: bool = True
-    """On CUDA, run the torch path through ``torch.compile`` (fuses the gather / interpolation; measured ~10x
-    faster on an H100, ~30 s to compile on the first call). CPU inputs always run eagerly (compiling needs a
+    """On CUDA, run the torch path through ``torch.compile`` (fuses the gather / interpolation: much faster, at a
+    one-off compile on the first call; bench/RESULTS.md, "Figures moved from
+    docstrings"). CPU inputs always run eagerly (compiling needs a
     C++ toolchain and takes longer than a CPU stage gains)."""
 
     def validate(self) -> "HashGridConfig":

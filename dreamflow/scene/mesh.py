@@ -163,8 +163,8 @@ class MeshModelConfig:
 
     max_offset: float = 0.05
     """Largest distance a vertex may move from the extracted mesh, world units (object in [-1, 1]^3);
-    ``x = x_base + max_offset * tanh(offset)`` (measured: enough to fix marching-cubes noise, too little
-    to tear the surface)."""
+    ``x = x_base + max_offset * tanh(offset)`` (chosen by trial: enough to fix marching-cubes noise, too
+    little to tear the surface)."""
     offset_init_std: float = 0.0
     """Std of the initial raw offsets (0: start exactly on the base mesh; tests use > 0)."""
 

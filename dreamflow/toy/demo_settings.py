@@ -14,11 +14,12 @@ from typing import Dict
 
 @dataclass
 class DemoConfig:
-    """Demo settings, chosen to finish in <= 5 min on 2 CPU cores (measured: bench/TOY_TRAINING.md)."""
+    """Demo settings, chosen to finish in <= 5 min on 2 CPU cores (timings: bench/RESULTS.md, "Toy demo on CPU")."""
 
     threads: int = 1
     """torch CPU threads. 1: the demo's small tensors gain little from more, and threads of a busy machine
-    contend (measured: 3.4 s per NeRF update with 2 threads beside another job, 1.0-1.4 s with 1)."""
+    contend: a busy 2-core machine ran NeRF updates several times slower with 2 threads than with 1
+    (bench/RESULTS.md, "Figures moved from docstrings")."""
     model: str = "dreamflow-toy"
     """Denoiser name (the shipped toy prior, 64 px native)."""
     seed: int = 0
@@ -38,9 +39,9 @@ class DemoConfig:
     hash_log2_size: int = 15
     """log2 entries per hashed level (small table: fast CPU updates)."""
     lr_grid: float = 3e-2
-    """Hash-grid lr (threestudio's 1e-2 is for 25k updates; measured: short runs need larger steps)."""
+    """Hash-grid lr (threestudio's 1e-2 is for 25k updates; short runs need larger steps)."""
     lr_mlp: float = 1e-2
-    """Density / albedo MLP lr (threestudio 1e-3; measured: 1e-3 leaves the albedo grey after 40-80 updates)."""
+    """Density / albedo MLP lr (threestudio 1e-3 leaves the albedo grey over a short run)."""
     cfg_scale: float = 7.5
     """Classifier-free guidance of the prior (threestudio VSD value)."""
     extract_resolution: int = 64

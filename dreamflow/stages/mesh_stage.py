@@ -22,12 +22,12 @@ from .. import config as cfgio
 from ..errors import check
 from ..guidance import GuidanceConfig
 from ..hosting import Callbacks
-from ..render.cameras import CameraConfig
 from ..render.shading import ShadingConfig, pick_mode, random_light
 from ..scene.mesh import MeshModel, MeshModelConfig
 from ..state import MeshState, NeRFState, require_state
 from .extract import ExtractConfig, extract_mesh
 from ..seeding import SEED_HOST_CHOICES, SEED_RENDER, derived_seed
+from .common import StageConfig
 from .loop import autograd_on, optimise
 from .nerf_stage import check_common, check_denoiser, check_prompt
 
@@ -49,19 +49,14 @@ def extract_mesh_state(nerf: NeRFState, config: Optional[ExtractConfig] = None) 
 
 
 @dataclass
-class MeshStageConfig:
-    """Stage 2 settings. Defaults: paper (512 px, t 0.5 -> 0.1) and threestudio prolificdreamer-geometry.yaml."""
+class MeshStageConfig(StageConfig):
+    """Stage 2 settings. Defaults: paper (512 px, t 0.5 -> 0.1) and threestudio prolificdreamer-geometry.yaml; the
+    common part is :class:`~dreamflow.stages.common.StageConfig` (redeclared here where stage 2's default differs)."""
 
     iterations: int = 1500
     """Updates. 1,500 x 4 views = 6,000 view-updates, the reference workload of bench/ (ours)."""
-    views_per_update: int = 4
-    """Random views per update (ours)."""
     resolution: int = 512
     """Render size, px (paper stage 2)."""
-    denoise_resolution: int = 512
-    """Size the renders are encoded at (SD 2.1 base native 512)."""
-    seed: int = 0
-    """Seeds cameras, noise, lights and the LoRA (same seed + settings + device -> same result)."""
     guidance: GuidanceConfig = field(default_factory=lambda: GuidanceConfig(method="apfo", t_start=0.5, t_end=0.1))
     """APFO t 0.5 -> 0.1 (paper stage 2)."""
     optimize_geometry: bool = True
@@ -70,24 +65,12 @@ class MeshStageConfig:
     """Optimise the colour field."""
     lr_geometry: float = 5e-3
     """Adam lr of the raw vertex offsets (threestudio prolificdreamer-geometry lr 0.005)."""
-    lr_grid: float = 1e-2
-    """Adam lr of the colour field's hash grid (threestudio)."""
-    lr_mlp: float = 1e-3
-    """Adam lr of the colour MLP (threestudio)."""
-    lr_background: float = 1e-3
-    """Adam lr of the background MLP (threestudio)."""
-    betas: Tuple[float, float] = (0.9, 0.99)
-    """Adam betas (threestudio)."""
-    adam_eps: float = 1e-15
-    """Adam eps (threestudio)."""
     lambda_normal_consistency: float = 1e4
     """Weight of 1 - cos between adjacent face normals (threestudio prolificdreamer-geometry: 10000)."""
     lambda_laplacian: float = 1e4
     """Weight of the uniform-Laplacian smoothness of the displacement (threestudio: 10000)."""
     mesh: MeshModelConfig = field(default_factory=MeshModelConfig)
     """Vertex offsets bounded by max_offset (0.05 world units) through tanh."""
-    camera: CameraConfig = field(default_factory=CameraConfig)
-    """Random cameras, as stage 1."""
     shading: ShadingConfig = field(default_factory=lambda: ShadingConfig(ambient_only_steps=0))
     """Lambertian / textureless / albedo mix from the first update (the geometry exists already)."""
     backend: str = "auto"

@@ -7,7 +7,7 @@ TOOLS  := .tools
 PROMPT ?= a red torus
 PYTEST_ARGS ?=
 
-.PHONY: test demo setup clean bench-smoke gpu-test gpu-wheels
+.PHONY: test test-comfyui demo setup clean bench-smoke gpu-test gpu-wheels
 
 # The venv is (re)made when the requirements change. torch is installed only when none is
 # importable there: the CPU wheel 2.13.0 here; in ComfyUI, the user's torch is used as is.
@@ -25,6 +25,12 @@ setup: $(VENV)/.stamp $(TOOLS)/node_modules/gltf-validator/package.json
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+# The live-ComfyUI tests (tests/test_comfyui_live.py, not skipped) in a real ComfyUI server: the source at
+# ../shared/comfyui (COMFYUI_SRC=...) is copied to .cache/comfyui/src, its own venv (ComfyUI's requirements minus
+# torchaudio + ours) is built once in .cache/comfyui/venv. .ci/run runs this after `make test`.
+test-comfyui: setup
+	PYTHON=$(PYTHON) PY=$(PY) bash .ci/comfyui_live.sh $(PYTEST_ARGS)
 
 demo: $(VENV)/.stamp
 	$(PY) -m dreamflow demo --prompt "$(PROMPT)"
@@ -47,4 +53,4 @@ gpu-wheels:
 		--platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 
 clean:
-	rm -rf $(VENV) $(TOOLS) .pytest_cache .bench-smoke
+	rm -rf $(VENV) $(TOOLS) .pytest_cache .bench-smoke .cache

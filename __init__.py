@@ -13,6 +13,16 @@ _ROOT = os.path.dirname(os.path.abspath(__file__))
 if _ROOT not in sys.path:
     sys.path.append(_ROOT)
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+if __package__:
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+else:
+    # Imported as a lone module, not as a package: pytest does so (to look for setup_module) when the checkout's
+    # folder name is no Python identifier (e.g. "wt-16"); ComfyUI never does. Load the pack as the runner does.
+    from dreamflow.runner.defs import load_node_pack  # noqa: E402
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+    NODE_CLASS_MAPPINGS = load_node_pack(_ROOT).NODE_CLASS_MAPPINGS
+    NODE_DISPLAY_NAME_MAPPINGS = load_node_pack(_ROOT).NODE_DISPLAY_NAME_MAPPINGS
+
+WEB_DIRECTORY = "./web"  # the Load Mesh upload button (web/dreamflow_load_mesh.js)
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

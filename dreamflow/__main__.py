@@ -1,6 +1,6 @@
 """``python -m dreamflow``: ``run`` executes a workflow headless; ``demo`` runs the offline demo.
 
-    python -m dreamflow run workflows/dreamflow_draft.json --set DreamFlowNeRFStage.iterations=200
+    python -m dreamflow run "workflows/DreamFlow quick draft.json" --set DreamFlowNeRFStage.iterations=200
     python -m dreamflow demo --prompt "a red torus"
 """
 

@@ -42,12 +42,81 @@ def from_dict(cls: Type[T], data: Dict[str, Any] | None, where: str = "config") 
     kwargs = {}
     for name, value in data.items():
         hint = hints.get(name)
-        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise DreamFlowError(f"{where}.{name} is a {type(value).__name__}, not a settings object")
             value = from_dict(hint, value, f"{where}.{name}")
-        elif isinstance(value, list) and typing.get_origin(hint) is tuple:
-            value = tuple(value)
+        else:
+            value = _typed(value, hint, f"{where}.{name}")
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def _typed(value: Any, hint: Any, where: str) -> Any:
+    """``value`` checked against a field's type hint (int, float, bool, str, Optional, Union, Tuple, Literal):
+    settings read from files are never trusted to have the right type. Floats must be finite."""
+    import math
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is typing.Any or hint is None:
+        return value
+    if origin is typing.Union:
+        for arg in args:
+            try:
+                return _typed(value, arg, where)
+            except DreamFlowError:
+                continue
+        raise DreamFlowError(f"{where} = {str(value)[:40]!r} is not a valid {_hint_name(hint)}")
+    if hint is type(None):
+        if value is None:
+            return None
+    elif origin is typing.Literal:
+        if value in args:
+            return value
+    elif origin is tuple or hint is tuple:
+        if isinstance(value, (list, tuple)):
+            if not args or (len(args) == 2 and args[1] is Ellipsis):
+                return tuple(_typed(v, args[0], where) if args else v for v in value)
+            if len(args) == len(value):
+                return tuple(_typed(v, a, where) for v, a in zip(value, args))
+    elif origin in (list, dict) or hint in (list, dict):
+        if isinstance(value, origin or hint):
+            return value
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise DreamFlowError(f"{where} = {value} is not a finite number")
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    else:
+        return value  # a type this reader does not know: the config's own validate() decides
+    raise DreamFlowError(f"{where} = {str(value)[:40]!r} is a {type(value).__name__}, not a {_hint_name(hint)}")
+
+
+def _hint_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def check_finite(cfg, where: str = "settings") -> None:
+    """Every float of a (nested) config is finite: ``NaN < lo`` and ``NaN > hi`` are both false, so range
+    checks alone let NaN through. Raises a one-line DreamFlowError naming the field."""
+    import math
+
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            check_finite(v, f"{where}.{f.name}")
+        for x in (v if isinstance(v, (tuple, list)) else (v,)):
+            if isinstance(x, float) and not math.isfinite(x):
+                raise DreamFlowError(f"{where}.{f.name} = {x} is not a finite number; give a finite value")
 
 
 def replace(cfg: T, **changes) -> T:

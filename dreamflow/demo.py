@@ -6,7 +6,7 @@ GLB's path.
 
 Two routes, same settings (:class:`DemoConfig`):
 
-1. ``workflows/dreamflow_toy_demo.json`` exists: it runs through the headless runner (``python -m dreamflow run``)
+1. ``workflows/DreamFlow offline toy demo.json`` exists: it runs through the headless runner (``python -m dreamflow run``)
    with ``--set`` overrides for the prompt and seed, i.e. exactly what ComfyUI would run;
 2. otherwise the stages are called directly (``run_nerf_stage``, ``extract_mesh_state``, ``run_mesh_stage``,
    ``MeshState.export_glb``).
@@ -17,9 +17,9 @@ The toy prior knows only its world: a prompt outside it is refused with the list
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
+import re
 import sys
 import time
 from typing import List, Optional
@@ -31,26 +31,22 @@ __all__ = ["DemoConfig", "main", "run_direct", "run_workflow", "stage_configs", 
 
 #: The toy workflow the node engineer ships (route 1 of the module docstring).
 DEMO_WORKFLOW = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows",
-                             "dreamflow_toy_demo.json")
+                             "DreamFlow offline toy demo.json")
 
 
 def stage_configs(cfg: DemoConfig):
     """(NeRFStageConfig, ExtractConfig, MeshStageConfig) of the demo: what the nodes build from the demo's widget
     values (``toy.demo_settings.widget_values``, the one mapping of :class:`DemoConfig`), through the nodes' own
-    widget tables, so route 2 runs what route 1's workflow runs (plus the toy world's cameras, which no widget
-    sets)."""
+    widget tables, so route 2 runs what route 1's workflow runs (the toy world's cameras included: the elevation
+    widgets)."""
     from .runner.defs import load_node_pack
     from .stages import ExtractConfig, MeshStageConfig, NeRFStageConfig
-    from .toy.world import TOY_CAMERA
 
     nodes = load_node_pack().nodes
     values = widget_values(cfg, prompt="")
-    # The toy world's cameras (elevations up to 80 degrees) have no widget: set here, as before.
-    nerf = nodes.nerf_stage.WIDGETS.config(NeRFStageConfig, values["DreamFlowNeRFStage"])
-    mesh = nodes.mesh_stage.WIDGETS.config(MeshStageConfig, values["DreamFlowMeshStage"])
-    return (dataclasses.replace(nerf, camera=dataclasses.replace(TOY_CAMERA)),
+    return (nodes.nerf_stage.WIDGETS.config(NeRFStageConfig, values["DreamFlowNeRFStage"]),
             nodes.extract_mesh.WIDGETS.config(ExtractConfig, values["DreamFlowExtractMesh"]),
-            dataclasses.replace(mesh, camera=dataclasses.replace(TOY_CAMERA)))
+            nodes.mesh_stage.WIDGETS.config(MeshStageConfig, values["DreamFlowMeshStage"]))
 
 
 def run_direct(prompt: str, cfg: DemoConfig, output_dir: str, log=print) -> str:
@@ -58,7 +54,7 @@ def run_direct(prompt: str, cfg: DemoConfig, output_dir: str, log=print) -> str:
     from .denoisers import Denoiser
     from .export import ExportConfig, turntable_path
     from .hosting import comfy_progress
-    from .io import next_output_path
+    from .io import claimed_output
     from .stages import extract_mesh_state, run_mesh_stage, run_nerf_stage
 
     nerf_cfg, extract_cfg, mesh_cfg = stage_configs(cfg)
@@ -71,10 +67,11 @@ def run_direct(prompt: str, cfg: DemoConfig, output_dir: str, log=print) -> str:
     log(f"mesh: {mesh.vertices.shape[0]} vertices, {mesh.faces.shape[0]} faces ({time.time() - t0:.1f} s)")
     mesh = run_mesh_stage(denoiser, mesh, config=mesh_cfg, callbacks=comfy_progress(mesh_cfg.iterations))  # its prompt
     log(f"mesh stage: {cfg.mesh_iterations} updates ({time.time() - t0:.1f} s)")
-    name = "dreamflow/toy_" + "_".join(prompt.lower().replace(",", " ").split()[-2:])
-    glb, _ = next_output_path(name, "glb", output_dir)
-    mesh.export_glb(glb, ExportConfig(texture_size=cfg.texture_size, turntable=cfg.turntable_views,
-                                      turntable_resolution=cfg.turntable_resolution))
+    words = "_".join(prompt.lower().replace(",", " ").split()[-2:])
+    name = "dreamflow/toy_" + (re.sub(r"[^a-z0-9_-]+", "_", words).strip("_-") or "object")  # the prefix rule
+    with claimed_output(name, "glb", output_dir) as (glb, _):
+        mesh.export_glb(glb, ExportConfig(texture_size=cfg.texture_size, turntable=cfg.turntable_views,
+                                          turntable_resolution=cfg.turntable_resolution))
     log(f"turntable {turntable_path(glb)} ({time.time() - t0:.1f} s)")
     return glb
 

@@ -29,12 +29,13 @@ def _config_classes():
     from .render.volume import VolumeRenderConfig
     from .scene.hashgrid import HashGridConfig
     from .scene.mesh import MeshModelConfig
+    from .mesh_io import MeshImportConfig
     from .scene.nerf import BackgroundConfig, NeRFFieldConfig
     from .stages import ExtractConfig, MeshStageConfig, NeRFStageConfig, RefineConfig
 
     return [NeRFStageConfig, ExtractConfig, MeshStageConfig, RefineConfig, GuidanceConfig, SceneLoRAConfig,
             CameraConfig, NeRFFieldConfig, HashGridConfig, BackgroundConfig, VolumeRenderConfig, OccupancyConfig,
-            ShadingConfig, MeshModelConfig, ExportConfig, FastPathConfig]
+            ShadingConfig, MeshModelConfig, MeshImportConfig, ExportConfig, FastPathConfig]
 
 
 def _fmt(value) -> str:

@@ -118,8 +118,30 @@ class Callbacks:
     log: Optional[Callable[[dict], None]] = None
 
 
+def plain_progress(total: int, label: str = "update", stream=None, every_s: float = 30.0) -> Callable:
+    """A progress callback that prints whole lines (``update 50/400 (12%), 31 s``) for logs that are not a
+    terminal: about every 10% and at least every ``every_s`` seconds, and at the end; never a carriage return."""
+    import sys
+    import time
+
+    start = time.monotonic()
+    state = {"last_pct": -1, "last_t": start}
+    step_pct = 10
+
+    def progress(step, total_, preview):
+        total_ = max(int(total_), 1)
+        now = time.monotonic()
+        pct = 100 * step // total_
+        if step >= total_ or pct // step_pct > state["last_pct"] // step_pct or now - state["last_t"] >= every_s:
+            state["last_pct"], state["last_t"] = pct, now
+            print(f"{label} {step}/{total_} ({pct}%), {now - start:.0f} s", file=stream or sys.stderr, flush=True)
+
+    return progress
+
+
 def comfy_progress(total: int, preview_every: int = 25) -> Callbacks:
-    """Callbacks wired to ComfyUI's progress bar with live JPEG previews; tqdm headless."""
+    """Callbacks wired to ComfyUI's progress bar with live JPEG previews; headless, a tqdm bar on a terminal
+    and plain progress lines (:func:`plain_progress`) when the output goes to a file or pipe."""
     cu = comfy_module("utils")
     if cu is not None and hasattr(cu, "ProgressBar"):
         bar = cu.ProgressBar(total)
@@ -131,6 +153,10 @@ def comfy_progress(total: int, preview_every: int = 25) -> Callbacks:
                 bar.update_absolute(step, total_)
 
         return Callbacks(progress=progress, preview_every=preview_every)
+    import sys
+
+    if not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
+        return Callbacks(progress=plain_progress(total), preview_every=0)
     try:
         from tqdm.auto import tqdm
 
@@ -166,3 +192,54 @@ def free_memory() -> None:
             torch.cuda.empty_cache()
     except Exception:
         pass
+
+
+# --------------------------------------------------------------------------------------------
+# Sharing the card with ComfyUI
+# --------------------------------------------------------------------------------------------
+def _comfy_device(mm, device):
+    """``device`` as ComfyUI's model management names it (``cuda`` -> ``cuda:<current>``: its loaded models
+    compare devices with ``==``)."""
+    import torch
+
+    device = torch.device(device)
+    if device.index is None and device.type == "cuda":
+        try:
+            main = mm.get_torch_device()
+            if getattr(main, "type", None) == "cuda":
+                return main
+        except Exception:
+            pass
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def make_room(device, memory_required: Optional[float] = None, why: str = "") -> bool:
+    """Before DreamFlow loads or runs a denoiser on ``device``: ask ComfyUI's model management to free room, as
+    its own loaders do (``comfy.model_management.free_memory``, which unloads the models ComfyUI manages, most
+    recently used last, until enough memory is free; they are moved to RAM and reloaded when a node uses them).
+
+    ``memory_required``: bytes the work needs (plus ComfyUI's minimum inference reserve); ``None`` frees all it
+    can on that device (a stage's activations, the scene LoRA's Adam state and the frozen model's
+    working memory are not known in advance). Returns True when ComfyUI was asked; headless or on the CPU it
+    does nothing (False). Never raises: a failure is logged and the work goes on.
+    """
+    import torch
+
+    mm = comfy_module("model_management")
+    if mm is None or not hasattr(mm, "free_memory"):
+        return False
+    if torch.device(device).type == "cpu":
+        return False
+    try:
+        dev = _comfy_device(mm, device)
+        reserve = float(mm.minimum_inference_memory()) if hasattr(mm, "minimum_inference_memory") else 0.0
+        required = 1e30 if memory_required is None else float(memory_required) + reserve
+        mm.free_memory(required, dev)
+        return True
+    except Exception as e:  # never let memory bookkeeping stop a stage
+        import logging
+
+        logging.getLogger("dreamflow").warning("DreamFlow: could not ask ComfyUI to free memory%s (%s: %s)",
+                                               f" for {why}" if why else "", type(e).__name__, e)
+        return False

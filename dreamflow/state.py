@@ -13,16 +13,73 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from . import config as cfgio
 from .errors import DreamFlowError, check
-from .io import load_module_tensors, load_state_file, save_state_file
+from .io import (StateFile, check_tensor_specs, inspect_state_file, load_module_tensors, module_specs,
+                 save_state_file)
 from .scene.nerf import Background, BackgroundConfig, NeRFField, NeRFFieldConfig
 
 NERF_FORMAT, MESH_FORMAT, VERSION = "dreamflow.nerf", "dreamflow.mesh", 1
+#: Most vertices / faces a mesh state may hold (ExtractMesh's face budget allows 10 million).
+MAX_MESH_ELEMENTS = 50_000_000
+
+
+def _mesh_specs(sf: StateFile) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+    """The expected specs of a mesh state's ``vertices`` [N, 3] float32 and ``faces`` [F, 3] int64."""
+    path = sf.path
+    for key in ("vertices", "faces"):
+        if key not in sf.specs:
+            raise DreamFlowError(f"mesh state '{path}' has no '{key}' tensor; the file is damaged")
+    (vs, _), (fs, _) = sf.specs["vertices"], sf.specs["faces"]
+    if len(vs) != 2 or vs[1] != 3 or len(fs) != 2 or fs[1] != 3 or vs[0] > MAX_MESH_ELEMENTS or fs[0] > MAX_MESH_ELEMENTS \
+            or vs[0] < 3 or fs[0] < 1:
+        raise DreamFlowError(f"mesh state '{path}' has vertices {vs} / faces {fs}; want [N, 3] and [F, 3] with 3 <= N and "
+                             f"1 <= F, at most {MAX_MESH_ELEMENTS} rows; the file is damaged")
+    return {"vertices": (vs, "F32"), "faces": (fs, "I64")}
+
+
+def check_state_file(path: str) -> str:
+    """Every check :func:`load_state` makes before reading tensors (header, settings, shapes, dtypes), without
+    reading them: for Load State's ``VALIDATE_INPUTS``. Returns the state's format."""
+    sf = inspect_state_file(path, None, VERSION)
+    fmt = sf.header.get("format")
+    if fmt not in (NERF_FORMAT, MESH_FORMAT):
+        raise DreamFlowError(f"'{path}' holds a {fmt!r} state, not a DreamFlow NeRF or mesh state; pick another file")
+    _check(sf, _mesh_specs(sf) if fmt == MESH_FORMAT else None)
+    return fmt
+
+
+def _object(header: dict, key: str, path: str) -> dict:
+    value = header.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise DreamFlowError(f"header field '{key}' is a {type(value).__name__}, not an object")
+    return value
+
+
+def _header_fields(header: dict, path: str) -> Dict[str, Any]:
+    """The header's plain fields, each checked for its type (one-line DreamFlowError otherwise)."""
+    want = {"prompt": (str, ""), "negative_prompt": (str, ""), "settings": (dict, {}), "guidance_log": (list, []),
+            "history": (list, [])}
+    out = {}
+    for key, (typ, default) in want.items():
+        value = header.get(key)
+        if value is None:
+            value = copy.deepcopy(default)
+        if not isinstance(value, typ):
+            raise DreamFlowError(f"state '{path}' has a header field '{key}' that is a {type(value).__name__}, not a "
+                                 f"{typ.__name__}; the file is damaged or edited: re-save it")
+        out[key] = value
+    if not all(isinstance(r, dict) for r in out["guidance_log"]):
+        raise DreamFlowError(f"state '{path}' has a guidance_log whose rows are not objects; the file is damaged or edited")
+    if not all(isinstance(h, str) for h in out["history"]):
+        raise DreamFlowError(f"state '{path}' has a history that is not a list of stage names; the file is damaged or edited")
+    return out
 
 
 def _module_tensors(prefix: str, module: torch.nn.Module) -> Dict[str, torch.Tensor]:
@@ -65,25 +122,51 @@ class _SceneState:
         return t
 
     @staticmethod
-    def _rebuild(tensors, header, path):
-        try:
-            fcfg = cfgio.from_dict(NeRFFieldConfig, header.get("field_config"), "field_config")
-            bcfg = cfgio.from_dict(BackgroundConfig, header.get("background_config"), "background_config")
-        except (TypeError, DreamFlowError) as e:
-            raise DreamFlowError(f"state '{path}' has settings this DreamFlow cannot read ({e}); re-create it") from None
+    def _rebuild(sf: StateFile, extra: Optional[Dict[str, Tuple[Tuple[int, ...], str]]] = None) -> tuple:
+        """Check a state file against its own settings (:func:`_check`), then build its modules from it."""
+        fcfg, bcfg, fields = _check(sf, extra)
+        path = sf.path
+        tensors = sf.tensors()
+        bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+        check(not bad, f"state '{path}' has non-finite values (NaN or infinity) in {bad[:3]}; the file is damaged or "
+                       f"was saved from a diverged run: re-create it")
         field_ = NeRFField(fcfg)
         bg = Background(bcfg)
         load_module_tensors(field_, tensors, "field.", path)
         load_module_tensors(bg, tensors, "background.", path)
         lora = {k[5:]: v for k, v in tensors.items() if k.startswith("lora.")}
-        common = dict(field=field_, background=bg, prompt=str(header.get("prompt", "")),
-                      negative_prompt=str(header.get("negative_prompt", "")), settings=header.get("settings") or {},
-                      guidance_log=list(header.get("guidance_log") or []), history=list(header.get("history") or []),
-                      lora=lora)
-        return common
+        return dict(field=field_, background=bg, lora=lora, **fields), tensors
 
     def clone(self):
         return copy.deepcopy(self)
+
+
+def _check(sf: StateFile, extra: Optional[Dict[str, Tuple[Tuple[int, ...], str]]] = None):
+    """The checks of a state file before anything of the size it claims is allocated (the one checked path).
+
+    The header's fields have their types, the settings are valid, and every tensor has exactly the shape and
+    dtype those settings imply (the modules are built on the meta device to know them), plus ``extra``
+    (name -> (shape, dtype)) for the rest. Returns (field config, background config, header fields).
+    """
+    path, header = sf.path, sf.header
+    fields = _header_fields(header, path)
+    try:
+        fcfg = cfgio.from_dict(NeRFFieldConfig, _object(header, "field_config", path), "field_config").validate()
+        bcfg = cfgio.from_dict(BackgroundConfig, _object(header, "background_config", path), "background_config")
+        specs = {"field." + k: v for k, v in module_specs(lambda: NeRFField(fcfg)).items()}
+        specs.update({"background." + k: v for k, v in module_specs(lambda: Background(bcfg)).items()})
+    except DreamFlowError as e:
+        raise DreamFlowError(f"state '{path}' has settings this DreamFlow cannot read ({e}); re-create it") from None
+    except (TypeError, ValueError, OverflowError, RuntimeError, MemoryError) as e:
+        raise DreamFlowError(f"state '{path}' has settings this DreamFlow cannot read ({type(e).__name__}); "
+                             f"re-create it") from None
+    specs.update(extra or {})
+    lora_specs = {k: v for k, v in sf.specs.items() if k.startswith("lora.")}
+    bad = sorted(k for k, (_, dt) in lora_specs.items() if dt not in ("F32", "F16", "BF16"))
+    check(not bad, f"state '{path}' has LoRA tensors {bad[:3]} that are not floating point; the file is damaged or edited")
+    specs.update(lora_specs)
+    check_tensor_specs(path, sf.specs, specs)
+    return fcfg, bcfg, fields
 
 
 @dataclass
@@ -99,9 +182,8 @@ class NeRFState(_SceneState):
     @classmethod
     def load(cls, path: str, device="cpu") -> "NeRFState":
         """Read a state written by :meth:`save`; refuses pickles, other formats and versions."""
-        tensors, header = load_state_file(path, NERF_FORMAT, VERSION)
-        state = cls(**cls._rebuild(tensors, header, path))
-        return state.to(device)
+        kwargs, _ = cls._rebuild(inspect_state_file(path, NERF_FORMAT, VERSION))
+        return cls(**kwargs).to(device)
 
     def to(self, device) -> "NeRFState":
         self.field.to(device)
@@ -149,15 +231,12 @@ class MeshState(_SceneState):
 
     @classmethod
     def load(cls, path: str, device="cpu") -> "MeshState":
-        tensors, header = load_state_file(path, MESH_FORMAT, VERSION)
-        for key in ("vertices", "faces"):
-            if key not in tensors:
-                raise DreamFlowError(f"mesh state '{path}' has no '{key}' tensor; the file is damaged")
+        sf = inspect_state_file(path, MESH_FORMAT, VERSION)
+        kwargs, tensors = cls._rebuild(sf, _mesh_specs(sf))
         v, f = tensors["vertices"], tensors["faces"]
-        if v.dim() != 2 or v.shape[1] != 3 or f.dim() != 2 or f.shape[1] != 3 or \
-                (f.numel() and (int(f.max()) >= v.shape[0] or int(f.min()) < 0)):
-            raise DreamFlowError(f"mesh state '{path}' has inconsistent vertices {tuple(v.shape)} / faces {tuple(f.shape)}")
-        state = cls(**cls._rebuild(tensors, header, path), vertices=v.float(), faces=f.long())
+        if f.numel() and (int(f.max()) >= v.shape[0] or int(f.min()) < 0):
+            raise DreamFlowError(f"mesh state '{path}' has faces indexing vertices outside 0..{v.shape[0] - 1}; the file is damaged")
+        state = cls(**kwargs, vertices=v, faces=f)
         return state.to(device)
 
     def to(self, device) -> "MeshState":
@@ -222,9 +301,10 @@ def require_state(value, cls, where: str, fix: str):
 
 def load_state(path: str, device="cpu"):
     """Load a NeRF or mesh state by its header's format (for the Load State node); one read of the file."""
-    from .io import read_state_header
+    from .io import as_path, read_state_header
 
+    path = as_path(path, "state file")
     header = read_state_header(path)
-    if header is not None and header.get("format") == MESH_FORMAT:
+    if isinstance(header, dict) and header.get("format") == MESH_FORMAT:
         return MeshState.load(path, device)
     return NeRFState.load(path, device)  # also explains every other case (pickle, missing, foreign)

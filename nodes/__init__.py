@@ -20,6 +20,11 @@ NODE_CONFIG = {
     "DreamFlowSaveGLB": ("save_glb", "SaveGLB", "DreamFlow Save GLB"),
     "DreamFlowSaveState": ("state_files", "SaveState", "DreamFlow Save State"),
     "DreamFlowLoadState": ("state_files", "LoadState", "DreamFlow Load State"),
+    "DreamFlowLoadMesh": ("mesh_io", "LoadMesh", "DreamFlow Load Mesh"),
+    "DreamFlowMeshToCoreMesh": ("mesh_io", "MeshToCoreMesh", "DreamFlow Mesh to MESH"),
+    "DreamFlowCoreMeshToMesh": ("mesh_io", "CoreMeshToMesh", "DreamFlow MESH to Mesh"),
+    "DreamFlowMeshToTrimesh": ("mesh_io", "MeshToTrimesh", "DreamFlow Mesh to TRIMESH"),
+    "DreamFlowTrimeshToMesh": ("mesh_io", "TrimeshToMesh", "DreamFlow TRIMESH to Mesh"),
 }
 
 NODE_CLASS_MAPPINGS = {}

@@ -13,7 +13,7 @@ from typing import Any, Dict, Iterator
 
 from dreamflow import hosting
 from dreamflow.hosting import DYNAMIC_LIST
-from dreamflow.errors import check
+from dreamflow.errors import DreamFlowError, check
 from dreamflow.guidance import METHODS  # the dropdown's order: DreamFlow's APFO first
 
 from .widgets import Widget, WidgetTable
@@ -116,6 +116,123 @@ PREVIEW_ROWS = WidgetTable(
            tooltip="Width = height of each preview view, pixels."),
 )
 
+#: The random cameras' elevation range (last widgets of a stage node, so saved workflows keep their values): two
+#: widgets, one config field (``camera.elevation_range``, a (min, max) pair).
+CAMERA_ROWS = WidgetTable(
+    Widget("elevation_min", "camera.elevation_range", "FLOAT", -89.0, 89.0, 1.0, index=0,
+           tooltip="Lowest camera elevation, degrees (threestudio: -10)."),
+    Widget("elevation_max", "camera.elevation_range", "FLOAT", -89.0, 89.0, 1.0, index=1,
+           tooltip="Highest camera elevation, degrees (threestudio: 45; above 60 the view prompt says 'overhead "
+                   "view'; the toy prior was trained up to 80)."),
+)
+
+
+def make_config(cls, **changes):
+    """``cls()`` with ``changes`` (dotted keys for nested configs), validated (ranges, and every float finite):
+    bad values raise before work."""
+    from dreamflow.config import check_finite, replace
+
+    config = replace(cls(), **changes).validate()
+    check_finite(config, cls.__name__)
+    return config
+
+
+def check_widgets(cls, values: Dict[str, Any], where: str) -> Dict[str, Any]:
+    """Every widget value in ``values`` checked as the runner and ComfyUI check them (type, ``min`` / ``max``,
+    finite floats, dropdown choices); ``None`` (an input fed by a link, as ComfyUI passes it to
+    ``VALIDATE_INPUTS``) is skipped. Returns the values converted to their types."""
+    from dreamflow.node_defs import coerce, node_def
+
+    d = node_def(where, cls.INPUT_TYPES(), cls)
+    out = dict(values)
+    hosted = hosting.folder_paths() is not None
+    for inp in d.inputs:
+        if inp.takes_value and out.get(inp.name) is not None:
+            out[inp.name] = coerce(inp, out[inp.name], where)
+            # hosted, a file list is this machine's (ComfyUI checks it unless VALIDATE_INPUTS takes the input)
+            if hosted and inp.dynamic and inp.choices is not None and out[inp.name] not in inp.choices:
+                raise DreamFlowError(f"{where} input '{inp.name}' = {out[inp.name]!r} is not one of the files found: "
+                                     f"{', '.join(map(str, inp.choices[:20])) or '(none)'}")
+    return out
+
+
+class Checked:
+    """Mixin of every DreamFlow node: all inputs are checked before any node of the workflow runs.
+
+    ComfyUI calls ``VALIDATE_INPUTS`` when a prompt is queued (so a bad value is refused at once, not after
+    the stages before it); the headless runner calls it for every node before the first one runs. Taking
+    ``**values`` makes ComfyUI skip its own range checks, so :func:`check_widgets` repeats them (and adds
+    the finite-float rule); then the node's :meth:`check_values` runs its own rules (prompt, config,
+    prefix, files). Linked inputs arrive as ``None`` and are checked when the node runs.
+    """
+
+    node_name = ""
+    """The node's id in error messages (e.g. "DreamFlowSaveGLB")."""
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, **values):
+        try:
+            cls.check_inputs(**values)
+        except DreamFlowError as e:
+            return str(e)
+        return True
+
+    @classmethod
+    def check_inputs(cls, **values) -> Dict[str, Any]:
+        values = check_widgets(cls, values, cls.node_name or cls.__name__)
+        cls.check_values(values)
+        return values
+
+    @classmethod
+    def check_values(cls, values: Dict[str, Any]) -> None:
+        """The node's own rules on ``values`` (``None``: linked, not known yet)."""
+
+
+def known(values: Dict[str, Any], *names: str) -> bool:
+    """All of ``names`` have values (none is fed by a link)."""
+    return all(values.get(n) is not None for n in names)
+
+
+def check_prompt_value(values: Dict[str, Any], node: str) -> None:
+    if values.get("prompt") is not None:
+        check(str(values["prompt"]).strip() != "", f"{node}: the prompt is empty; describe the object, e.g. "
+                                                   f"'a corgi standing up drinking boba'")
+
+
+def save_last_good(error, node: str):
+    """Write a DivergenceError's last good state next to the outputs; the error to raise names the file."""
+    from dreamflow.errors import DivergenceError
+    from dreamflow.io import claimed_output
+
+    state = getattr(error, "last_good", None)
+    if state is None:
+        return DivergenceError(f"{error}; no good state was reached to save", error.step)
+    try:
+        with claimed_output(f"dreamflow/{node}_last_good", "safetensors") as (full, rel):
+            state.save(full)
+    except Exception as e:  # saving must never hide the divergence itself
+        return DivergenceError(f"{error}; saving the last good state failed ({e})", error.step, state)
+    return DivergenceError(
+        f"{error}; the last good state is saved as '{full}': load it with DreamFlow Load State ('{rel}{OUTPUT_TAG}') "
+        f"to resume from it", error.step, state)
+
+
+OUTPUT_TAG = " [output]"
+"""How Load State's list marks files of the output folder (ComfyUI's annotated names)."""
+
+
+def int_input(config: Any, path: str, lo: int, hi: int, tooltip: str, step: int = 1, **extra) -> tuple:
+    """One INT widget's ``INPUT_TYPES`` entry outside a widget table (Load Mesh's colour-field grid)."""
+    return Widget(path.rsplit(".", 1)[-1], path, "INT", lo, hi, step, tooltip, options=extra).spec(config)
+
+
+def check_table(table: WidgetTable, build, values: Dict[str, Any]) -> None:
+    """``build(**values)``, the config a node would run (validated, every float finite), when every widget of
+    ``table`` that sets a config field has a value (none is fed by a link)."""
+    if known(values, *(r.name for r in table.rows if r.path is not None)):
+        build(**values)
+
+
 
 def check_state(value, cls, node: str, input_name: str, fix: str):
     """A linked state of the right stage (a NeRF where a NeRF is needed, a mesh where a mesh is)."""
@@ -137,7 +254,7 @@ def to_image(images) -> "Any":
 
 
 @contextmanager
-def engine_call(free: bool = True) -> Iterator[None]:
+def engine_call(free: bool = True, node: str = "", memory_hint: str = "") -> Iterator[None]:
     """Run engine work the way ComfyUI needs it.
 
     ComfyUI executes every node under ``torch.inference_mode()``; the stages optimise (autograd), and
@@ -146,12 +263,20 @@ def engine_call(free: bool = True) -> Iterator[None]:
     ``free``, memory the call cached is released afterwards, also when it fails or is interrupted
     (interrupts are raised by the engine: ComfyUI's own exception when hosted, see
     ``dreamflow.hosting.raise_interrupt``).
+
+    A stage's divergence saves its last good state beside the outputs (``save_last_good``; the error names
+    the file), and running out of memory is one line naming what to lower (``memory_hint``).
     """
     import torch
 
+    from dreamflow.errors import DivergenceError, explain_memory
+
     try:
-        with torch.inference_mode(False), torch.enable_grad():
+        with explain_memory(node or "DreamFlow", memory_hint or "the sizes of this node's settings"), \
+                torch.inference_mode(False), torch.enable_grad():
             yield
+    except DivergenceError as e:
+        raise save_last_good(e, node or "stage") from None
     finally:
         if free:
             hosting.free_memory()

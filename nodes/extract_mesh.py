@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dreamflow.stages import ExtractConfig, extract_mesh_state
 
-from .common import CATEGORY, MESH, NERF, PREVIEW_ROWS, engine_call, to_image
+from .common import CATEGORY, MESH, NERF, PREVIEW_ROWS, Checked, check_table, engine_call, to_image
 from .widgets import Widget, WidgetTable
 
 #: The node's widgets, in saved-workflow order: one row each (name, config field, range, tooltip).
@@ -19,7 +19,9 @@ WIDGETS = WidgetTable(
 ) + PREVIEW_ROWS
 
 
-class ExtractMesh:
+class ExtractMesh(Checked):
+    node_name = "DreamFlowExtractMesh"
+
     @classmethod
     def INPUT_TYPES(cls):
         return {
@@ -38,10 +40,19 @@ class ExtractMesh:
     DESCRIPTION = ("Extracts a watertight triangle mesh from a NeRF: density on a grid, marching cubes, floater "
                    "removal, decimation to the face budget. The NeRF's colour field comes along.")
 
+    @classmethod
+    def build_config(cls, **widgets) -> ExtractConfig:
+        return WIDGETS.config(ExtractConfig, widgets)
+
+    @classmethod
+    def check_values(cls, values):
+        check_table(WIDGETS, cls.build_config, values)
+
     @WIDGETS.method("nerf")
     def extract(self, nerf, **widgets):
-        config = WIDGETS.config(ExtractConfig, widgets)
-        with engine_call():
+        config = self.build_config(**widgets)
+        with engine_call(node="ExtractMesh", memory_hint=f"resolution (now {widgets['resolution']}), "
+                                                         f"preview_resolution or preview_views"):
             mesh = extract_mesh_state(nerf, config)
             preview = mesh.turntable(widgets["preview_views"], widgets["preview_resolution"])
         return (mesh, to_image(preview))

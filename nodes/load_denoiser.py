@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import weakref
 
-from .common import CATEGORY, DENOISER, dynamic_list, engine_call
+from .common import CATEGORY, DENOISER, Checked, dynamic_list, engine_call
 
 DTYPES = ("auto", "fp16", "bf16", "fp32")
 VAE_DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -39,7 +39,8 @@ def load_shared(model_name: str, dtype: str, device: str, cpu_offload: bool, vae
     with _lock:
         denoiser = _loaded.get(key)
         if denoiser is None:
-            with engine_call(free=False):  # weights made outside inference mode, usable by autograd later
+            with engine_call(free=False, node="LoadDenoiser",  # weights made outside inference mode, for autograd later
+                             memory_hint="the weights' size: dtype fp16 / bf16, cpu_offload, or a smaller model"):
                 denoiser = Denoiser.load(model_name, dtype=dtype, device=device, cpu_offload=bool(cpu_offload),
                                          vae_tiling=bool(vae_tiling), vae_dtype=vae_precision)
                 if FAST_PATHS[fast_path] is not None and denoiser.device.type == "cuda":
@@ -48,7 +49,9 @@ def load_shared(model_name: str, dtype: str, device: str, cpu_offload: bool, vae
         return denoiser
 
 
-class LoadDenoiser:
+class LoadDenoiser(Checked):
+    node_name = "DreamFlowLoadDenoiser"
+
     @classmethod
     def INPUT_TYPES(cls):
         from dreamflow.denoisers import list_models

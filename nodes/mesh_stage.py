@@ -5,23 +5,36 @@ from __future__ import annotations
 from dreamflow import hosting
 from dreamflow.stages import MeshStageConfig, run_mesh_stage
 
-from .common import (CATEGORY, DENOISER, GUIDANCE_ROWS, MESH, MESH_ROWS, PREVIEW_ROWS, PROMPT_OVERRIDE_ROWS,
-                     engine_call, stage_rows, to_image)
+from .common import (CAMERA_ROWS, CATEGORY, DENOISER, GUIDANCE_ROWS, MESH, MESH_ROWS, PREVIEW_ROWS,
+                     PROMPT_OVERRIDE_ROWS, Checked, check_table, engine_call, stage_rows, to_image)
+from .widgets import Widget, WidgetTable
+
+NODE = "DreamFlowMeshStage"
+MEMORY_HINT = "views_per_update, resolution or preview_resolution"
 
 #: The node's widgets, in saved-workflow order: one row each (name, config field, range, tooltip).
 WIDGETS = (PROMPT_OVERRIDE_ROWS
            + stage_rows("the mesh", 2048, "Rasterised image size, pixels (paper stage 2: 512).",
                         "Random cameras per update.")
-           + GUIDANCE_ROWS + MESH_ROWS + PREVIEW_ROWS)
+           + GUIDANCE_ROWS + MESH_ROWS + PREVIEW_ROWS
+           # last, so that workflows saved before them keep their widget values
+           + WidgetTable(Widget("texture_only", "optimize_geometry", "BOOLEAN", default=False,
+                                to_config=lambda v: not v,
+                                tooltip="Freeze the geometry: optimise the colour field only, the vertices stay "
+                                        "bit-identical (texture a loaded mesh)."))
+           + CAMERA_ROWS)
 
 
-class MeshStage:
+class MeshStage(Checked):
+    node_name = NODE
+
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
                 "denoiser": (DENOISER, {"tooltip": "An SD 1.x/2.x denoiser (paper: SD 2.1, as in the NeRF stage)."}),
-                "mesh": (MESH, {"tooltip": "The mesh to fine-tune (ExtractMesh's output or a loaded mesh state)."}),
+                "mesh": (MESH, {"tooltip": "The mesh to fine-tune (ExtractMesh's output, a loaded mesh state, or "
+                                           "DreamFlow Load Mesh / a converted MESH or TRIMESH)."}),
                 **WIDGETS.inputs(MeshStageConfig()),
             }
         }
@@ -35,10 +48,19 @@ class MeshStage:
     DESCRIPTION = ("Stage 2 of DreamFlow: fine-tunes the extracted mesh's vertices (bounded offsets) and colour "
                    "field with a differentiable rasterizer under APFO (or SDS/VSD), at 512 px.")
 
+    @classmethod
+    def build_config(cls, **widgets) -> MeshStageConfig:
+        return WIDGETS.config(MeshStageConfig, widgets)
+
+    @classmethod
+    def check_values(cls, values):
+        # an empty prompt is the mesh's own (the prompt flows with the state); the stage checks it when it runs
+        check_table(WIDGETS, cls.build_config, values)
+
     @WIDGETS.method("denoiser", "mesh")
     def run(self, denoiser, mesh, **widgets):
-        config = WIDGETS.config(MeshStageConfig, widgets)
-        with engine_call():
+        config = self.build_config(**widgets)
+        with engine_call(node="MeshStage", memory_hint=MEMORY_HINT):
             state = run_mesh_stage(denoiser, mesh, widgets["prompt"], widgets["negative_prompt"], config,
                                    callbacks=hosting.comfy_progress(config.iterations))
             preview = state.turntable(widgets["preview_views"], widgets["preview_resolution"])

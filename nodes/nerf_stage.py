@@ -5,8 +5,8 @@ from __future__ import annotations
 from dreamflow import hosting
 from dreamflow.stages import NeRFStageConfig, run_nerf_stage
 
-from .common import (CATEGORY, DENOISER, GUIDANCE_ROWS, LR_LORA, NERF, PREVIEW_ROWS, engine_call, prompt_rows,
-                     stage_rows, to_image)
+from .common import (CAMERA_ROWS, CATEGORY, DENOISER, GUIDANCE_ROWS, LR_LORA, NERF, PREVIEW_ROWS, Checked,
+                     check_prompt_value, check_table, engine_call, prompt_rows, stage_rows, to_image)
 from .widgets import Widget, WidgetTable
 
 #: The node's widgets, in saved-workflow order: one row each (name, config field, range, tooltip).
@@ -34,10 +34,16 @@ WIDGETS = (prompt_rows("A corgi standing up drinking boba.")
                       "Coarse samples per ray of the volume renderer (NeRF: 64)."),
                Widget("n_importance", "render.n_importance", "INT", 0, 1024, 1,
                       "Fine samples per ray drawn from the coarse weights (0: coarse only)."))
-           + PREVIEW_ROWS)
+           + PREVIEW_ROWS
+           + CAMERA_ROWS)  # last, so that workflows saved before them keep their widget values
 
 
-class NeRFStage:
+NODE = "DreamFlowNeRFStage"
+
+
+class NeRFStage(Checked):
+    node_name = NODE
+
     @classmethod
     def INPUT_TYPES(cls):
         return {
@@ -62,11 +68,23 @@ class NeRFStage:
                    "for the prompt (APFO), or SDS/VSD for comparison. Shows progress and live previews; "
                    "cancel stops within one update.")
 
+    @classmethod
+    def build_config(cls, **widgets) -> NeRFStageConfig:
+        return WIDGETS.config(NeRFStageConfig, widgets)
+
+    @classmethod
+    def check_values(cls, values):
+        check_prompt_value(values, NODE)
+        check_table(WIDGETS, cls.build_config, values)
+
     @WIDGETS.method("denoiser", optional=("init",))
     def run(self, denoiser, init=None, **widgets):
-        config = WIDGETS.config(NeRFStageConfig, widgets)
-        with engine_call():
+        config = self.build_config(**widgets)
+        with engine_call(node="NeRFStage", memory_hint=MEMORY_HINT):
             state = run_nerf_stage(denoiser, widgets["prompt"], widgets["negative_prompt"], config,
                                    callbacks=hosting.comfy_progress(config.iterations), init=init)
             preview = state.turntable(widgets["preview_views"], widgets["preview_resolution"])
         return (state, to_image(preview))
+
+
+MEMORY_HINT = "views_per_update, resolution, n_samples / n_importance, grid_log2_size or preview_resolution"

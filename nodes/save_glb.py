@@ -7,7 +7,7 @@ import posixpath
 
 from dreamflow.export import ExportConfig, turntable_path
 
-from .common import CATEGORY, MESH, check_state, engine_call
+from .common import CATEGORY, MESH, Checked, check_state, check_table, engine_call
 from .widgets import Widget, WidgetTable
 
 NODE = "DreamFlowSaveGLB"
@@ -26,7 +26,9 @@ WIDGETS = WidgetTable(
 )
 
 
-class SaveGLB:
+class SaveGLB(Checked):
+    node_name = NODE
+
     @classmethod
     def INPUT_TYPES(cls):
         return {
@@ -45,16 +47,24 @@ class SaveGLB:
     DESCRIPTION = ("Saves the mesh as a binary glTF (.glb): UV atlas, baked base-colour texture, PBR material; "
                    "+Y up, facing +Z. The file is written atomically (never half a file).")
 
+    @classmethod
+    def check_values(cls, values):
+        from dreamflow.io import check_output_target
+
+        if values.get("filename_prefix") is not None:
+            check_output_target(values["filename_prefix"])
+        check_table(WIDGETS, lambda **v: WIDGETS.config(ExportConfig, v), values)
+
     @WIDGETS.method("mesh")
     def save(self, mesh, filename_prefix, turntable_views, **widgets):
-        from dreamflow.io import next_output_path
+        from dreamflow.io import claimed_output
         from dreamflow.state import MeshState
 
         config = WIDGETS.config(ExportConfig, dict(widgets, turntable_views=turntable_views))
         check_state(mesh, MeshState, NODE, "mesh", "connect a stage's 'mesh' output (a NeRF must go through "
                                                    "ExtractMesh first)")
-        full, rel = next_output_path(filename_prefix, "glb")
-        with engine_call():
+        with claimed_output(filename_prefix, "glb") as (full, rel), \
+                engine_call(node="SaveGLB", memory_hint="texture_size or turntable_resolution"):
             mesh.export_glb(full, config)
         subfolder, filename = posixpath.split(rel)
         ui = {"3d": [{"filename": filename, "subfolder": subfolder, "type": "output"}]}

@@ -1,13 +1,16 @@
-"""DreamFlowSDXLRefine: stage 3, the texture (and optionally geometry) refined under the SDXL refiner."""
+"""DreamFlowSDXLRefine: stage 3, the mesh's texture refined at 1024 px by APFO under the SDXL refiner."""
 
 from __future__ import annotations
 
 from dreamflow import hosting
 from dreamflow.stages import RefineConfig, run_refine_stage
 
-from .common import (CATEGORY, DENOISER, GUIDANCE_ROWS, MESH, MESH_ROWS, PREVIEW_ROWS, PROMPT_OVERRIDE_ROWS,
-                     engine_call, stage_rows, to_image)
+from .common import (CATEGORY, DENOISER, GUIDANCE_ROWS, MESH, MESH_ROWS, PREVIEW_ROWS, PROMPT_OVERRIDE_ROWS, Checked,
+                     check_table, engine_call, stage_rows, to_image)
+from .mesh_stage import MEMORY_HINT
 from .widgets import Widget, WidgetTable
+
+NODE = "DreamFlowSDXLRefine"
 
 #: The node's widgets, in saved-workflow order: one row each (name, config field, range, tooltip).
 WIDGETS = (PROMPT_OVERRIDE_ROWS
@@ -15,12 +18,14 @@ WIDGETS = (PROMPT_OVERRIDE_ROWS
                         "native size: 1024).", "Random cameras per update.")
            + GUIDANCE_ROWS
            + WidgetTable(Widget("refine_geometry", "optimize_geometry", "BOOLEAN", to_config=bool,
-                                tooltip="Also move the vertices (off, the paper's setting: texture only, the mesh "
-                                        "stage's geometry is kept)."))
+                                tooltip="Also move the vertices. Off (the paper's setting): texture only, the "
+                                        "vertices stay bit-identical."))
            + MESH_ROWS + PREVIEW_ROWS)
 
 
-class SDXLRefine:
+class SDXLRefine(Checked):
+    node_name = NODE
+
     @classmethod
     def INPUT_TYPES(cls):
         return {
@@ -40,10 +45,19 @@ class SDXLRefine:
     DESCRIPTION = ("Stage 3 of DreamFlow: refines the mesh's texture at 1024 px under the SDXL refiner with APFO's "
                    "low-noise schedule (t 0.3 -> 0); optionally the geometry too.")
 
+    @classmethod
+    def build_config(cls, **widgets) -> RefineConfig:
+        return WIDGETS.config(RefineConfig, widgets)
+
+    @classmethod
+    def check_values(cls, values):
+        # an empty prompt is the mesh's own (the prompt flows with the state); the stage checks it when it runs
+        check_table(WIDGETS, cls.build_config, values)
+
     @WIDGETS.method("refiner", "mesh")
     def run(self, refiner, mesh, **widgets):
-        config = WIDGETS.config(RefineConfig, widgets)
-        with engine_call():
+        config = self.build_config(**widgets)
+        with engine_call(node="SDXLRefine", memory_hint=MEMORY_HINT):
             state = run_refine_stage(refiner, mesh, widgets["prompt"], widgets["negative_prompt"], config,
                                      callbacks=hosting.comfy_progress(config.iterations))
             preview = state.turntable(widgets["preview_views"], widgets["preview_resolution"])

@@ -10,9 +10,8 @@ from dreamflow import hosting
 from dreamflow.errors import DreamFlowError
 from dreamflow.io import read_state_header
 
-from .common import CATEGORY, MESH, NERF, dynamic_list, engine_call, input_directory
+from .common import CATEGORY, MESH, NERF, OUTPUT_TAG, Checked, dynamic_list, engine_call, input_directory
 
-OUTPUT_TAG = " [output]"
 INPUT_TAG = " [input]"
 """ComfyUI's annotated file names (``folder_paths.get_annotated_filepath``): where a listed file lives."""
 
@@ -72,7 +71,9 @@ def resolve_state_file(name: str) -> str:
                          f"State or copy it into the input folder, then pick it from the list")
 
 
-class SaveState:
+class SaveState(Checked):
+    node_name = "DreamFlowSaveState"
+
     @classmethod
     def INPUT_TYPES(cls):
         return {
@@ -96,21 +97,29 @@ class SaveState:
     DESCRIPTION = ("Saves a NeRF or mesh state (weights, settings, prompt) as .safetensors in the output folder: "
                    "resume later, share it, or run your own stage on it. Safe to load: no pickle.")
 
-    def save(self, filename_prefix, nerf=None, mesh=None):
-        from dreamflow.io import next_output_path
+    @classmethod
+    def check_values(cls, values):
+        from dreamflow.io import check_output_target
 
+        if values.get("filename_prefix") is not None:
+            check_output_target(values["filename_prefix"])
+
+    def save(self, filename_prefix, nerf=None, mesh=None):
+        from dreamflow.io import claimed_output
         from dreamflow.state import NoState
 
         nerf, mesh = (None if isinstance(x, NoState) else x for x in (nerf, mesh))
         if (nerf is None) == (mesh is None):
             raise DreamFlowError(f"DreamFlowSaveState: connect exactly one of 'nerf' or 'mesh' "
                                  f"({'both are' if nerf is not None else 'neither is'} connected)")
-        full, rel = next_output_path(filename_prefix, "safetensors")
-        (nerf if nerf is not None else mesh).save(full)
+        with claimed_output(filename_prefix, "safetensors") as (full, rel):
+            (nerf if nerf is not None else mesh).save(full)
         return {"ui": {"text": [rel]}, "result": (rel,)}
 
 
-class LoadState:
+class LoadState(Checked):
+    node_name = "DreamFlowLoadState"
+
     @classmethod
     def INPUT_TYPES(cls):
         return {
@@ -138,6 +147,13 @@ class LoadState:
             return f"{st.st_mtime_ns}-{st.st_size}"
         except DreamFlowError:
             return state_file
+
+    @classmethod
+    def check_values(cls, values):
+        from dreamflow.state import check_state_file
+
+        if values.get("state_file") is not None:
+            check_state_file(resolve_state_file(values["state_file"]))
 
     def load(self, state_file):
         from dreamflow.state import NeRFState, NoState, load_state

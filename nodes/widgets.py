@@ -41,6 +41,8 @@ class Widget:
         options: extra widget options (``multiline``, ``control_after_generate``, ...).
         to_config: maps the widget value to the field value (e.g. ``bool``); identity when None.
         choices: the COMBO values (a tuple, or a function returning them when INPUT_TYPES is asked).
+        index: the widget sets this element of a tuple field (``camera.elevation_range``'s min / max: two widgets,
+            one field); the table joins the elements, the field's value filling any not given.
     """
 
     name: str
@@ -54,12 +56,15 @@ class Widget:
     options: Dict[str, Any] = field(default_factory=dict)
     to_config: Optional[Callable[[Any], Any]] = None
     choices: Any = None
+    index: Optional[int] = None
 
     def spec(self, config: Any) -> tuple:
         """The ``INPUT_TYPES`` entry: ``(type, options)``."""
         value = self.default if self.default is not _NO_DEFAULT or self.path is None else _get(config, self.path)
         if value is _NO_DEFAULT:
             raise ValueError(f"widget '{self.name}' has neither a config path nor a default")
+        if self.index is not None and self.default is _NO_DEFAULT:
+            value = value[self.index]
         tooltip = self.tooltip if self.tooltip is not None else _doc(config, self.path)
         if self.kind == "COMBO":
             choices = self.choices() if callable(self.choices) else self.choices
@@ -92,15 +97,34 @@ class WidgetTable:
         return {r.name: r.spec(config) for r in self.rows}
 
     def changes(self, values: Dict[str, Any]) -> Dict[str, Any]:
-        """Dotted config changes (:func:`dreamflow.config.replace`) from widget values (rows with a path)."""
-        return {r.path: (r.to_config(values[r.name]) if r.to_config else values[r.name])
-                for r in self.rows if r.path is not None and r.name in values}
+        """Dotted config changes (:func:`dreamflow.config.replace`) from widget values (rows with a path); rows
+        with an ``index`` give one element of their field each (``changes(values, config)``: the others from
+        ``config``, else a placeholder ``None``)."""
+        return self._changes(values, None)
+
+    def _changes(self, values: Dict[str, Any], config: Any) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        for r in self.rows:
+            if r.path is None or r.name not in values:
+                continue
+            value = r.to_config(values[r.name]) if r.to_config else values[r.name]
+            if r.index is None:
+                out[r.path] = value
+                continue
+            parts = list(out.get(r.path) or (_get(config, r.path) if config is not None else ()))
+            parts += [None] * (r.index + 1 - len(parts))
+            parts[r.index] = _cast(r.kind, value)
+            out[r.path] = tuple(parts)
+        return out
 
     def config(self, cls, values: Dict[str, Any]):
-        """``cls()`` with the widgets' values, validated (bad values raise before any work)."""
-        from dreamflow.config import replace
+        """``cls()`` with the widgets' values, validated (ranges, and every float finite: bad values raise before
+        any work)."""
+        from dreamflow.config import check_finite, replace
 
-        return replace(cls(), **self.changes(values)).validate()
+        config = replace(cls(), **self._changes(values, cls())).validate()
+        check_finite(config, cls.__name__)
+        return config
 
     @property
     def names(self) -> Sequence[str]:

@@ -133,6 +133,63 @@ def test_hosted_lookup_uses_comfy_folders(monkeypatch, tmp_path, tiny_sd_path):
         resolve_model("nope")
 
 
+def _fake_comfy_folders(monkeypatch, tmp_path):
+    diff, ckpts = tmp_path / "diffusers", tmp_path / "checkpoints"
+    diff.mkdir()
+    ckpts.mkdir()
+    fake = types.SimpleNamespace(
+        get_folder_paths=lambda k: [str(diff)] if k == "diffusers" else [str(ckpts)],
+        get_full_path=lambda k, n: str(ckpts / n) if (ckpts / n).exists() else None,
+        get_filename_list=lambda k: sorted(os.listdir(ckpts)))
+    monkeypatch.setattr(loading.hosting, "folder_paths", lambda: fake)
+    return diff, ckpts
+
+
+def _same_weights(a, b):
+    for name in ("unet", "vae", "text_encoder"):
+        x, y = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        assert set(x) == set(y) and all(torch.equal(x[k], y[k]) for k in x), name
+
+
+def test_a_model_name_finds_the_diffusers_folder_or_the_single_file(monkeypatch, tmp_path, tiny_sd, tiny_sd_path):
+    """Workflows name SD 2.1-base by its diffusers folder name; a user may have that folder or the single-file
+    checkpoint (and old workflows name the file): either name loads whichever form is there."""
+    diff, ckpts = _fake_comfy_folders(monkeypatch, tmp_path)
+    # only the diffusers folder
+    os.symlink(tiny_sd_path, diff / "stable-diffusion-2-1-base")
+    assert resolve_model("v2-1_512-ema-pruned.safetensors") == str(diff / "stable-diffusion-2-1-base")
+    assert "stable-diffusion-2-1-base" in list_models()
+    _same_weights(Denoiser.load("v2-1_512-ema-pruned.safetensors", device="cpu", dtype="fp32"), tiny_sd)
+    # only the single file
+    os.unlink(diff / "stable-diffusion-2-1-base")
+    ckpt = save_as_single_file(tiny_sd_path, str(ckpts / "v2-1_512-ema-pruned.safetensors"))
+    assert resolve_model("stable-diffusion-2-1-base") == ckpt
+    names = list_models()  # the workflow's name is offered (ComfyUI only accepts listed values)
+    assert "stable-diffusion-2-1-base" in names and "v2-1_512-ema-pruned.safetensors" in names
+    monkeypatch.setattr(loading, "CONFIGS_DIR", os.path.dirname(tiny_sd_path))
+    monkeypatch.setattr(loading, "pick_single_file_config", lambda shapes, get, where: os.path.basename(tiny_sd_path))
+    monkeypatch.setenv(loading.TOKENIZER_ENV, os.path.join(tiny_sd_path, "tokenizer"))
+    _same_weights(Denoiser.load("stable-diffusion-2-1-base", device="cpu", dtype="fp32"), tiny_sd)
+    # a name found as itself wins over its aliases; other models' names do not cross over
+    os.symlink(tiny_sd_path, diff / "stable-diffusion-2-1-base")
+    assert resolve_model("v2-1_512-ema-pruned.safetensors") == ckpt
+    assert resolve_model("stable-diffusion-2-1-base") == str(diff / "stable-diffusion-2-1-base")
+    with pytest.raises(DreamFlowError, match=r"'stable-diffusion-xl-refiner-1.0' not found \(nor as "
+                                             r"sd_xl_refiner_1.0.safetensors / "):
+        resolve_model("stable-diffusion-xl-refiner-1.0")
+    assert "stable-diffusion-xl-refiner-1.0" not in list_models()
+
+
+def test_alias_groups_are_disjoint_and_name_their_folder_first():
+    seen = set()
+    for group in loading.MODEL_ALIASES:
+        assert not group[0].endswith(".safetensors") and all(n.endswith(".safetensors") for n in group[1:])
+        assert not seen & set(group)
+        seen |= set(group)
+    assert loading.aliases("v2-1_512-ema-pruned.safetensors")[0] == "stable-diffusion-2-1-base"
+    assert loading.aliases("my-own-model") == ()
+
+
 def test_folder_without_model_index(tmp_path):
     (tmp_path / "unet").mkdir()
     with pytest.raises(DreamFlowError, match="no model_index.json"):

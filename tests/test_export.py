@@ -530,3 +530,118 @@ def test_export_checks_the_mesh_once_and_matches_the_public_steps(tmp_path, monk
     views = render_textured_turntable(v2, f2, uvs, texture, n_views=2, resolution=32)
     strip = np.asarray(Image.open(turntable_path(path)).convert("RGB"))
     assert np.array_equal(strip, np.round(torch.cat(list(views), dim=1).numpy() * 255.0).astype(np.uint8))
+
+
+# --------------------------------------------------------------------------------------------
+# The unwrap runs in a worker process: the host's other threads keep running, Cancel ends it
+# --------------------------------------------------------------------------------------------
+def _largest_tick_gap(export, *args) -> tuple:
+    """Run ``export(*args)`` in a thread (as ComfyUI runs a node) while this thread ticks every 5 ms, as a
+    server's event loop would; returns (largest gap between ticks during the xatlas call, its duration), s."""
+    import threading
+    import time
+
+    from dreamflow.export import uv as uv_module
+    from dreamflow.export import xatlas_worker as worker_module
+
+    window = []
+
+    def timed(fn):
+        def wrapped(*a, **k):
+            window.append(time.perf_counter())
+            try:
+                return fn(*a, **k)
+            finally:
+                window.append(time.perf_counter())
+        return wrapped
+
+    real_worker, real_inproc = uv_module.unwrap_in_worker, worker_module.unwrap_arrays
+    uv_module.unwrap_in_worker, worker_module.unwrap_arrays = timed(real_worker), timed(real_inproc)
+    try:
+        ticks = []
+        t = threading.Thread(target=export, args=args)
+        t.start()
+        while t.is_alive():
+            ticks.append(time.perf_counter())
+            time.sleep(0.005)
+        t.join()
+    finally:
+        uv_module.unwrap_in_worker, worker_module.unwrap_arrays = real_worker, real_inproc
+    start, end = window
+    inside = [x for x in ticks if start <= x <= end]
+    return float(np.diff([start] + inside + [end]).max()), end - start
+
+
+def test_export_unwraps_in_a_worker_so_other_threads_keep_running(tmp_path):
+    """xatlas holds the interpreter lock for its whole call: in-process, the ticking thread stalls for (nearly) all
+    of it; with the worker process (the default) it keeps ticking, and the GLB is the same file."""
+    v, f = sphere(4)  # 5,120 faces: ~0.5 s of xatlas on one core
+    cfg = ExportConfig(texture_size=128, padding=2, chart_padding=2)
+    worker_cfg, inproc_cfg = cfg, ExportConfig(**{**cfg.__dict__, "unwrap_worker": False})
+    gap, duration = _largest_tick_gap(export_glb, v, f, field, str(tmp_path / "in.glb"), inproc_cfg)
+    assert gap > 0.6 * duration, (gap, duration)  # the control: the lock was held
+    gap, duration = _largest_tick_gap(export_glb, v, f, field, str(tmp_path / "worker.glb"), worker_cfg)
+    assert gap < 0.3 * duration, (gap, duration)
+    with open(tmp_path / "in.glb", "rb") as a, open(tmp_path / "worker.glb", "rb") as b:
+        assert a.read() == b.read()
+    gltf_validator.assert_valid([str(tmp_path / "worker.glb")])
+
+
+def test_interrupt_terminates_the_unwrap_worker_and_writes_nothing(tmp_path):
+    import tempfile
+    import threading
+    import time
+
+    from dreamflow import hosting
+    from dreamflow.errors import DreamFlowInterrupted
+    from dreamflow.export import uv as uv_module
+
+    v, f = sphere(5)  # 20,480 faces: seconds of xatlas, stopped after a fraction of one
+    before_tmp = {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("dreamflow_xatlas_")}
+    uv_module.last_worker_pid = None
+    raised = []
+
+    def run():
+        try:
+            export_glb(v, f, field, str(tmp_path / "obj.glb"), ExportConfig(texture_size=1024, turntable=2))
+        except BaseException as e:  # noqa: BLE001 (the test inspects it)
+            raised.append(e)
+
+    t = threading.Thread(target=run)
+    hosting.clear_interrupt()
+    try:
+        t.start()
+        t0 = time.time()
+        while uv_module.last_worker_pid is None and time.time() - t0 < 30:
+            time.sleep(0.01)
+        pid = uv_module.last_worker_pid
+        assert pid is not None and t.is_alive()
+        time.sleep(0.3)
+        hosting.request_interrupt()
+        t_req = time.time()
+        t.join(timeout=30)
+        stopped_after = time.time() - t_req
+    finally:
+        hosting.clear_interrupt()
+    assert not t.is_alive() and stopped_after < 6.0, stopped_after
+    assert len(raised) == 1 and isinstance(raised[0], DreamFlowInterrupted), raised
+    assert "nothing was written" in str(raised[0])
+    with pytest.raises(ProcessLookupError):  # terminated and reaped
+        os.kill(pid, 0)
+    assert os.listdir(tmp_path) == []
+    after_tmp = {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("dreamflow_xatlas_")}
+    assert after_tmp <= before_tmp  # its temporary folder is gone
+
+
+def test_unwrap_worker_failure_is_one_clear_line(monkeypatch):
+    import subprocess as sp
+
+    from dreamflow.export import uv as uv_module
+
+    v, f = cube(subdivisions=0)
+    monkeypatch.setattr(sys, "executable", sys.executable)
+    real_popen = sp.Popen
+    monkeypatch.setattr(sp, "Popen", lambda args, **k: real_popen([args[0], "-c", "import sys; sys.exit('xatlas broke')"],
+                                                                  **k))
+    with pytest.raises(DreamFlowError, match=r"xatlas worker process failed \(exit code 1\): xatlas broke \(12 faces\);"):
+        uv_module._unwrap_checked(v, f, 64, 2, worker=True)

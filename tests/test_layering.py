@@ -16,11 +16,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: The floors, ground first. A module may import its own piece and the pieces of lower floors only.
 #: Pieces are ``dreamflow``'s sub-packages / modules, and the ComfyUI adapters ``nodes``.
 FLOORS = [
-    {"errors", "seeding", "config", "io", "hosting", "compile_cache", "backends"},  # ground: no engine imports
+    {"errors", "seeding", "config", "io", "hosting", "compile_cache", "backends", "node_defs"},  # ground: no engine imports
     {"scene", "denoisers"},      # fields, meshes; the pretrained models and the scene LoRA
     {"render", "guidance"},      # renderers of scenes; guidance methods on denoisers
     {"export", "toy"},           # GLB export; the toy world and prior
     {"state"},                   # NeRF / mesh states (render, export)
+    {"mesh_io"},                 # meshes from / to files and other packs' types, as mesh states
     {"stages"},                  # the stages (the engine's top)
     {"nodes", "docs"},           # ComfyUI adapters; the README generator reads configs
     {"runner"},                  # the headless host: loads nodes/ by path, as ComfyUI does

@@ -31,7 +31,8 @@ V1_ATTRS = {"INPUT_TYPES", "RETURN_TYPES", "RETURN_NAMES", "OUTPUT_TOOLTIPS", "F
             "OUTPUT_NODE", "IS_CHANGED", "VALIDATE_INPUTS", "OUTPUT_IS_LIST", "INPUT_IS_LIST", "EXPERIMENTAL",
             "DEPRECATED", "SEARCH_ALIASES"}
 #: Core types a DreamFlow node may use; everything else must be DREAMFLOW_* (core MESH, MODEL... never).
-CORE_OK = set(WIDGET_TYPES) | {"IMAGE"}
+CORE_OK = set(WIDGET_TYPES) | {"IMAGE", "MESH", "TRIMESH"}
+"""Core types (and TRIMESH, the trimesh.Trimesh type 3D packs share) that the converter nodes take and make."""
 
 
 def node_module(name: str):
@@ -49,7 +50,7 @@ def all_inputs(cls):
 def test_every_configured_node_imports():
     assert set(NODES) == set(NODE_CONFIG), sys.modules[f"{PACK_MODULE}.nodes"].UNAVAILABLE
     assert set(PACK.NODE_DISPLAY_NAME_MAPPINGS) == set(NODES)
-    assert len(NODES) == 8
+    assert len(NODES) == 13
 
 
 @pytest.mark.parametrize("node_id", sorted(NODE_CONFIG))
@@ -137,7 +138,7 @@ def test_pack_imports_without_comfy_and_survives_a_broken_node():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert "DreamFlowSaveGLB" not in res["nodes"] and "DreamFlowNeRFStage" in res["nodes"] and len(res["nodes"]) == 7
+    assert "DreamFlowSaveGLB" not in res["nodes"] and "DreamFlowNeRFStage" in res["nodes"] and len(res["nodes"]) == 12
     assert "DreamFlowSaveGLB is unavailable" in res["log"]
     assert res["comfy"] == []
 

@@ -1,11 +1,13 @@
 """Stages end to end on tiny models (CPU): NeRFStage, ExtractMesh, MeshStage, SDXLRefine; states; safety."""
 
+import numpy as np
 import pytest
 import torch
 
 from dreamflow.errors import DivergenceError, DreamFlowError, DreamFlowInterrupted
 from dreamflow.guidance import GuidanceConfig
 from dreamflow.hosting import Callbacks
+from dreamflow.render.shading import ShadingConfig
 from dreamflow.render.volume import VolumeRenderConfig
 from dreamflow.scene.hashgrid import HashGridConfig
 from dreamflow.scene.nerf import NeRFFieldConfig
@@ -309,3 +311,20 @@ def test_mesh_stages_deform_once_per_update_and_repeat_bit_for_bit(tiny_sd, tiny
     r = run_refine_stage(tiny_refiner, mesh_state, PROMPT, "", mesh_cfg(RefineConfig, iterations=3, **lit))
     assert calls == {"deform": 1, "displacement": 1, "face_normals": 0, "vertex_normals": 0}
     assert torch.equal(r.vertices, mesh_state.vertices)
+
+
+def test_mesh_stage_live_preview_shows_the_coloured_result(tiny_sd, mesh_state):
+    """The live preview is the mesh as the user gets it (albedo, white background, front view: the stage's
+    turntable output), not the training render (random shading, light and background)."""
+    from dreamflow.stages.mesh_stage import PREVIEW_RESOLUTION
+
+    previews = []
+    cb = Callbacks(progress=lambda step, total, image: previews.append((step, image)), preview_every=1)
+    grey = dict(shading=ShadingConfig(albedo_prob=0.0, textureless_prob=1.0))  # training renders: textureless only
+    out = run_mesh_stage(tiny_sd, mesh_state, PROMPT, "", mesh_cfg(iterations=2, **grey), callbacks=cb)
+    assert [s for s, _ in previews] == [1, 2] and all(im.size == (PREVIEW_RESOLUTION,) * 2 for _, im in previews)
+    last = torch.from_numpy(np.array(previews[-1][1])).float() / 255
+    want = out.turntable(1, PREVIEW_RESOLUTION)[0]
+    assert (last - want).abs().max() <= 1 / 255 + 1e-6  # the final state's front view, up to 8-bit rounding
+    assert torch.equal(last[0, 0], torch.ones(3))  # white background
+    assert (last - 1).abs().max() > 0.05  # the object is there

@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from dreamflow import hosting
@@ -41,7 +42,7 @@ def by_type(prompt, type_name):
 def test_workflow_folder_holds_the_generated_files():
     """The files are what ``python -m dreamflow.runner.build`` writes, up to widget values (those follow the
     engine's defaults at generation time; the validation tests below check them)."""
-    assert sorted(os.listdir(WORKFLOW_DIR)) == sorted(WORKFLOWS)
+    assert sorted(os.listdir(WORKFLOW_DIR)) == sorted(list(WORKFLOWS) + [thumb(n) for n in WORKFLOWS])
     for name, build in WORKFLOWS.items():
         fresh, saved = build(DEFS), load(name)
         assert saved["links"] == fresh["links"], f"{name} is stale: run `python -m dreamflow.runner.build`"
@@ -50,6 +51,32 @@ def test_workflow_folder_holds_the_generated_files():
                 (b["id"], b["type"], b.get("title"), b["inputs"], b["outputs"]), name
             assert len(a["widgets_values"]) == len(b["widgets_values"]), f"{name} node {a['id']} is stale"
         assert render(saved) == open(os.path.join(WORKFLOW_DIR, name), encoding="utf-8").read()  # as written
+
+
+def thumb(name: str) -> str:
+    return os.path.splitext(name)[0] + ".jpg"
+
+
+@pytest.mark.parametrize("name", sorted(WORKFLOWS))
+def test_workflow_has_a_human_title_and_a_thumbnail(name):
+    """ComfyUI 0.3.64 lists a pack's workflows/*.json as templates; its frontend (1.27) titles each by its file
+    name and fetches ``<name>.jpg`` beside it (404 -> an empty card). The name reads as a title and is safe in a
+    URL path; the thumbnail is a small JPEG cut from real renders of the toy prior's output."""
+    from PIL import Image
+
+    from dreamflow.runner.build import THUMBNAIL_SIZE, THUMBNAILS, thumbnail
+
+    title = os.path.splitext(name)[0]
+    assert title.startswith("DreamFlow ") and "_" not in title and title == title.strip()
+    assert re.fullmatch(r"[A-Za-z0-9 ,()-]+", title), title  # nothing a URL path would need to escape but spaces
+    path = os.path.join(WORKFLOW_DIR, thumb(name))
+    assert os.path.getsize(path) < 30_000
+    with Image.open(path) as im:
+        assert im.format == "JPEG" and im.size == (THUMBNAIL_SIZE, THUMBNAIL_SIZE)
+        saved = np.asarray(im.convert("RGB"), dtype=np.float32)
+    fresh = np.asarray(thumbnail(*THUMBNAILS[name]), dtype=np.float32)
+    assert np.abs(saved - fresh).mean() < 3.0, "stale thumbnail: run `python -m dreamflow.runner.build`"
+    assert (saved < 200).any(axis=-1).mean() > 0.05  # not a blank card: objects and caption are drawn
 
 
 @pytest.mark.parametrize("name", sorted(WORKFLOWS))
@@ -76,16 +103,51 @@ def test_workflow_converts_and_validates(name):
     assert p3d["inputs"]["model_file"] == [save_id, 0]
     for stage in by_type(prompt, "DreamFlowNeRFStage").values():
         assert stage["inputs"]["prompt"].strip()
-    # the prompt is typed once: later stages take the one their state carries (empty widget = no override)
+    # the prompt is typed once: later stages take the one their state carries (empty widget = no override); a
+    # mesh loaded from a file carries none, so the stage it feeds is where the prompt is typed
     for kind in ("DreamFlowMeshStage", "DreamFlowSDXLRefine"):
-        assert all(stage["inputs"]["prompt"] == "" for stage in by_type(prompt, kind).values())
+        for stage in by_type(prompt, kind).values():
+            if prompt[stage["inputs"]["mesh"][0]]["class_type"] == "DreamFlowLoadMesh":
+                assert stage["inputs"]["prompt"].strip()
+            else:
+                assert stage["inputs"]["prompt"] == ""
+
+
+@pytest.mark.parametrize("name", sorted(WORKFLOWS))
+def test_workflow_nodes_have_room_and_do_not_overlap(name):
+    """What a user sees on opening a file: every node as tall as its widgets and sockets need, display nodes big
+    enough to show their result (Preview3D was saved as a 42-pixel strip), no node covering another (title bars
+    included), and the top-left node inside the view."""
+    from dreamflow.runner.build import DISPLAY_SIZES, TITLE_HEIGHT, min_node_height
+
+    wf = load(name)
+    boxes = []
+    for n in wf["nodes"]:
+        w, h = n["size"]
+        if n["type"] in DEFS:
+            assert h >= min_node_height(DEFS[n["type"]]), (n["type"], n["size"])
+        if n["type"] == "Preview3D":
+            assert w >= 512 and h >= 512, n["size"]
+        if n["type"] == "PreviewImage":
+            assert w >= 300 and h >= 300, n["size"]
+        turntable = [w.name for w in DEFS["DreamFlowSaveGLB"].widgets()].index("turntable_views")
+        if n["type"] == "DreamFlowSaveGLB" and n["widgets_values"][turntable] > 0:  # shows its turntable image
+            assert h >= min_node_height(DEFS[n["type"]]) + 200, n["size"]
+        boxes.append((n["id"], n["pos"][0], n["pos"][1] - TITLE_HEIGHT, n["pos"][0] + w, n["pos"][1] + h))
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert a[3] <= b[1] or b[3] <= a[1] or a[4] <= b[2] or b[4] <= a[2], f"nodes {a[0]} and {b[0]} overlap"
+    ox, oy = wf["extra"]["ds"]["offset"]
+    assert min(x for _, x, *_ in boxes) + ox >= 0 and min(y for _, _, y, *_ in boxes) + oy >= 0
+    assert set(DISPLAY_SIZES) <= {n["type"] for n in wf["nodes"]}
 
 
 def test_paper_workflow_has_the_paper_settings():
-    prompt = validate_prompt(ui_to_api(load("dreamflow_paper_full.json"), DEFS), DEFS)
-    assert "A corgi standing up drinking boba." in open("/work/shared/seed_prompts.txt").read().splitlines()
+    prompt = validate_prompt(ui_to_api(load("DreamFlow paper pipeline.json"), DEFS), DEFS)
+    with open(os.path.join(REPO, "tests", "data", "seed_prompts.txt"), encoding="utf-8") as f:  # the paper's list
+        assert "A corgi standing up drinking boba." in f.read().splitlines()
     models = sorted(e["inputs"]["model_name"] for e in by_type(prompt, "DreamFlowLoadDenoiser").values())
-    assert models == ["sd_xl_refiner_1.0.safetensors", "v2-1_512-ema-pruned.safetensors"]
+    assert models == ["stable-diffusion-2-1-base", "stable-diffusion-xl-refiner-1.0"]
     (nerf,) = by_type(prompt, "DreamFlowNeRFStage").values()
     (mesh,) = by_type(prompt, "DreamFlowMeshStage").values()
     (refine,) = by_type(prompt, "DreamFlowSDXLRefine").values()
@@ -97,12 +159,46 @@ def test_paper_workflow_has_the_paper_settings():
         assert stage["inputs"]["method"] == "apfo"
     assert mesh["inputs"]["prompt"] == refine["inputs"]["prompt"] == ""  # the state's prompt flows on
     refiner_id = next(k for k, e in by_type(prompt, "DreamFlowLoadDenoiser").items()
-                      if e["inputs"]["model_name"].startswith("sd_xl_refiner"))
+                      if "xl-refiner" in e["inputs"]["model_name"])
     assert refine["inputs"]["refiner"] == [refiner_id, 0]
 
 
+def test_no_file_depends_on_one_machines_paths():
+    """A clean clone runs anywhere: no code, build file or workflow names an absolute path of the machine it was
+    made on (run records such as bench/*.json may say where they ran)."""
+    out = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.skip("not a git checkout")
+    pattern = re.compile(r"(?<![\w.])/(work|home|root|Users|tmp/dreamflow)/")
+    for name in out.stdout.splitlines():
+        if name.endswith((".py", ".toml", ".cfg", ".sh")) or name == "Makefile" or name.startswith("workflows/"):
+            path = os.path.join(REPO, name)
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    hits = [ln for ln in f.read().splitlines() if pattern.search(ln)]
+                assert not hits, f"{name} names a machine-specific path: {hits[0].strip()[:120]}"
+
+
+def test_workflow_model_names_agree_with_the_readme():
+    """Each model a workflow names is the one the README tells users to install: a diffusers folder name whose
+    single-file checkpoints are found too (MODEL_ALIASES), or the shipped toy prior."""
+    from dreamflow.denoisers import loading
+
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    folder_names = {group[0]: group for group in loading.MODEL_ALIASES}
+    for name in WORKFLOWS:
+        for entry in by_type(ui_to_api(load(name), DEFS), "DreamFlowLoadDenoiser").values():
+            model = entry["inputs"]["model_name"]
+            assert f"`{model}`" in readme, f"{name} names {model}, which README.md does not mention"
+            if model in folder_names:
+                assert f"`{folder_names[model][1]}`" in readme, f"README.md does not name {model}'s single file"
+            else:
+                assert os.path.isfile(os.path.join(loading.REPO_MODELS_DIR, model, "model_index.json")), model
+
+
 def test_custom_stages_workflow_chains_two_nerf_stages():
-    prompt = validate_prompt(ui_to_api(load("dreamflow_custom_stages.json"), DEFS), DEFS)
+    prompt = validate_prompt(ui_to_api(load("DreamFlow custom stages.json"), DEFS), DEFS)
     stages = by_type(prompt, "DreamFlowNeRFStage")
     (coarse_id, coarse), = [(k, e) for k, e in stages.items() if "init" not in e["inputs"]]
     (detail,) = [e for e in stages.values() if "init" in e["inputs"]]
@@ -114,7 +210,7 @@ def test_custom_stages_workflow_chains_two_nerf_stages():
 
 
 def test_toy_workflow_runs_the_demo_settings(monkeypatch):
-    """``python -m dreamflow demo`` runs workflows/dreamflow_toy_demo.json when it exists, else calls the stages
+    """``python -m dreamflow demo`` runs workflows/DreamFlow offline toy demo.json when it exists, else calls the stages
     with ``demo.stage_configs``: both routes must build the same stage configs."""
     import importlib
 
@@ -139,7 +235,7 @@ def test_toy_workflow_runs_the_demo_settings(monkeypatch):
     for module, fn, at in (("nerf_stage", "run_nerf_stage", 3), ("extract_mesh", "extract_mesh_state", 1),
                            ("mesh_stage", "run_mesh_stage", 4)):
         monkeypatch.setattr(importlib.import_module(f"{PACK_MODULE}.nodes.{module}"), fn, recorder(fn, at))
-    prompt = validate_prompt(ui_to_api(load("dreamflow_toy_demo.json"), DEFS), DEFS)
+    prompt = validate_prompt(ui_to_api(load("DreamFlow offline toy demo.json"), DEFS), DEFS)
     (loader,) = by_type(prompt, "DreamFlowLoadDenoiser").values()
     assert loader["inputs"]["model_name"] == DemoConfig().model == "dreamflow-toy"
     # no model and no export here: only the stage configs are compared
@@ -151,13 +247,13 @@ def test_toy_workflow_runs_the_demo_settings(monkeypatch):
     assert cfgio.to_dict(calls["run_nerf_stage"]) == cfgio.to_dict(nerf_cfg)
     assert cfgio.to_dict(calls["extract_mesh_state"]) == cfgio.to_dict(extract_cfg)
     assert cfgio.to_dict(calls["run_mesh_stage"]) == cfgio.to_dict(mesh_cfg)
-    (save,) = by_type(validate_prompt(ui_to_api(load("dreamflow_toy_demo.json"), DEFS), DEFS), "DreamFlowSaveGLB").values()
+    (save,) = by_type(validate_prompt(ui_to_api(load("DreamFlow offline toy demo.json"), DEFS), DEFS), "DreamFlowSaveGLB").values()
     assert (save["inputs"]["texture_size"], save["inputs"]["turntable_views"], save["inputs"]["turntable_resolution"]) == \
         (DemoConfig().texture_size, DemoConfig().turntable_views, DemoConfig().turntable_resolution)
 
 
 def test_draft_workflow_is_small():
-    prompt = validate_prompt(ui_to_api(load("dreamflow_draft.json"), DEFS), DEFS)
+    prompt = validate_prompt(ui_to_api(load("DreamFlow quick draft.json"), DEFS), DEFS)
     assert not by_type(prompt, "DreamFlowSDXLRefine")
     (nerf,) = by_type(prompt, "DreamFlowNeRFStage").values()
     assert nerf["inputs"]["iterations"] <= 500 and nerf["inputs"]["resolution"] <= 128
@@ -283,7 +379,7 @@ def test_conversion_errors_are_one_line_and_name_the_node(mutate, message):
 
 
 def test_api_format_and_prompt_body_are_accepted():
-    api = ui_to_api(load("dreamflow_draft.json"), DEFS)
+    api = ui_to_api(load("DreamFlow quick draft.json"), DEFS)
     again, ui = as_api(json.loads(json.dumps(api)), DEFS)
     assert again == api and ui is None
     body, ui = as_api({"prompt": api, "extra_data": {"extra_pnginfo": {"workflow": {"nodes": []}}}}, DEFS)
@@ -297,7 +393,7 @@ def test_api_format_and_prompt_body_are_accepted():
 # ----------------------------------------------------------------------------------------------
 @pytest.fixture
 def draft_api():
-    return ui_to_api(load("dreamflow_draft.json"), DEFS)
+    return ui_to_api(load("DreamFlow quick draft.json"), DEFS)
 
 
 def test_set_by_id_title_and_type(draft_api):
@@ -408,16 +504,16 @@ def cli(*args, timeout=120):
 
 
 def test_cli_dry_run_and_one_line_errors(tmp_path):
-    ok = cli("run", "workflows/dreamflow_draft.json", "--dry-run", "--set", "DreamFlowNeRFStage.iterations=9")
+    ok = cli("run", "workflows/DreamFlow quick draft.json", "--dry-run", "--set", "DreamFlowNeRFStage.iterations=9")
     assert ok.returncode == 0, ok.stderr
     api = json.loads(ok.stdout[ok.stdout.index("{"):])
     assert next(iter(by_type(api, "DreamFlowNeRFStage").values()))["inputs"]["iterations"] == 9
-    wf = load("dreamflow_draft.json")
+    wf = load("DreamFlow quick draft.json")
     wf["nodes"][1]["type"] = "SomeoneElsesNode"
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(wf))
     for args, message in (((str(path),), "(SomeoneElsesNode) is not a DreamFlow node"),
-                          (("workflows/dreamflow_draft.json", "--set", "DreamFlowNeRFStage.iterations=0"), "below its minimum 1"),
+                          (("workflows/DreamFlow quick draft.json", "--set", "DreamFlowNeRFStage.iterations=0"), "below its minimum 1"),
                           ((str(tmp_path / "missing.json"),), "does not exist")):
         bad = cli("run", *args)
         assert bad.returncode == 2
@@ -455,7 +551,7 @@ def test_draft_workflow_end_to_end_writes_a_glb(tiny_sd_path, tmp_path):
     import trimesh
 
     sets = {**TINY, "DreamFlowLoadDenoiser.model_name": tiny_sd_path}
-    res = cli("run", "workflows/dreamflow_draft.json", "--output", str(tmp_path / "out"),
+    res = cli("run", "workflows/DreamFlow quick draft.json", "--output", str(tmp_path / "out"),
               *(a for k, v in sets.items() for a in ("--set", f"{k}={v}")), timeout=280)
     assert res.returncode == 0, res.stderr[-3000:]
     saved = [line[len("saved "):] for line in res.stdout.splitlines() if line.startswith("saved ")]
@@ -474,7 +570,7 @@ def test_ctrl_c_mid_stage_stops_and_leaves_no_output_file(tiny_sd_path, tmp_path
 
     sets = {**TINY, "DreamFlowLoadDenoiser.model_name": tiny_sd_path, "DreamFlowNeRFStage.iterations": 100000}
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "dreamflow", "run", "workflows/dreamflow_draft.json", "--output",
+    proc = subprocess.Popen([sys.executable, "-m", "dreamflow", "run", "workflows/DreamFlow quick draft.json", "--output",
                              str(out), *(a for k, v in sets.items() for a in ("--set", f"{k}={v}"))],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONPATH": REPO, "PYTHONUNBUFFERED": "1"})

@@ -22,7 +22,7 @@ import torch
 
 from .. import hosting
 from ..errors import DreamFlowError
-from .loading import LoadedComponents, load_components, resolve_model
+from .loading import LoadedComponents, load_components, resolve_model, weights_bytes
 
 log = logging.getLogger("dreamflow")
 
@@ -269,6 +269,8 @@ class Denoiser:
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         path = resolve_model(name_or_path)
+        # In ComfyUI: room for the weights (their size on disk) first, as its own loaders make room
+        hosting.make_room(device, weights_bytes(path), why=f"loading {name_or_path}")
         # The VAE loads in float32 (it is small) so that an upcast VAE keeps its full-precision weights.
         comps = load_components(path, dtype=dtype, text_dtype=torch.float32 if cpu_offload else dtype,
                                 vae_dtype=torch.float32)

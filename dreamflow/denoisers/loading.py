@@ -5,7 +5,9 @@ Where names are looked up (:func:`resolve_model`), in order:
 1. the name as a filesystem path (folder or file);
 2. hosted in ComfyUI: ``models/diffusers/<name>`` (``folder_paths.get_folder_paths("diffusers")``) and
    ``models/checkpoints/<name>`` (``folder_paths.get_full_path("checkpoints", name)``);
-3. this repository's ``models/`` folder (the shipped toy prior ``dreamflow-toy``).
+3. this repository's ``models/`` folder (the shipped toy prior ``dreamflow-toy``);
+4. a known model's other names (:data:`MODEL_ALIASES`): ``stable-diffusion-2-1-base`` finds
+   ``v2-1_512-ema-pruned.safetensors`` in models/checkpoints and the other way round.
 
 Folders load component by component with the real ``from_pretrained(subfolder=...)``, ``local_files_only=True``,
 ``use_safetensors=True``. Single files go through diffusers' ``from_single_file`` with a config folder kept in
@@ -16,7 +18,6 @@ unpickles: ``.bin``/``.ckpt``/``.pt`` weights are refused with the conversion re
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ import torch
 
 from .. import hosting
 from ..errors import DreamFlowError
-from ..io import PICKLE_EXTENSIONS, _looks_like_safetensors, refuse_pickle
+from ..io import PICKLE_EXTENSIONS, _looks_like_safetensors, read_json_object, refuse_pickle
 
 log = logging.getLogger("dreamflow")
 
@@ -94,8 +95,28 @@ def _search_locations() -> List[Tuple[str, str]]:
     return locs
 
 
-def list_models() -> List[str]:
-    """Sorted names for the LoadDenoiser dropdown: diffusers folders, ``.safetensors`` checkpoints, shipped models."""
+#: The same pretrained model under the names it is published as: the diffusers folder (the Hugging Face repo's
+#: name, listed first: what workflows and the README use) and its single-file checkpoints in ComfyUI's
+#: models/checkpoints. A name that is missing resolves to whichever other name of its group is present, and the
+#: dropdown lists the first name whenever any of the group is there, so a workflow finds the model in either form.
+MODEL_ALIASES: Tuple[Tuple[str, ...], ...] = (
+    ("stable-diffusion-2-1-base", "v2-1_512-ema-pruned.safetensors", "v2-1_512-nonema-pruned.safetensors"),
+    ("stable-diffusion-2-1", "v2-1_768-ema-pruned.safetensors", "v2-1_768-nonema-pruned.safetensors"),
+    ("stable-diffusion-v1-5", "v1-5-pruned-emaonly.safetensors", "v1-5-pruned.safetensors"),
+    ("stable-diffusion-xl-refiner-1.0", "sd_xl_refiner_1.0.safetensors", "sd_xl_refiner_1.0_0.9vae.safetensors"),
+)
+
+
+def aliases(name: str) -> Tuple[str, ...]:
+    """The other names of ``name``'s model (:data:`MODEL_ALIASES`), in order; ``()`` for an unknown name."""
+    for group in MODEL_ALIASES:
+        if name in group:
+            return tuple(n for n in group if n != name)
+    return ()
+
+
+def _available_names() -> List[str]:
+    """Diffusers folders, ``.safetensors`` checkpoints and shipped models found on this machine."""
     names = set()
     fp = hosting.folder_paths()
     if fp is not None:
@@ -114,15 +135,16 @@ def list_models() -> List[str]:
     return sorted(names)
 
 
-def resolve_model(name: str) -> str:
-    """Absolute path of the folder or file the user means by ``name`` (see the module docstring for the order).
+def list_models() -> List[str]:
+    """Sorted names for the LoadDenoiser dropdown: diffusers folders, ``.safetensors`` checkpoints, shipped models,
+    plus each model's folder name (:data:`MODEL_ALIASES`) when only another form of it is present."""
+    names = set(_available_names())
+    names.update(group[0] for group in MODEL_ALIASES if names & set(group))
+    return sorted(names)
 
-    Raises:
-        DreamFlowError: nothing found; the message lists where we looked and the available names.
-    """
-    name = (name or "").strip()
-    if not name:
-        raise DreamFlowError(f"no denoiser name given; pick one of: {', '.join(list_models()) or '(none found)'}")
+
+def _find(name: str) -> Optional[str]:
+    """Where ``name`` is (see the module docstring for the order), or None."""
     if os.path.exists(name):
         return os.path.abspath(name)
     fp = hosting.folder_paths()
@@ -143,15 +165,50 @@ def resolve_model(name: str) -> str:
     cand = os.path.join(REPO_MODELS_DIR, name)
     if os.path.exists(cand):
         return os.path.abspath(cand)
+    return None
+
+
+def resolve_model(name: str) -> str:
+    """Absolute path of the folder or file the user means by ``name`` (see the module docstring for the order);
+    a known model's other names (:data:`MODEL_ALIASES`: diffusers folder <-> single-file checkpoint) are tried
+    when ``name`` itself is not found.
+
+    Raises:
+        DreamFlowError: nothing found; the message lists where we looked and the available names.
+    """
+    name = (name or "").strip()
+    if not name:
+        raise DreamFlowError(f"no denoiser name given; pick one of: {', '.join(list_models()) or '(none found)'}")
+    found = _find(name)
+    if found is not None:
+        return found
+    for other in aliases(name):
+        found = _find(other)
+        if found is not None:
+            log.info("DreamFlow: denoiser '%s' not found; using the same model as '%s' (%s)", name, other, found)
+            return found
     where = "; ".join(f"{label}: {d}" for label, d in _search_locations())
+    also = f" (nor as {' / '.join(aliases(name))})" if aliases(name) else ""
     raise DreamFlowError(
-        f"denoiser '{name}' not found (looked at the path itself and in {where}); add a diffusers folder with "
-        f"model_index.json or a .safetensors checkpoint there, or pick one of: {', '.join(list_models()) or '(none found)'}")
+        f"denoiser '{name}' not found{also} (looked at the path itself and in {where}); add a diffusers folder with "
+        f"model_index.json or a .safetensors checkpoint there, or pick one of: "
+        f"{', '.join(_available_names()) or '(none found)'}")
 
 
 # --------------------------------------------------------------------------------------------
 # Folders
 # --------------------------------------------------------------------------------------------
+def weights_bytes(path: str) -> int:
+    """Bytes of the weight files of a model folder (every .safetensors / .bin below it) or of a checkpoint file:
+    what loading it will put on the device, about (the dtype may halve or double it)."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    total = 0
+    for folder, _, files in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(folder, f)) for f in files if f.endswith((".safetensors", ".bin")))
+    return total
+
+
 def read_model_index(folder: str) -> dict:
     """The folder's ``model_index.json``; clear errors for a folder that is not a diffusers pipeline."""
     path = os.path.join(folder, "model_index.json")
@@ -162,11 +219,7 @@ def read_model_index(folder: str) -> dict:
         raise DreamFlowError(
             f"folder '{folder}' has no model_index.json, so it is not a diffusers pipeline folder{hint}; "
             f"point at the folder that contains model_index.json, unet/, vae/ ...")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise DreamFlowError(f"'{path}' is not valid JSON ({e.__class__.__name__}); re-download the model") from None
+    return read_json_object(path, "model index", "re-download the model")
 
 
 def detect_kind(model_index: dict, where: str = "") -> str:
@@ -279,11 +332,7 @@ def load_folder(folder: str, dtype: Optional[torch.dtype] = None, text_dtype: Op
 
 def read_scheduler_config(folder: str) -> dict:
     path = os.path.join(folder, "scheduler", "scheduler_config.json")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise DreamFlowError(f"cannot read the scheduler config '{path}' ({type(e).__name__}); re-download the model") from None
+    return read_json_object(path, "scheduler config", "re-download the model")
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,8 +459,8 @@ def load_single_file(path: str, dtype: Optional[torch.dtype] = None, text_dtype:
     special = {}
     sp_path = os.path.join(config_dir, tok_name, "special_tokens_map.json")
     if os.path.isfile(sp_path):
-        with open(sp_path) as f:
-            special = {k: v for k, v in json.load(f).items() if isinstance(v, str)}
+        special = {k: v for k, v in read_json_object(sp_path, "tokenizer config", "re-download the model").items()
+                   if isinstance(v, str)}
     tok = _load_guarded("the CLIP tokenizer", [tok_dir], lambda: CLIPTokenizer.from_pretrained(
         tok_dir, local_files_only=True, model_max_length=77, **special))
     kw = dict(config=config_dir, local_files_only=True, torch_dtype=dtype)

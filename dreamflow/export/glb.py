@@ -53,8 +53,15 @@ class ExportConfig:
     """Side of each turntable view, pixels."""
     backend: str = "auto"
     """Rasterizer for the bake and the turntable: "auto" (nvdiffrast if usable, else torch), "torch" or "cuda"."""
+    unwrap_worker: bool = True
+    """Run the UV unwrap (xatlas, most of an export's time) in a child process: xatlas holds the interpreter lock
+    throughout, which froze a hosting ComfyUI server (HTTP, websocket, Cancel) for the whole unwrap (measured:
+    bench/RESULTS.md); in a child the server keeps answering and Cancel terminates it. False: in this process (no child start-up)."""
 
     def validate(self) -> "ExportConfig":
+        from ..config import check_finite
+
+        check_finite(self, "export")
         check(16 <= int(self.texture_size) <= MAX_TEXTURE_SIZE,
               f"export texture_size {self.texture_size} must be in 16..{MAX_TEXTURE_SIZE} texels (1024 is typical)")
         check(0 <= int(self.padding) <= int(self.texture_size) // 4, f"export padding {self.padding} must be in 0..{int(self.texture_size) // 4} texels")
@@ -242,7 +249,7 @@ def turntable_path(glb_path: str) -> str:
 
 
 def export_glb(vertices: ArrayLike, faces: ArrayLike, color_fn: Callable[[torch.Tensor], torch.Tensor], path: str,
-               config: Optional[ExportConfig] = None) -> str:
+               config: Optional[ExportConfig] = None, should_stop: Optional[Callable[[], bool]] = None) -> str:
     """Unwrap, bake ``color_fn`` into a texture and write a GLB (the whole SaveGLB job).
 
     Args:
@@ -251,24 +258,42 @@ def export_glb(vertices: ArrayLike, faces: ArrayLike, color_fn: Callable[[torch.
         color_fn: world points [P, 3] float32 -> albedo [P, 3] in [0, 1] (e.g. a NeRF field's ``albedo``).
         path: destination ``.glb`` (written atomically).
         config: :class:`ExportConfig` (defaults if None).
+        should_stop: polled while the unwrap worker runs and between the steps; True stops the export with
+            :func:`dreamflow.hosting.raise_interrupt` before anything is written. Default: ComfyUI's Cancel
+            (or :func:`dreamflow.hosting.request_interrupt` headless).
     Returns:
         ``path``. With ``config.turntable > 0`` also writes :func:`turntable_path` (``<name>_turntable.png``).
+        Files are written only after every step succeeded: an interrupt or error leaves none behind.
     """
+    from .. import hosting
+
     cfg = (config or ExportConfig()).validate()
+    stop = should_stop or hosting.interrupt_requested
+
+    def checkpoint(step: str) -> None:
+        if stop():
+            hosting.raise_interrupt(f"export interrupted {step}; nothing was written")
+
     device = vertices.device if isinstance(vertices, torch.Tensor) else "cpu"
     # The mesh is checked (and read back to the host) once; the unwrapped copy xatlas returns is valid by
     # construction (vertices2 = v[vmapping], faces2 index it), so the steps below take it unchecked.
     v, f = check_mesh(vertices, faces, "export_glb")
+    checkpoint("before the UV unwrap")
     v2, f2, uvs, vmapping = _unwrap_checked(v, f, resolution=cfg.texture_size, chart_padding=cfg.chart_padding,
-                                            return_vmapping=True)
+                                            return_vmapping=True, worker=cfg.unwrap_worker, should_stop=stop)
+    checkpoint("after the UV unwrap")
     texture = _bake_checked(v2, f2, uvs, color_fn, size=cfg.texture_size, padding=cfg.padding,
                             backend=cfg.backend, device=device)
     # normals of the welded mesh, copied to seam duplicates: shading stays smooth across UV seams
     normals = _unit_vertex_normals(v, f)[vmapping]
-    _write_glb_checked(path, v2, f2, uvs, texture, normals=normals, metallic=cfg.metallic,
-                       roughness=cfg.roughness, double_sided=cfg.double_sided)
+    views = None
     if cfg.turntable > 0:
+        checkpoint("after the texture bake")
         views = _turntable_checked(v2, f2, uvs, texture, n_views=cfg.turntable,
                                    resolution=cfg.turntable_resolution, backend=cfg.backend, device=device)
+    checkpoint("before writing")
+    _write_glb_checked(path, v2, f2, uvs, texture, normals=normals, metallic=cfg.metallic,
+                       roughness=cfg.roughness, double_sided=cfg.double_sided)
+    if views is not None:
         _write_png(turntable_path(path), views)
     return path

@@ -11,7 +11,9 @@ glTF ``TEXCOORD_0`` accessor (whose origin is the top-left), so a texture image 
 from __future__ import annotations
 
 import math
-from typing import Tuple, Union
+import os
+import time
+from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -79,10 +81,14 @@ def uv_unwrap(vertices: ArrayLike, faces: ArrayLike, resolution: int = 1024, cha
 
 
 def _unwrap_checked(v: np.ndarray, f: np.ndarray, resolution: int = 1024, chart_padding: int = 4,
-                    return_vmapping: bool = False):
-    """:func:`uv_unwrap` on arrays that :func:`check_mesh` returned (``export_glb`` checks the mesh once)."""
-    import xatlas  # imported here: keeps ComfyUI start-up fast (xatlas is only needed on export)
+                    return_vmapping: bool = False, worker: bool = False,
+                    should_stop: Optional[Callable[[], bool]] = None):
+    """:func:`uv_unwrap` on arrays that :func:`check_mesh` returned (``export_glb`` checks the mesh once).
 
+    ``worker``: run xatlas in a child process (:func:`unwrap_in_worker`), so this process's other threads
+    keep running and ``should_stop`` can end it; else in this process (xatlas then holds the interpreter
+    lock throughout).
+    """
     check(16 <= int(resolution) <= MAX_TEXTURE_SIZE, f"uv_unwrap: resolution {resolution} must be in 16..{MAX_TEXTURE_SIZE} texels")
     check(0 <= int(chart_padding) < int(resolution) // 4, f"uv_unwrap: chart_padding {chart_padding} must be in 0..{int(resolution) // 4 - 1} texels")
 
@@ -90,18 +96,19 @@ def _unwrap_checked(v: np.ndarray, f: np.ndarray, resolution: int = 1024, chart_
     area = float(0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1).sum())
     check(area > 0, "uv_unwrap: every face has zero area; the mesh is degenerate")
 
-    atlas = xatlas.Atlas()
-    atlas.add_mesh(v, f.astype(np.uint32))
-    pack = xatlas.PackOptions()
-    pack.padding = int(chart_padding)
     # A fixed texel density with ``resolution = 0`` always gives ONE atlas (xatlas' own ``resolution``
     # mode may spill charts into a second atlas whose UVs would overlap the first). The density is chosen
     # so that area * density^2 / utilization ~= resolution^2, i.e. the atlas comes out ~resolution wide.
-    pack.texels_per_unit = float(resolution) * math.sqrt(_EXPECTED_UTILIZATION / area)
-    atlas.generate(pack_options=pack)
-    if atlas.atlas_count != 1:  # cannot happen with resolution = 0; guards a future xatlas change
-        raise DreamFlowError(f"uv_unwrap: xatlas packed {atlas.atlas_count} atlases, expected 1; report this with the mesh size ({len(v)} vertices)")
-    vmapping, faces2, uvs = atlas[0]
+    texels_per_unit = float(resolution) * math.sqrt(_EXPECTED_UTILIZATION / area)
+    v32, f32 = np.ascontiguousarray(v, dtype=np.float32), np.ascontiguousarray(f, dtype=np.uint32)
+    if worker:
+        vmapping, faces2, uvs, count = unwrap_in_worker(v32, f32, texels_per_unit, int(chart_padding), should_stop)
+    else:
+        from .xatlas_worker import unwrap_arrays  # xatlas imported there: keeps ComfyUI start-up fast
+
+        vmapping, faces2, uvs, count = unwrap_arrays(v32, f32, texels_per_unit, int(chart_padding))
+    if count != 1:  # cannot happen with resolution = 0; guards a future xatlas change
+        raise DreamFlowError(f"uv_unwrap: xatlas packed {count} atlases, expected 1; report this with the mesh size ({len(v)} vertices)")
     # xatlas normalises by its atlas width and height (~resolution, not exactly): the UVs fill [0, 1]^2
     # and the charts are stretched by at most a few percent in one direction, harmless for baking.
     vmapping = vmapping.astype(np.int64)
@@ -111,3 +118,72 @@ def _unwrap_checked(v: np.ndarray, f: np.ndarray, resolution: int = 1024, chart_
     if return_vmapping:
         return vertices2, faces2, uvs, vmapping
     return vertices2, faces2, uvs
+
+
+#: How often the parent checks the worker and ``should_stop`` while xatlas runs, seconds.
+WORKER_POLL_S = 0.05
+
+#: The pid of the last xatlas worker started (tests check that an interrupt leaves no process behind).
+last_worker_pid: Optional[int] = None
+
+
+def unwrap_in_worker(vertices: np.ndarray, faces: np.ndarray, texels_per_unit: float, padding: int,
+                     should_stop: Optional[Callable[[], bool]] = None):
+    """Run ``xatlas_worker.unwrap_arrays`` in a child Python process; returns its (vmapping, faces, uvs, atlas_count).
+
+    The child is this interpreter (``sys.executable``) running ``xatlas_worker.py`` by path: it imports numpy and
+    xatlas only (no torch, no CUDA state, not ComfyUI's ``main.py`` as ``multiprocessing`` spawn would), and
+    gets plain arrays through a temporary ``.npz``. While it runs, this thread sleeps in ``WORKER_POLL_S`` steps
+    (the interpreter lock stays free for the server) and polls ``should_stop``; when that returns True the
+    child is terminated (killed after 5 s), its temporary folder removed, and the interrupt raised
+    (:func:`dreamflow.hosting.raise_interrupt`: ComfyUI's own exception when hosted). Nothing is written
+    anywhere else.
+    """
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    from .. import hosting
+
+    global last_worker_pid
+    tmp = tempfile.mkdtemp(prefix="dreamflow_xatlas_")
+    try:
+        src, dst, log = (os.path.join(tmp, n) for n in ("in.npz", "out.npz", "stderr.txt"))
+        np.savez(src, vertices=vertices, faces=faces, texels_per_unit=np.float64(texels_per_unit),
+                 padding=np.int64(padding))
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "xatlas_worker.py")
+        with open(log, "wb") as err:
+            proc = subprocess.Popen([sys.executable, script, src, dst], stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=err, cwd=tmp)
+        last_worker_pid = proc.pid
+        try:
+            while proc.poll() is None:
+                if should_stop is not None and should_stop():
+                    break
+                time.sleep(WORKER_POLL_S)
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        if proc.returncode != 0 and should_stop is not None and should_stop():
+            hosting.raise_interrupt("interrupted while unwrapping the UV atlas; nothing was written")
+        if proc.returncode != 0 or not os.path.isfile(dst):
+            with open(log, "rb") as f:
+                lines = f.read().decode("utf-8", "replace").strip().splitlines()
+            how = (f"crashed (signal {-proc.returncode})" if proc.returncode < 0
+                   else f"failed (exit code {proc.returncode})")
+            raise DreamFlowError(f"uv_unwrap: the xatlas worker process {how}: {lines[-1] if lines else 'no message'}"
+                                 f" ({len(faces)} faces); check that xatlas is installed in {sys.executable}, or "
+                                 f"lower ExtractMesh's face_budget")
+        with np.load(dst) as out:
+            count = int(out["atlas_count"])
+            if count != 1:
+                return None, None, None, count
+            return out["vmapping"], out["faces"], out["uvs"], count
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,6 +1,6 @@
 """Headless runner: execute ComfyUI workflows (UI or API format) of DreamFlow nodes without ComfyUI.
 
-    python -m dreamflow run workflows/dreamflow_draft.json --set DreamFlowNeRFStage.iterations=10
+    python -m dreamflow run "workflows/DreamFlow quick draft.json" --set DreamFlowNeRFStage.iterations=10
 
 Pieces, one job each: ``defs`` (node definitions, loading the node pack), ``convert`` (UI -> API as
 ComfyUI's frontend does), ``validate`` (checks and ``--set`` edits), ``execute`` (dependency order,

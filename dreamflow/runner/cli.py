@@ -29,6 +29,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "(every match), e.g. --set DreamFlowNeRFStage.iterations=10 (repeatable)")
     p.add_argument("--output", metavar="DIR", help="output folder (default: $DREAMFLOW_OUTPUT or ./output)")
     p.add_argument("--input", metavar="DIR", help="input folder for DreamFlowLoadState (default: $DREAMFLOW_INPUT or ./input)")
+    p.add_argument("--nodes", dest="custom_nodes", action="append", default=[], metavar="DIR",
+                   help="also load this custom-node folder (as ComfyUI loads custom_nodes/*), e.g. "
+                        "examples/dreamflow_example_stage (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="convert and validate only; print the API prompt")
     p.add_argument("-v", "--verbose", action="store_true", help="log backend choices and engine details")
 
@@ -50,18 +53,25 @@ def _env(**values: Optional[str]):
                 os.environ[k] = v
 
 
-def prepare(path: str, sets: List[str], log=print) -> tuple:
+def prepare(path: str, sets: List[str], log=print, custom_nodes=()) -> tuple:
     """Load, convert, edit and validate a workflow: ``(prompt, ui_workflow, defs)`` ready to run."""
     from .convert import as_api, load_workflow_file
     from .defs import node_defs
     from .validate import apply_sets, validate_prompt
 
     data = load_workflow_file(path)
-    defs = node_defs()
-    prompt, ui = as_api(data, defs)
-    for line in apply_sets(prompt, sets, defs):
-        log(f"set {line}")
-    return validate_prompt(prompt, defs), ui, defs
+    defs = node_defs(custom_nodes=custom_nodes)
+    try:
+        prompt, ui = as_api(data, defs)
+        for line in apply_sets(prompt, sets, defs):
+            log(f"set {line}")
+        return validate_prompt(prompt, defs), ui, defs
+    except (TypeError, KeyError, AttributeError, IndexError, ValueError, RecursionError) as e:
+        if isinstance(e, DreamFlowError):
+            raise
+        # the explicit checks (convert.check_api_prompt / check_ui_workflow) name most cases; this is the net
+        raise DreamFlowError(f"workflow file '{path}' is malformed ({type(e).__name__}: {str(e)[:80]}); re-save it "
+                             f"from ComfyUI with Save or Export (API)") from None
 
 
 def saved_files(ui: Dict[str, dict], output_dir: str) -> List[str]:
@@ -76,14 +86,31 @@ def saved_files(ui: Dict[str, dict], output_dir: str) -> List[str]:
     return files
 
 
+def quiet_progress_bars() -> None:
+    """When the output is not a terminal (a log file, CI), the libraries' tqdm bars (weights loading) would write
+    carriage returns into one long line: turn them off. Stages print plain lines there
+    (``hosting.plain_progress``)."""
+    if hasattr(sys.stderr, "isatty") and sys.stderr.isatty():
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for module in ("diffusers.utils.logging", "transformers.utils.logging"):
+        try:
+            import importlib
+
+            importlib.import_module(module).disable_progress_bar()
+        except Exception:
+            pass
+
+
 def run_command(args: argparse.Namespace) -> int:
     """The ``run`` subcommand; returns the process exit code."""
     from .execute import run_prompt
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    quiet_progress_bars()
     try:
         with _env(DREAMFLOW_OUTPUT=args.output, DREAMFLOW_INPUT=args.input):
-            prompt, ui, defs = prepare(args.workflow, args.sets)
+            prompt, ui, defs = prepare(args.workflow, args.sets, custom_nodes=getattr(args, "custom_nodes", ()))
             if args.dry_run:
                 print(json.dumps(prompt, indent=1))
                 return 0

@@ -36,17 +36,40 @@ MODE_BYPASS = 4  # LGraphEventMode.BYPASS
 
 
 def load_workflow_file(path: str) -> dict:
-    """Read a workflow JSON (UI or API format) with one-line errors."""
-    if not os.path.isfile(path):
-        raise DreamFlowError(f"workflow file '{path}' does not exist; give the path of a .json saved by ComfyUI or one in workflows/")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DreamFlowError(f"workflow file '{path}' is not valid JSON (line {e.lineno}: {e.msg}); re-save it from ComfyUI") from None
+    """Read a workflow JSON (UI or API format) through the checked reader: one-line errors."""
+    from ..io import read_json_file
+
+    data = read_json_file(path, "workflow file", "re-save it from ComfyUI or use one in workflows/")
     if not isinstance(data, dict):
         raise DreamFlowError(f"workflow file '{path}' holds a {type(data).__name__}, not a workflow object; re-save it from ComfyUI")
     return data
+
+
+def check_api_prompt(prompt: dict) -> None:
+    """An API prompt's shape: ``{id: {"class_type": str, "inputs": {str: value | [id, slot]}, "_meta": {...}}}``.
+
+    Malformed entries (inputs that are not an object, a class_type that is not text, links with a
+    non-integer slot) are one-line DreamFlowErrors naming the node.
+    """
+    for nid, node in prompt.items():
+        where = f"node {str(nid)[:40]}"
+        if not isinstance(node, dict):
+            raise DreamFlowError(f"{where} of the API workflow is a {type(node).__name__}, not an object; re-export it from ComfyUI")
+        if not isinstance(node.get("class_type"), str) or not node["class_type"]:
+            raise DreamFlowError(f"{where} has class_type {str(node.get('class_type'))[:40]!r}, not a node type name; re-export the workflow")
+        inputs = node.get("inputs")
+        if inputs is not None and not isinstance(inputs, dict):
+            raise DreamFlowError(f"{where} ({node['class_type']}) has 'inputs' that is a {type(inputs).__name__}, not an object "
+                                 f"{{name: value}}; re-export the workflow from ComfyUI")
+        for name, value in (inputs or {}).items():
+            if isinstance(value, (list, tuple)) and not is_link(value):
+                raise DreamFlowError(f"{where} ({node['class_type']}) input '{name}' = {str(value)[:40]} is neither a value nor a "
+                                     f"link [node_id, output_index]; re-export the workflow from ComfyUI")
+            if isinstance(value, dict):
+                raise DreamFlowError(f"{where} ({node['class_type']}) input '{name}' is an object, not a value or a link "
+                                     f"[node_id, output_index]; re-export the workflow from ComfyUI")
+        if node.get("_meta") is not None and not isinstance(node["_meta"], dict):
+            raise DreamFlowError(f"{where} ({node['class_type']}) has '_meta' that is not an object; re-export the workflow")
 
 
 def is_ui_format(data: dict) -> bool:
@@ -62,13 +85,15 @@ def as_api(data: dict, defs: Dict[str, NodeDef]) -> Tuple[Dict[str, dict], Optio
         raise DreamFlowError(
             "the workflow is neither ComfyUI's UI format (a 'nodes' list) nor its API format ({id: {class_type, inputs}}); "
             "save it from ComfyUI with Save or Export (API)")
+    check_api_prompt(prompt)
     out = {}
     for nid, node in prompt.items():
         node = dict(node)
         node["inputs"] = dict(node.get("inputs") or {})
         out[str(nid)] = node
     extra = data.get("extra_data", {}).get("extra_pnginfo", {}) if isinstance(data.get("extra_data"), dict) else {}
-    return out, extra.get("workflow")
+    workflow = extra.get("workflow") if isinstance(extra, dict) else None
+    return out, workflow if isinstance(workflow, dict) else None
 
 
 def _links_table(workflow: dict) -> Dict[int, Tuple[Any, int, Any, int, str]]:
@@ -85,6 +110,28 @@ def _links_table(workflow: dict) -> Dict[int, Tuple[Any, int, Any, int, str]]:
     return table
 
 
+def check_ui_workflow(workflow: dict) -> None:
+    """A UI workflow's shape: ``nodes`` a list of objects with a text ``type``, ``inputs`` a list of objects,
+    ``widgets_values`` a list or object, ``links`` a list; anything else is a one-line DreamFlowError."""
+    if not isinstance(workflow.get("links", []) or [], list):
+        raise DreamFlowError("the workflow's 'links' is not a list; re-save the workflow from ComfyUI")
+    for node in workflow["nodes"]:
+        if not isinstance(node, dict):
+            raise DreamFlowError(f"workflow node {str(node)[:60]!r} is a {type(node).__name__}, not an object; re-save the workflow from ComfyUI")
+        where = f"workflow node {str(node.get('id'))[:40]}"
+        if "type" in node and not isinstance(node["type"], str):
+            raise DreamFlowError(f"{where} has a type that is not text ({str(node['type'])[:40]}); re-save the workflow from ComfyUI")
+        if not isinstance(node.get("id", 0), (int, str)) or isinstance(node.get("id"), bool):
+            raise DreamFlowError(f"{where} has an id that is not a number or text; re-save the workflow from ComfyUI")
+        ins = node.get("inputs")
+        if ins is not None and (not isinstance(ins, list) or not all(isinstance(i, dict) for i in ins)):
+            raise DreamFlowError(f"{where} ({node.get('type')}) has 'inputs' that is not a list of objects; re-save the workflow from ComfyUI")
+        values = node.get("widgets_values")
+        if values is not None and not isinstance(values, (list, dict)):
+            raise DreamFlowError(f"{where} ({node.get('type')}) has 'widgets_values' that is a {type(values).__name__}, not a list; "
+                                 f"re-save the workflow from ComfyUI")
+
+
 def ui_to_api(workflow: dict, defs: Dict[str, NodeDef]) -> Dict[str, dict]:
     """Convert a UI-format workflow to an API prompt (see the module docstring for the rules).
 
@@ -94,6 +141,7 @@ def ui_to_api(workflow: dict, defs: Dict[str, NodeDef]) -> Dict[str, dict]:
     if (workflow.get("definitions") or {}).get("subgraphs"):
         raise DreamFlowError("the workflow uses subgraphs, which the headless runner does not expand; "
                              "in ComfyUI select the subgraph node and choose 'Unpack Subgraph', then save again")
+    check_ui_workflow(workflow)
     nodes = {}
     for node in workflow["nodes"]:
         if "id" not in node or "type" not in node:

@@ -13,50 +13,12 @@ import json
 from typing import Any, Dict, Iterable, List
 
 from ..errors import DreamFlowError
-from .defs import InputDef, NodeDef, describe, is_link, types_match
+from ..node_defs import NodeDef, coerce, describe, is_link, types_match
 
 
 
 def _label(nid: str, entry: dict) -> str:
     return describe(nid, entry.get("class_type", "?"), (entry.get("_meta") or {}).get("title"))
-
-
-def coerce(inp: InputDef, value: Any, where: str) -> Any:
-    """Convert a widget value to its declared type and check its range / list; returns the value."""
-    t = inp.type
-    try:
-        if t == "INT":
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            value = int(value)
-        elif t == "FLOAT":
-            if isinstance(value, bool):
-                raise ValueError
-            value = float(value)
-        elif t == "BOOLEAN":
-            if isinstance(value, str) and value.lower() in ("true", "false"):
-                value = value.lower() == "true"
-            elif not isinstance(value, bool):
-                raise ValueError
-        elif t == "STRING":
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-                raise ValueError
-            value = str(value)
-    except (TypeError, ValueError):
-        raise DreamFlowError(f"{where} input '{inp.name}' = {value!r} is not a valid {t}; give a {t.lower()} value") from None
-    if t in ("INT", "FLOAT"):
-        lo, hi = inp.options.get("min"), inp.options.get("max")
-        if lo is not None and value < lo:
-            raise DreamFlowError(f"{where} input '{inp.name}' = {value} is below its minimum {lo}; use a value in [{lo}, {hi}]")
-        if hi is not None and value > hi:
-            raise DreamFlowError(f"{where} input '{inp.name}' = {value} is above its maximum {hi}; use a value in [{lo}, {hi}]")
-    if t == "COMBO":
-        if inp.dynamic:
-            if not isinstance(value, str) or not value.strip():
-                raise DreamFlowError(f"{where} input '{inp.name}' = {value!r} must name a file; pick one of: {', '.join(map(str, inp.choices or [])) or '(none found)'}")
-        elif value not in (inp.choices or []):
-            raise DreamFlowError(f"{where} input '{inp.name}' = {value!r} is not one of: {', '.join(map(str, inp.choices or []))}")
-    return value
 
 
 def validate_prompt(prompt: Dict[str, dict], defs: Dict[str, NodeDef]) -> Dict[str, dict]:
@@ -98,7 +60,26 @@ def validate_prompt(prompt: Dict[str, dict], defs: Dict[str, NodeDef]) -> Dict[s
             else:
                 raise DreamFlowError(f"{where} input '{inp.name}' needs a link from a {inp.type} output, got the value {str(value)[:40]!r}; connect it")
         out[nid] = {**entry, "inputs": inputs}
+    check_nodes(out, defs)
     return out
+
+
+def check_nodes(prompt: Dict[str, dict], defs: Dict[str, NodeDef]) -> None:
+    """Every node's own checks (``VALIDATE_INPUTS``, as ComfyUI calls it when a prompt is queued) before any
+    node runs: a typo in the last node fails the run at once, not after the stages before it.
+
+    As in ComfyUI, inputs fed by a link are passed as ``None`` (their values are not known yet).
+    """
+    for nid, entry in prompt.items():
+        d = defs.get(entry.get("class_type"))
+        check_fn = getattr(d.cls, "VALIDATE_INPUTS", None) if d is not None and d.cls is not None else None
+        if check_fn is None:
+            continue
+        values = entry.get("inputs") or {}
+        kwargs = {i.name: (None if is_link(values[i.name]) else values[i.name]) for i in d.inputs if i.name in values}
+        ret = check_fn(**kwargs)
+        if ret is not True:
+            raise DreamFlowError(f"{_label(nid, entry)}: {ret if ret is not False else 'its inputs are invalid'}")
 
 
 def _parse_value(text: str) -> Any:

@@ -18,6 +18,8 @@ from ..errors import check
 from .hashgrid import HashGrid, HashGridConfig
 
 DENSITY_ACTIVATIONS = ("softplus", "exp", "relu")
+#: Sane upper bounds of the MLPs (threestudio: 64 wide, 1-2 hidden layers); also what a state file may claim.
+MAX_MLP_WIDTH, MAX_MLP_LAYERS = 16384, 64
 DENSITY_BIASES = ("magic3d", "none")
 NORMAL_MODES = ("analytic", "finite_difference")
 
@@ -54,8 +56,9 @@ class NeRFFieldConfig:
 
     def validate(self) -> "NeRFFieldConfig":
         check(self.radius > 0, f"NeRF radius={self.radius} must be > 0 (1.0 is usual)")
-        check(self.mlp_width >= 1 and self.mlp_hidden_layers >= 1,
-              f"NeRF MLP width={self.mlp_width} / hidden layers={self.mlp_hidden_layers} must be >= 1 (64 / 1 is usual)")
+        check(1 <= self.mlp_width <= MAX_MLP_WIDTH and 1 <= self.mlp_hidden_layers <= MAX_MLP_LAYERS,
+              f"NeRF MLP width={self.mlp_width} / hidden layers={self.mlp_hidden_layers} must be in 1..{MAX_MLP_WIDTH} / "
+              f"1..{MAX_MLP_LAYERS} (64 / 1 is usual)")
         check(self.density_activation in DENSITY_ACTIVATIONS,
               f"density activation '{self.density_activation}' is unknown; use one of: {', '.join(DENSITY_ACTIVATIONS)}")
         check(self.density_bias in DENSITY_BIASES,
@@ -219,6 +222,9 @@ class Background(nn.Module):
         super().__init__()
         self.config = cfg = config or BackgroundConfig()
         check(cfg.sh_degree in (1, 2, 3), f"background sh_degree={cfg.sh_degree} is unsupported; use 1, 2 or 3")
+        check(1 <= cfg.mlp_width <= MAX_MLP_WIDTH and 1 <= cfg.mlp_hidden_layers <= MAX_MLP_LAYERS,
+              f"background MLP width={cfg.mlp_width} / hidden layers={cfg.mlp_hidden_layers} must be in "
+              f"1..{MAX_MLP_WIDTH} / 1..{MAX_MLP_LAYERS} (16 / 2 is usual)")
         check(0.0 <= cfg.random_aug_prob <= 1.0, f"background random_aug_prob={cfg.random_aug_prob} must be in [0, 1]")
         self.network = vanilla_mlp(cfg.sh_degree ** 2, 3, cfg.mlp_width, cfg.mlp_hidden_layers)
 

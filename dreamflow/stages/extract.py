@@ -46,6 +46,9 @@ class ExtractConfig:
     """Taubin smoothing iterations (volume-preserving; removes marching-cubes terracing), 0: off."""
 
     def validate(self) -> "ExtractConfig":
+        from ..config import check_finite
+
+        check_finite(self, "ExtractMesh")
         check(8 <= self.resolution <= 1024, f"extract resolution={self.resolution} is out of range; use 8..1024 (256 is usual)")
         check(isinstance(self.threshold, (int, float)) or self.threshold == "auto",
               f"extract threshold={self.threshold!r} must be a number or 'auto'")

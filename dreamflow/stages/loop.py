@@ -13,15 +13,16 @@ One update (read as numbered steps):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import DivergenceError, DreamFlowError
+from ..errors import DivergenceError, DreamFlowError, is_out_of_memory, memory_kind
 from ..guidance import make_guidance
-from ..hosting import Callbacks, raise_interrupt
+from ..hosting import Callbacks, make_room, raise_interrupt
 from ..seeding import SEED_VAE_SAMPLE, derived_seed
 from ..render.cameras import sample_cameras, view_prompt
 
@@ -43,16 +44,59 @@ def _log_row(step: int, loss: torch.Tensor, log: Dict[str, object]) -> Dict[str,
     return row
 
 
+#: Largest parameter magnitude a stage may reach. Adam moves a parameter by about ``lr`` per update, so within
+#: the nodes' ranges (lr <= 1, <= 100,000 updates) no parameter passes 1e5; beyond 1e6 the run has blown up
+#: (absurd learning rates through the engine API), even while its loss still looks finite.
+PARAM_BOUND = 1e6
+
+
+class _Guard:
+    """Divergence by the parameters, checked at every log flush (no extra host sync per update): every
+    parameter finite and within :data:`PARAM_BOUND`. The last parameters that passed are kept (one device copy)
+    and put back when a check fails, so the stage's snapshot is the last good state."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.good = [p.detach().clone() for p in self.params]
+        self.good_step = 0
+
+    def largest(self) -> float:
+        if not self.params:
+            return 0.0
+        return float(torch.stack([p.detach().abs().amax().float() for p in self.params if p.numel()]).max())
+
+    def check(self, step: int) -> Optional[str]:
+        """``None`` and remember the parameters when they are sane, else restore the last good ones and say why."""
+        big = self.largest()
+        if math.isfinite(big) and big <= PARAM_BOUND:
+            with torch.no_grad():
+                for g, p in zip(self.good, self.params):
+                    g.copy_(p.detach())
+            self.good_step = step
+            return None
+        self.restore()
+        return f"parameters reached {big:.3g} (limit {PARAM_BOUND:.0e})"
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for g, p in zip(self.good, self.params):
+                p.copy_(g)
+
+
 @dataclass
 class LoopResult:
     log: List[Dict[str, float]]
     guidance_state: Dict[str, torch.Tensor]
 
 
-def oom_message(stage: str, config) -> str:
+def oom_message(stage: str, config, kind: str = "GPU") -> str:
     v, r = config.views_per_update, config.resolution
-    return (f"{stage} ran out of GPU memory at {v} views x {r} px (denoise {config.denoise_resolution} px); "
-            f"try views_per_update={max(1, v // 2)}, resolution={max(64, r // 2)}, or LoadDenoiser cpu_offload / vae_tiling")
+    tail = "or LoadDenoiser cpu_offload / vae_tiling" if kind == "GPU" else "or close other programs"
+    grid = getattr(getattr(getattr(config, "nerf", None), "grid", None), "log2_hashmap_size", None)
+    if grid is not None and grid > 16:  # the NeRF's hash grid (and its Adam moments) can be the big part
+        tail = f"grid_log2_size={grid - 2}, " + tail
+    return (f"{stage} ran out of {kind} memory at {v} views x {r} px (denoise {config.denoise_resolution} px); "
+            f"try views_per_update={max(1, v // 2)}, resolution={max(64, r // 2)}, {tail}")
 
 
 def autograd_on(fn):
@@ -71,7 +115,8 @@ def autograd_on(fn):
 def optimise(*, stage: str, denoiser, prompt: str, negative_prompt: str, config,
              render_fn: Callable, optimizer: torch.optim.Optimizer, snapshot: Callable[[List[dict]], object],
              callbacks: Optional[Callbacks] = None, guidance_state: Optional[Dict[str, torch.Tensor]] = None,
-             on_step: Optional[Callable[[int], None]] = None) -> LoopResult:
+             on_step: Optional[Callable[[int], None]] = None,
+             preview_fn: Optional[Callable[[], torch.Tensor]] = None) -> LoopResult:
     """Run ``config.iterations`` updates of a stage.
 
     Args:
@@ -80,6 +125,8 @@ def optimise(*, stage: str, denoiser, prompt: str, negative_prompt: str, config,
             last good state on divergence).
         guidance_state: scene-LoRA tensors to resume from (APFO/VSD).
         on_step: called after each optimiser step (e.g. to refresh an occupancy grid).
+        preview_fn: ``() -> [H, W, 3]`` image of the scene as the user will get it, for live previews (called
+            after the update's optimiser step, under no_grad); default: the first training render.
     Returns:
         LoopResult with the log rows (t, sigma, grad_norm, loss, ...) and the guidance's LoRA tensors.
     Raises:
@@ -88,6 +135,7 @@ def optimise(*, stage: str, denoiser, prompt: str, negative_prompt: str, config,
     """
     callbacks = callbacks or Callbacks()
     device = denoiser.device
+    make_room(device, why=stage)  # in ComfyUI: its other models leave the card first (README "Sharing the GPU")
     total = int(config.iterations)
     cam_gen = torch.Generator().manual_seed(int(config.seed))
     # The VAE posterior sample is random too (threestudio samples it): seed it for reproducible runs.
@@ -104,6 +152,16 @@ def optimise(*, stage: str, denoiser, prompt: str, negative_prompt: str, config,
     # With cpu_offload the VAE stays on the device while the stage runs (encode and its backward), and
     # returns to the CPU after it.
     resident = denoiser.vae_resident()
+    guard = _Guard(optimizer)
+
+    def blown(step: int, why: str) -> DivergenceError:
+        log.extend(_log_row(s, l, g) for s, l, g in pending)
+        pending.clear()
+        return DivergenceError(
+            f"{stage} diverged: {why} by update {step}; the last good state (after update {guard.good_step}) is kept "
+            f"(lower the learning rates or cfg_scale, or change the seed)", step=step,
+            last_good=snapshot([r for r in log if r["step"] < guard.good_step]))
+
     with resident:
         try:
             for step in range(total):
@@ -132,21 +190,43 @@ def optimise(*, stage: str, denoiser, prompt: str, negative_prompt: str, config,
                     raise DivergenceError(
                         f"{stage} diverged: non-finite loss at update {step} ({e}); the last good state is kept "
                         f"(lower the learning rates or cfg_scale, or change the seed)", step=step, last_good=snapshot(log)) from None
-                optimizer.step()
+                except RuntimeError as e:  # e.g. the LoRA's optimiser: "value cannot be converted ... without overflow"
+                    if "overflow" not in str(e):
+                        raise
+                    guard.restore()
+                    raise blown(step, f"an optimiser step overflowed ({e})") from None
+                try:
+                    optimizer.step()
+                except RuntimeError as e:  # an absurd learning rate overflows Adam's float32 step size
+                    if "overflow" not in str(e):
+                        raise
+                    guard.restore()
+                    raise blown(step, f"an optimiser step overflowed ({e})") from None
                 if on_step is not None:
                     on_step(step)
                 pending.append((step, loss.detach(), out.log))
                 if len(pending) >= 50 or step == total - 1:
+                    why = guard.check(step + 1)
+                    if why is not None:
+                        raise blown(step, why)
                     log.extend(_log_row(s, l, g) for s, l, g in pending)
                     pending.clear()
                     if callbacks.log is not None:
                         callbacks.log(log[-1])
                 if callbacks.progress is not None:
                     every = callbacks.preview_every
-                    preview = to_pil(rgb[0]) if every and (step % every == 0 or step == total - 1) else None
+                    preview = None
+                    if every and (step % every == 0 or step == total - 1):
+                        if preview_fn is not None:
+                            with torch.no_grad():
+                                preview = to_pil(preview_fn())
+                        else:
+                            preview = to_pil(rgb[0])
                     callbacks.progress(step + 1, total, preview)
-        except torch.cuda.OutOfMemoryError:
-            raise DreamFlowError(oom_message(stage, config)) from None
+        except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as e:
+            if not is_out_of_memory(e):
+                raise
+            raise DreamFlowError(oom_message(stage, config, memory_kind(e))) from None
         finally:
             state = guidance.state_tensors()
             guidance.close()

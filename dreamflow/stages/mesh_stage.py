@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import config as cfgio
-from ..errors import check
+from ..errors import check, explain_memory
 from ..guidance import GuidanceConfig
 from ..hosting import Callbacks
 from ..render.shading import ShadingConfig, pick_mode, random_light
@@ -39,7 +39,8 @@ def extract_mesh_state(nerf: NeRFState, config: Optional[ExtractConfig] = None) 
     require_state(nerf, NeRFState, "ExtractMesh", "connect a NeRF stage's or Load State's 'nerf' output")
     config = (config or ExtractConfig()).validate()
     field_ = nerf.field
-    v, f = extract_mesh(field_.density, config, radius=field_.config.radius, device=nerf.device)
+    with explain_memory("ExtractMesh", f"resolution (now {config.resolution})"):
+        v, f = extract_mesh(field_.density, config, radius=field_.config.radius, device=nerf.device)
     copy = nerf.clone()
     return MeshState(field=copy.field.eval(), background=copy.background.eval(), prompt=nerf.prompt,
                      negative_prompt=nerf.negative_prompt, settings=cfgio.to_dict(config),
@@ -60,7 +61,8 @@ class MeshStageConfig(StageConfig):
     guidance: GuidanceConfig = field(default_factory=lambda: GuidanceConfig(method="apfo", t_start=0.5, t_end=0.1))
     """APFO t 0.5 -> 0.1 (paper stage 2)."""
     optimize_geometry: bool = True
-    """Optimise vertex offsets (stage 2: geometry + texture)."""
+    """Optimise vertex offsets (stage 2: geometry + texture). Off (texture only, MeshStage's ``texture_only``): the
+    vertices come out bit-identical to the input's, e.g. to texture a mesh made elsewhere without changing it."""
     optimize_color: bool = True
     """Optimise the colour field."""
     lr_geometry: float = 5e-3
@@ -86,6 +88,10 @@ class MeshStageConfig(StageConfig):
         return self
 
 
+#: Side of the live preview image of the mesh stages, pixels (ComfyUI shows previews at up to 512 px).
+PREVIEW_RESOLUTION = 256
+
+
 @dataclass
 class RefineConfig(MeshStageConfig):
     """Stage 3 settings (SDXL refiner). Defaults: paper (1024 px, t 0.3 -> 0.0), colour only."""
@@ -108,7 +114,7 @@ class RefineConfig(MeshStageConfig):
 def _run_mesh_like(stage: str, kind: str, denoiser, mesh: MeshState, prompt: Optional[str],
                    negative_prompt: Optional[str],
                    config: MeshStageConfig, callbacks: Optional[Callbacks]) -> MeshState:
-    from ..render.mesh_render import render_mesh
+    from ..render.mesh_render import render_mesh, render_turntable
     from ..render.raster import antialias_topology
 
     config = config.validate()
@@ -170,13 +176,23 @@ def _run_mesh_like(stage: str, kind: str, denoiser, mesh: MeshState, prompt: Opt
     history = list(mesh.history) + [stage]
 
     def snapshot(log):
+        # texture only: the input's vertices bit for bit (base + 0 would turn -0.0 into +0.0)
+        vertices = start.vertices.detach().float().clone() if not config.optimize_geometry else \
+            model.vertices().detach().clone()
         return MeshState(field=model.color, background=background, prompt=prompt, negative_prompt=negative_prompt,
                          settings=settings, guidance_log=list(mesh.guidance_log) + [dict(r, stage=stage) for r in log],
-                         history=history, vertices=model.vertices().detach().clone(), faces=model.faces.clone())
+                         history=history, vertices=vertices, faces=model.faces.clone())
+
+    def preview_fn():
+        # What the user gets (the stage's turntable output and SaveGLB's look): the coloured mesh, unlit, on white,
+        # from the front; not the training render (random shading mode, light and background).
+        geo = frozen if frozen is not None else model.deform()
+        return render_turntable(geo.vertices, faces32, model.albedo, n_views=1, resolution=PREVIEW_RESOLUTION,
+                                backend=config.backend)[0]
 
     result = optimise(stage=stage, denoiser=denoiser, prompt=prompt, negative_prompt=negative_prompt, config=config,
                       render_fn=render_fn, optimizer=optimizer, snapshot=snapshot, callbacks=callbacks,
-                      guidance_state=carried)
+                      guidance_state=carried, preview_fn=preview_fn)
     for p in list(model.parameters()) + list(background.parameters()):
         p.requires_grad_(True)
     model.eval()

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from .. import config as cfgio
-from ..errors import check
+from ..errors import check, explain_memory
 from ..guidance import GuidanceConfig
 from ..hosting import Callbacks
 from ..render.occupancy import OccupancyConfig, OccupancyGrid
@@ -48,6 +48,7 @@ def check_prompt(prompt: str, stage: str) -> str:
 
 def check_common(cfg, stage: str) -> None:
     """Checks shared by every stage config (raised before any heavy work)."""
+    cfgio.check_finite(cfg, stage)
     check(int(cfg.iterations) >= 1, f"{stage}: iterations={cfg.iterations} must be >= 1")
     check(int(cfg.views_per_update) >= 1, f"{stage}: views_per_update={cfg.views_per_update} must be >= 1")
     check(int(cfg.resolution) >= 16, f"{stage}: resolution={cfg.resolution} must be >= 16 px")
@@ -108,13 +109,13 @@ def run_nerf_stage(denoiser, prompt: str, negative_prompt: str = "", config: Opt
     if init is not None:
         require_state(init, NeRFState, "NeRFStage init", "connect a NeRF stage's or Load State's 'nerf' output")
     device = denoiser.device
-    with seeded(config.seed):
+    with seeded(config.seed), explain_memory("NeRFStage", "grid_log2_size / grid_levels (the hash grid's size)"):
         if init is not None:
             copy = init.clone()
             field_, background = copy.field, copy.background
         else:
             field_, background = NeRFField(config.nerf), Background(config.background)
-    field_.to(device).train()
+        field_.to(device).train()
     background.to(device).train()
     optimizer = torch.optim.AdamW(field_.param_groups(config.lr_grid, config.lr_mlp)
                                   + background.param_groups(config.lr_background),

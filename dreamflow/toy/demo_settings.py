@@ -62,20 +62,24 @@ class DemoConfig:
 
 def widget_values(cfg: DemoConfig, prompt: str) -> Dict[str, Dict[str, object]]:
     """Node id -> {widget: value} that make the toy workflow run ``cfg`` on ``prompt`` (the one mapping of
-    :class:`DemoConfig` to widgets; ``demo.stage_configs`` builds the same stage configs directly)."""
+    :class:`DemoConfig` to widgets; ``demo.stage_configs`` builds the same stage configs directly). The stages'
+    cameras span the toy prior's training elevations (``world.TOY_CAMERA``)."""
+    from .world import TOY_CAMERA
+
+    camera = dict(zip(("elevation_min", "elevation_max"), TOY_CAMERA.elevation_range))
     return {
         "DreamFlowNeRFStage": dict(prompt=prompt, seed=cfg.seed, iterations=cfg.nerf_iterations,
                                    resolution=cfg.nerf_resolution, denoise_resolution=64,
                                    views_per_update=cfg.nerf_views, method="apfo", cfg_scale=cfg.cfg_scale,
                                    t_start=1.0, t_end=0.2, lr_grid=cfg.lr_grid, lr_mlp=cfg.lr_mlp,
                                    grid_levels=cfg.hash_levels, grid_log2_size=cfg.hash_log2_size,
-                                   n_samples=cfg.n_samples, n_importance=cfg.n_importance),
+                                   n_samples=cfg.n_samples, n_importance=cfg.n_importance, **camera),
         "DreamFlowExtractMesh": dict(resolution=cfg.extract_resolution, face_budget=cfg.face_budget),
         # MeshStage's prompt stays empty: it takes the one the mesh state carries from the NeRF stage
         "DreamFlowMeshStage": dict(seed=cfg.seed, iterations=cfg.mesh_iterations,
                                    resolution=cfg.mesh_resolution, denoise_resolution=64,
                                    views_per_update=cfg.nerf_views, method="apfo", cfg_scale=cfg.cfg_scale,
-                                   t_start=0.5, t_end=0.1),
+                                   t_start=0.5, t_end=0.1, **camera),
         "DreamFlowSaveGLB": dict(texture_size=cfg.texture_size, turntable_views=cfg.turntable_views,
                                  turntable_resolution=cfg.turntable_resolution),
     }

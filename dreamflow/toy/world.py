@@ -321,3 +321,20 @@ def render_world(shape: str, colour: str, n_views: int, seed: int = 0, cfg: Opti
                   look["background"].to(device))
     words = cams.view_words(cfg.camera)
     return img, [view_prompt(caption(shape, colour), w) for w in words]
+
+
+def shape_trimesh(shape: str, colour: str):
+    """A world shape as a ``trimesh.Trimesh`` with vertex colours (its parts' colours as the prior sees them): the
+    example meshes of ``examples/`` (``toy_mushroom.glb``), loaded by DreamFlow Load Mesh."""
+    import trimesh
+
+    if colour not in COLOURS:
+        raise DreamFlowError(f"toy world colour '{colour}' is unknown; use one of: {', '.join(COLOUR_NAMES)}")
+    v, f = shape_mesh(shape)
+    parts = part_masks(shape, v[f].mean(1))  # by face centre: a face is one part, as the renderer's masks say
+    second = SECONDARY_COLOURS.get(shape, COLOURS[colour])
+    rgb = parts[:, :1] * torch.tensor(COLOURS[colour]) + parts[:, 1:2] * torch.tensor(second)
+    rgba = torch.cat([rgb, torch.ones(len(f), 1)], 1).repeat_interleave(3, 0)
+    # three own vertices per face, so that vertex colours stay constant across it (Load Mesh welds them again)
+    return trimesh.Trimesh(v[f].reshape(-1, 3).double().numpy(), torch.arange(3 * len(f)).reshape(-1, 3).numpy(),
+                           vertex_colors=(rgba * 255).round().to(torch.uint8).numpy(), process=False)

@@ -48,8 +48,8 @@ def _import_widgets(recenter_default: bool) -> Dict[str, Tuple[str, tuple]]:
         "decimate_to": ("decimate_to", ("INT", {"default": c.decimate_to, "min": 0, "max": MAX_FACES, "tooltip": (
             f"Decimate meshes with more faces to this many (0: off; meshes over {MAX_FACES:,} faces need it).")})),
         "color_fit_steps": ("fit_steps", ("INT", {"default": c.fit_steps, "min": 0, "max": 10000, "tooltip": (
-            "Updates of the colour field's fit to the mesh's colours (0: none). ~0.2 s each on a CPU with the "
-            "default grid, ms on a GPU.")})),
+            "Updates of the colour field's fit to the mesh's colours (0: none). Each is cheap on a GPU and slower on "
+            "a CPU, more so with more grid levels (timings: bench/RESULTS.md).")})),
         "grid_levels": ("field.grid.n_levels", int_input(c, "field.grid.n_levels", 1, 32, (
             "Hash-grid levels of the colour field (the NeRF stage's default: 16; 8 is plenty for small renders "
             "and much faster on a CPU)."))),

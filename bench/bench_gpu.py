@@ -126,7 +126,7 @@ def random_denoiser(config_name: str, device: torch.device, dtype: torch.dtype, 
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from dreamflow.denoisers import Denoiser
-    from dreamflow.denoisers.loading import CONFIGS_DIR, LoadedComponents, _read_scheduler_config, detect_kind
+    from dreamflow.denoisers.loading import CONFIGS_DIR, LoadedComponents, read_scheduler_config, detect_kind
     from dreamflow.denoisers.tokenizer import write_clip_tokenizer
 
     folder = config_name if os.path.isdir(config_name) else os.path.join(CONFIGS_DIR, config_name)
@@ -155,7 +155,7 @@ def random_denoiser(config_name: str, device: torch.device, dtype: torch.dtype, 
         vae = AutoencoderKL.from_config(cfg("vae"))
         text = te_cls(CLIPTextConfig.from_dict(cfg(te_name)))
     comps = LoadedComponents(kind=kind, path=folder, unet=unet, vae=vae, model_index=index,
-                             scheduler_config=_read_scheduler_config(folder))
+                             scheduler_config=read_scheduler_config(folder))
     setattr(comps, te_name, text)
     setattr(comps, tok_name, tokenizer)
     return Denoiser(comps, name=f"random {os.path.basename(folder)}", device=device, dtype=dtype, **kw)
@@ -194,7 +194,8 @@ def unet_pieces(d, views: int, latent: int, image: int, peak_tflops: float, iter
     """CFG UNet call (eager / graph), scene eps (eager / graph), LoRA step (foreach / fused), VAE fwd+bwd."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from dreamflow.denoisers.fast import FastPathConfig, GraphedSceneEps, GraphedSceneOutput, use_fused_adamw
+    from dreamflow.denoisers.fast import FastPathConfig, use_fused_adamw
+    from dreamflow.denoisers.graphs import GraphedSceneEps, GraphedSceneOutput
     from dreamflow.denoisers.scene import SceneDenoiser
 
     dev = d.device
@@ -205,20 +206,15 @@ def unet_pieces(d, views: int, latent: int, image: int, peak_tflops: float, iter
     cam = torch.randn(views, 16, device=dev, generator=g)
     r: Dict[str, object] = {"views": views, "latent": latent, "cfg_batch": 2 * views}
 
-    # FLOPs of the CFG call: the same batch predict_eps sends (2B, [uncond, cond])
-    x2, t2 = torch.cat([x, x]), torch.cat([t, t])
-    hidden = torch.cat([embeds.uncond, embeds.cond])
-    added = None
-    if d.kind == "sdxl_refiner":
-        au, ac = d._added_cond(embeds, False), d._added_cond(embeds, True)
-        added = {k: torch.cat([au[k], ac[k]]) for k in au}
+    # FLOPs of the CFG call: counted on the eager predict_eps itself (one UNet call of 2B, [uncond, cond]; the
+    # guidance arithmetic around it has no matmuls or convolutions, which are what FlopCounterMode counts)
+    d.disable_fast_path()
     fc = FlopCounterMode(display=False)
     with fc, torch.no_grad():
-        d._run_unet(x2, t2, hidden, added)
+        d.predict_eps(x, t, embeds, 7.5)
     flops = fc.get_total_flops()
     r["cfg_tflop"] = flops / 1e12
 
-    d.disable_fast_path()
     with torch.no_grad():
         ref = d.predict_eps(x, t, embeds, 7.5)
         r["cfg_eager_ms"] = median_ms(lambda: d.predict_eps(x, t, embeds, 7.5), dev, iters)
@@ -257,10 +253,10 @@ def unet_pieces(d, views: int, latent: int, image: int, peak_tflops: float, iter
             r["fused_adamw"] = use_fused_adamw(scene)
             r["lora_step_fused_ms"] = median_ms(lambda: scene.train_step(x, embeds, cam, t=t, generator=gen), dev,
                                                 max(3, iters // 2))
-            scene.output = GraphedSceneOutput(scene, fp)
+            scene.graphed_output = GraphedSceneOutput(scene, fp)
             r["lora_step_graph_fused_ms"] = median_ms(lambda: scene.train_step(x, embeds, cam, t=t, generator=gen),
                                                       dev, max(3, iters // 2))
-            r["lora_step_graph_replays"] = scene.output.graphs.replays
+            r["lora_step_graph_replays"] = scene.graphed_output.graphs.replays
             d.disable_fast_path()
     finally:
         scene.remove()
@@ -619,7 +615,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         import diffusers
 
         res["diffusers"] = diffusers.__version__
-        from dreamflow.render import backends
+        from dreamflow import backends
 
         res["raster_backend_auto"] = backends.pick("raster", "auto")
         res["hashgrid_backend_auto"] = backends.pick("hashgrid", "auto")

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dreamflow.render import backends  # noqa: E402
+from dreamflow import backends  # noqa: E402
 from dreamflow.render.cameras import make_cameras  # noqa: E402
 from dreamflow.render.mesh_render import clip_positions  # noqa: E402
 from dreamflow.render.raster import antialias, antialias_topology, interpolate, rasterize  # noqa: E402

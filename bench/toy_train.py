@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     from safetensors.torch import save_file
 
     from dreamflow.denoisers.denoiser import alphas_cumprod_from_config
-    from dreamflow.toy import train as T
+    import toy_training as T  # beside this script (bench/toy_training.py)
     from dreamflow.toy.classifier import ClassifierConfig, ToyClassifier, accuracy, save_classifier
     from dreamflow.toy.prior import ToyPriorConfig, build_toy_prior, load_trainable
     from dreamflow.toy.world import COLOUR_NAMES, SHAPES, WorldConfig

@@ -2,10 +2,10 @@
 
 PyTorch's inductor writes what it compiles (FX graphs, Triton kernels, autotuning results) under
 ``TORCHINDUCTOR_CACHE_DIR``, by default ``<tempdir>/torchinductor_<user>`` (``/tmp`` on Linux), which many systems
-empty at boot. DreamFlow's fast path compiles the UNet's and the VAE encoder's blocks and the hash grid; measured on
-an H200 (bench/RESULTS.md run 6), the first NeRF update took 249.5 s with an empty cache and 25.6 s with a warm one
-(first refine update 202.9 s vs 19.8 s). So before its first compile DreamFlow points inductor at
-``$XDG_CACHE_HOME/dreamflow/torchinductor`` (default ``~/.cache/dreamflow/torchinductor``; ~0.5 GB per model), unless
+empty at boot. DreamFlow's fast path compiles the UNet's and the VAE encoder's blocks and the hash grid, and a
+first update on an empty cache takes about ten times as long as on a warm one (bench/RESULTS.md run 6, "Cold
+compile"). So before its first compile DreamFlow points inductor at ``$XDG_CACHE_HOME/dreamflow/torchinductor``
+(default ``~/.cache/dreamflow/torchinductor``; on the order of a gigabyte per model), unless
 ``TORCHINDUCTOR_CACHE_DIR`` names another folder than torch's default: set it to choose any folder. (Importing
 ``torch._inductor``, which diffusers and peft do, sets the variable to torch's default, so that value counts as not
 chosen. Inductor reads the variable at each cache look-up; kernels another package compiled earlier in the process

@@ -17,89 +17,36 @@ The toy prior knows only its world: a prompt outside it is refused with the list
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import re
 import sys
 import time
-from dataclasses import dataclass
 from typing import List, Optional
 
 from .errors import DreamFlowError, DreamFlowInterrupted
+from .toy.demo_settings import DemoConfig, widget_values
+
+__all__ = ["DemoConfig", "main", "run_direct", "run_workflow", "stage_configs", "workflow_sets"]
 
 #: The toy workflow the node engineer ships (route 1 of the module docstring).
 DEMO_WORKFLOW = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows",
                              "DreamFlow offline toy demo.json")
 
 
-@dataclass
-class DemoConfig:
-    """Demo settings, chosen to finish in <= 5 min on 2 CPU cores (measured: bench/TOY_TRAINING.md)."""
-
-    threads: int = 1
-    """torch CPU threads. 1: the demo's small tensors gain little from more, and threads of a busy machine
-    contend (measured: 3.4 s per NeRF update with 2 threads beside another job, 1.0-1.4 s with 1)."""
-    model: str = "dreamflow-toy"
-    """Denoiser name (the shipped toy prior, 64 px native)."""
-    seed: int = 0
-    """Seed of both stages."""
-    nerf_iterations: int = 200
-    """NeRF-stage updates (APFO t 1.0 -> 0.2 over them)."""
-    nerf_views: int = 2
-    """Views per NeRF update."""
-    nerf_resolution: int = 48
-    """NeRF render size, px (resized to the prior's 64 px before encoding)."""
-    n_samples: int = 32
-    """Stratified samples per ray (threestudio uses 512 at 256 px; 32 + 32 suffices for the toy objects)."""
-    n_importance: int = 32
-    """Importance samples per ray."""
-    hash_levels: int = 8
-    """Hash-grid levels (max resolution 16 * 1.4473^7 ~ 214 cells across: plenty for 48 px renders)."""
-    hash_log2_size: int = 15
-    """log2 entries per hashed level (small table: fast CPU updates)."""
-    lr_grid: float = 3e-2
-    """Hash-grid lr (threestudio's 1e-2 is for 25k updates; measured: short runs need larger steps)."""
-    lr_mlp: float = 1e-2
-    """Density / albedo MLP lr (threestudio 1e-3; measured: 1e-3 leaves the albedo grey after 40-80 updates)."""
-    cfg_scale: float = 7.5
-    """Classifier-free guidance of the prior (threestudio VSD value)."""
-    extract_resolution: int = 64
-    """Marching-cubes grid per axis."""
-    face_budget: int = 4000
-    """Faces kept after decimation."""
-    mesh_iterations: int = 30
-    """Mesh-stage updates (APFO t 0.5 -> 0.1)."""
-    mesh_resolution: int = 64
-    """Mesh-stage render size, px."""
-    texture_size: int = 256
-    """Baked texture side, texels."""
-    turntable_views: int = 8
-    """Views in the turntable PNG."""
-    turntable_resolution: int = 128
-    """Side of each turntable view, px."""
-
-
 def stage_configs(cfg: DemoConfig):
-    """(NeRFStageConfig, ExtractConfig, MeshStageConfig) of the demo."""
-    from .guidance import GuidanceConfig
-    from .render.volume import VolumeRenderConfig
-    from .scene.hashgrid import HashGridConfig
-    from .scene.nerf import NeRFFieldConfig
+    """(NeRFStageConfig, ExtractConfig, MeshStageConfig) of the demo: what the nodes build from the demo's widget
+    values (``toy.demo_settings.widget_values``, the one mapping of :class:`DemoConfig`), through the nodes' own
+    widget tables, so route 2 runs what route 1's workflow runs (the toy world's cameras included: the elevation
+    widgets)."""
+    from .runner.defs import load_node_pack
     from .stages import ExtractConfig, MeshStageConfig, NeRFStageConfig
-    from .toy.world import TOY_CAMERA
 
-    nerf = NeRFStageConfig(camera=dataclasses.replace(TOY_CAMERA),
-        iterations=cfg.nerf_iterations, views_per_update=cfg.nerf_views, resolution=cfg.nerf_resolution,
-        denoise_resolution=64, seed=cfg.seed, lr_grid=cfg.lr_grid, lr_mlp=cfg.lr_mlp,
-        guidance=GuidanceConfig(method="apfo", cfg_scale=cfg.cfg_scale, t_start=1.0, t_end=0.2),
-        nerf=NeRFFieldConfig(grid=HashGridConfig(n_levels=cfg.hash_levels, log2_hashmap_size=cfg.hash_log2_size)),
-        render=VolumeRenderConfig(n_samples=cfg.n_samples, n_importance=cfg.n_importance))
-    extract = ExtractConfig(resolution=cfg.extract_resolution, face_budget=cfg.face_budget)
-    mesh = MeshStageConfig(camera=dataclasses.replace(TOY_CAMERA), iterations=cfg.mesh_iterations, views_per_update=cfg.nerf_views,
-                           resolution=cfg.mesh_resolution, denoise_resolution=64, seed=cfg.seed,
-                           guidance=GuidanceConfig(method="apfo", cfg_scale=cfg.cfg_scale, t_start=0.5, t_end=0.1))
-    return nerf, extract, mesh
+    nodes = load_node_pack().nodes
+    values = widget_values(cfg, prompt="")
+    return (nodes.nerf_stage.WIDGETS.config(NeRFStageConfig, values["DreamFlowNeRFStage"]),
+            nodes.extract_mesh.WIDGETS.config(ExtractConfig, values["DreamFlowExtractMesh"]),
+            nodes.mesh_stage.WIDGETS.config(MeshStageConfig, values["DreamFlowMeshStage"]))
 
 
 def run_direct(prompt: str, cfg: DemoConfig, output_dir: str, log=print) -> str:
@@ -118,7 +65,7 @@ def run_direct(prompt: str, cfg: DemoConfig, output_dir: str, log=print) -> str:
     log(f"NeRF stage: {cfg.nerf_iterations} updates ({time.time() - t0:.1f} s)")
     mesh = extract_mesh_state(nerf, extract_cfg)
     log(f"mesh: {mesh.vertices.shape[0]} vertices, {mesh.faces.shape[0]} faces ({time.time() - t0:.1f} s)")
-    mesh = run_mesh_stage(denoiser, mesh, prompt, "", mesh_cfg, callbacks=comfy_progress(mesh_cfg.iterations))
+    mesh = run_mesh_stage(denoiser, mesh, config=mesh_cfg, callbacks=comfy_progress(mesh_cfg.iterations))  # its prompt
     log(f"mesh stage: {cfg.mesh_iterations} updates ({time.time() - t0:.1f} s)")
     words = "_".join(prompt.lower().replace(",", " ").split()[-2:])
     name = "dreamflow/toy_" + (re.sub(r"[^a-z0-9_-]+", "_", words).strip("_-") or "object")  # the prefix rule
@@ -131,25 +78,7 @@ def run_direct(prompt: str, cfg: DemoConfig, output_dir: str, log=print) -> str:
 
 def workflow_sets(prompt: str, cfg: DemoConfig) -> List[str]:
     """``--set`` edits that make the toy workflow run exactly :class:`DemoConfig` (route 1 == route 2)."""
-    from .toy.world import TOY_CAMERA
-
-    camera = dict(zip(("elevation_min", "elevation_max"), TOY_CAMERA.elevation_range))
-    values = {
-        "DreamFlowNeRFStage": dict(prompt=prompt, seed=cfg.seed, iterations=cfg.nerf_iterations,
-                                   resolution=cfg.nerf_resolution, denoise_resolution=64,
-                                   views_per_update=cfg.nerf_views, method="apfo", cfg_scale=cfg.cfg_scale,
-                                   t_start=1.0, t_end=0.2, lr_grid=cfg.lr_grid, lr_mlp=cfg.lr_mlp,
-                                   grid_levels=cfg.hash_levels, grid_log2_size=cfg.hash_log2_size,
-                                   n_samples=cfg.n_samples, n_importance=cfg.n_importance, **camera),
-        "DreamFlowExtractMesh": dict(resolution=cfg.extract_resolution, face_budget=cfg.face_budget),
-        "DreamFlowMeshStage": dict(prompt=prompt, seed=cfg.seed, iterations=cfg.mesh_iterations,
-                                   resolution=cfg.mesh_resolution, denoise_resolution=64,
-                                   views_per_update=cfg.nerf_views, method="apfo", cfg_scale=cfg.cfg_scale,
-                                   t_start=0.5, t_end=0.1, **camera),
-        "DreamFlowSaveGLB": dict(texture_size=cfg.texture_size, turntable_views=cfg.turntable_views,
-                                 turntable_resolution=cfg.turntable_resolution),
-    }
-    return [f"{node}.{k}={v}" for node, kv in values.items() for k, v in kv.items()]
+    return [f"{node}.{k}={v}" for node, kv in widget_values(cfg, prompt).items() for k, v in kv.items()]
 
 
 def run_workflow(prompt: str, cfg: DemoConfig, output_dir: str, workflow: str = DEMO_WORKFLOW, log=print) -> str:

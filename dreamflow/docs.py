@@ -8,12 +8,11 @@ every default the code uses is written down.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
 import sys
-import textwrap
-from typing import Dict, List
+from typing import List
+
+from .config import field_docs
 
 BEGIN, END = "<!-- defaults:begin -->", "<!-- defaults:end -->"
 NODES_BEGIN, NODES_END = "<!-- nodes:begin -->", "<!-- nodes:end -->"
@@ -30,32 +29,13 @@ def _config_classes():
     from .render.volume import VolumeRenderConfig
     from .scene.hashgrid import HashGridConfig
     from .scene.mesh import MeshModelConfig
-    from .scene.mesh_io import MeshImportConfig
+    from .mesh_io import MeshImportConfig
     from .scene.nerf import BackgroundConfig, NeRFFieldConfig
     from .stages import ExtractConfig, MeshStageConfig, NeRFStageConfig, RefineConfig
 
     return [NeRFStageConfig, ExtractConfig, MeshStageConfig, RefineConfig, GuidanceConfig, SceneLoRAConfig,
             CameraConfig, NeRFFieldConfig, HashGridConfig, BackgroundConfig, VolumeRenderConfig, OccupancyConfig,
             ShadingConfig, MeshModelConfig, MeshImportConfig, ExportConfig, FastPathConfig]
-
-
-def field_docs(cls) -> Dict[str, str]:
-    """Docstrings written under each field of a dataclass (for it and its bases)."""
-    docs: Dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass) or klass is object:
-            continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        except (OSError, TypeError):
-            continue
-        body = tree.body[0].body
-        for node, nxt in zip(body, body[1:] + [None]):
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant) \
-                        and isinstance(nxt.value.value, str):
-                    docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
 
 
 def _fmt(value) -> str:

@@ -12,6 +12,11 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+#: Option key our nodes set on dropdowns filled from this machine's files (models, state files):
+#: a workflow saved on another machine may name a file not listed here, so the runner checks these
+#: when the node runs (the engine's loaders give the one-line error), not against the list.
+DYNAMIC_LIST = "dreamflow_dynamic"
+
 
 def folder_paths():
     """ComfyUI's ``folder_paths`` module when hosted, else ``None``."""

@@ -1,8 +1,8 @@
-"""What every DreamFlow node shares: custom types, widget specs read from engine configs, the wrapper
-of engine calls (autograd inside ComfyUI's inference mode, memory), folders, and a state-type check.
+"""What every DreamFlow node shares: custom types, the widget rows several nodes use (``widgets.py`` tables),
+the wrapper of engine calls (autograd inside ComfyUI's inference mode, memory), folders, and a state-type check.
 
-Nodes stay thin: widgets map to config fields, one engine call does the work. Widget defaults are read
-from the engine's config dataclasses, so the defaults users see are the engine's (paper) defaults.
+Nodes stay thin: one widget table per node maps widgets to config fields, one engine call does the work. Widget
+defaults are read from the engine's config dataclasses, so the defaults users see are the engine's (paper) defaults.
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ from contextlib import contextmanager
 from typing import Any, Dict, Iterator
 
 from dreamflow import hosting
+from dreamflow.hosting import DYNAMIC_LIST
 from dreamflow.errors import DreamFlowError, check
 from dreamflow.guidance import METHODS  # the dropdown's order: DreamFlow's APFO first
-from dreamflow.runner.defs import DYNAMIC_LIST
+
+from .widgets import Widget, WidgetTable
 
 # Custom types carried between nodes. Namespaced so they never meet core types (MESH, MODEL, ...).
 DENOISER = "DREAMFLOW_DENOISER"
@@ -26,132 +28,103 @@ SEED_MAX = 0xFFFFFFFFFFFFFFFF  # ComfyUI's KSampler seed range
 
 
 def dynamic_list(options: Dict[str, Any]) -> Dict[str, Any]:
-    """Mark a dropdown filled from this machine's files (models, states); see ``runner.defs.DYNAMIC_LIST``."""
+    """Mark a dropdown filled from this machine's files (models, states); see ``dreamflow.hosting.DYNAMIC_LIST``."""
     return {**options, DYNAMIC_LIST: True}
 
 
-def field_default(config: Any, path: str) -> Any:
-    """The value at dotted ``path`` of a config instance (``"guidance.cfg_scale"``)."""
-    value = config
-    for part in path.split("."):
-        value = getattr(value, part)
-    return value
+def prompt_rows(default_prompt: str) -> WidgetTable:
+    """The prompt widgets of the stage that starts from text (NeRFStage)."""
+    return WidgetTable(
+        Widget("prompt", kind="STRING", default=default_prompt, options={"multiline": True, "dynamicPrompts": False},
+               tooltip="What the object is. View words (front / side / back / overhead view) are appended per camera."),
+        Widget("negative_prompt", kind="STRING", default="", options={"multiline": True, "dynamicPrompts": False},
+               tooltip="What to avoid (classifier-free guidance's unconditional prompt); may stay empty."),
+    )
 
 
-def int_input(config: Any, path: str, lo: int, hi: int, tooltip: str, step: int = 1, **extra) -> tuple:
-    return ("INT", {"default": int(field_default(config, path)), "min": lo, "max": hi, "step": step,
-                    "tooltip": tooltip, **extra})
+#: The prompt widgets of a stage continuing a state (MeshStage, SDXLRefine): empty = the state's prompts.
+PROMPT_OVERRIDE_ROWS = WidgetTable(
+    Widget("prompt", kind="STRING", default="", options={"multiline": True, "dynamicPrompts": False},
+           tooltip="Empty (default): the prompt the mesh carries from the NeRF stage, typed once. Text here overrides "
+                   "it for this stage (logged when it differs)."),
+    Widget("negative_prompt", kind="STRING", default="", options={"multiline": True, "dynamicPrompts": False},
+           tooltip="Empty (default): the mesh's negative prompt from the NeRF stage. Text here overrides it for this "
+                   "stage."),
+)
 
 
-def float_input(config: Any, path: str, lo: float, hi: float, step: float, tooltip: str) -> tuple:
-    return ("FLOAT", {"default": float(field_default(config, path)), "min": lo, "max": hi, "step": step,
-                      "round": False, "tooltip": tooltip})
+def seed_row(tooltip: str = "Seed of the cameras, noise and initialisation; the same seed and settings reproduce a "
+                            "run on the same device.") -> Widget:
+    return Widget("seed", "seed", "INT", 0, SEED_MAX, tooltip=tooltip, options={"control_after_generate": True})
 
 
-def seed_input(config: Any, tooltip: str = "Seed of the cameras, noise and initialisation; the same seed "
-                                           "and settings reproduce a run on the same device.") -> tuple:
-    return ("INT", {"default": int(field_default(config, "seed")), "min": 0, "max": SEED_MAX,
-                    "control_after_generate": True, "tooltip": tooltip})
+def stage_rows(what: str, resolution_hi: int, resolution_tooltip: str, views_tooltip: str) -> WidgetTable:
+    """seed, iterations, resolution, denoise_resolution, views_per_update: the head every stage shares."""
+    return WidgetTable(
+        seed_row(),
+        Widget("iterations", "iterations", "INT", 1, 100000, 1, tooltip=f"Optimisation updates of {what}."),
+        Widget("resolution", "resolution", "INT", 16, resolution_hi, 16, resolution_tooltip),
+        Widget("denoise_resolution", "denoise_resolution", "INT", 8, 4096, 8,
+               "Size the renders are resized to before the denoiser's VAE encodes them, pixels: the denoiser's native "
+               "size (SD 1.5 / 2.1-base: 512, SD 2.1: 768, SDXL refiner: 1024)."),
+        Widget("views_per_update", "views_per_update", "INT", 1, 64, 1, views_tooltip),
+    )
 
 
-def prompt_inputs(default_prompt: str = "") -> Dict[str, tuple]:
-    return {
-        "prompt": ("STRING", {"multiline": True, "default": default_prompt, "dynamicPrompts": False,
-                              "tooltip": "What the object is. View words (front / side / back / overhead view) are "
-                                         "appended per camera."}),
-        "negative_prompt": ("STRING", {"multiline": True, "default": "", "dynamicPrompts": False,
-                                       "tooltip": "What to avoid (classifier-free guidance's unconditional prompt); "
-                                                  "may stay empty."}),
-    }
+#: method, cfg_scale, t_start, t_end, updates_per_t: the knobs of a stage config's ``guidance``.
+GUIDANCE_ROWS = WidgetTable(
+    Widget("method", "guidance.method", "COMBO", choices=lambda: list(METHODS),
+           tooltip="apfo: DreamFlow's approximate probability flow (decreasing t schedule); sds: DreamFusion score "
+                   "distillation; vsd: ProlificDreamer variational score distillation (scene LoRA)."),
+    Widget("cfg_scale", "guidance.cfg_scale", "FLOAT", 1.0, 100.0, 0.5,
+           "Classifier-free guidance scale (1 = off). APFO/VSD use ~7.5; SDS needs ~100."),
+    Widget("t_start", "guidance.t_start", "FLOAT", 0.0, 1.0, 0.01,
+           "Largest diffusion time, as a fraction of the 1000 training steps. APFO starts here and decreases to "
+           "t_end; SDS/VSD sample t in [t_end, t_start]. Must exceed t_end."),
+    Widget("t_end", "guidance.t_end", "FLOAT", 0.0, 1.0, 0.01,
+           "Smallest diffusion time (fraction of 1000 steps); where APFO's schedule ends."),
+    Widget("updates_per_t", "guidance.updates_per_t", "INT", 1, 1000, 1,
+           tooltip="APFO: updates sharing one timestep of the schedule, each on new random views (the ODE step is "
+                   "amortised over views)."),
+)
 
+LR_LORA = Widget("lr_lora", "guidance.lora.lr", "FLOAT", 0.0, 1.0, 0.00001,
+                 "APFO/VSD: Adam learning rate of the scene LoRA that models the current scene (threestudio VSD: "
+                 "1e-4); unused by SDS.")
 
-def guidance_inputs(config: Any) -> Dict[str, tuple]:
-    """method, cfg_scale, t_start, t_end, updates_per_t: the knobs of a stage config's ``guidance``."""
-    return {
-        "method": (list(METHODS), {"default": field_default(config, "guidance.method"),
-                                   "tooltip": "apfo: DreamFlow's approximate probability flow (decreasing t schedule); "
-                                              "sds: DreamFusion score distillation; vsd: ProlificDreamer variational "
-                                              "score distillation (scene LoRA)."}),
-        "cfg_scale": float_input(config, "guidance.cfg_scale", 1.0, 100.0, 0.5,
-                                 "Classifier-free guidance scale (1 = off). APFO/VSD use ~7.5; SDS needs ~100."),
-        "t_start": float_input(config, "guidance.t_start", 0.0, 1.0, 0.01,
-                               "Largest diffusion time, as a fraction of the 1000 training steps. APFO starts here and "
-                               "decreases to t_end; SDS/VSD sample t in [t_end, t_start]. Must exceed t_end."),
-        "t_end": float_input(config, "guidance.t_end", 0.0, 1.0, 0.01,
-                             "Smallest diffusion time (fraction of 1000 steps); where APFO's schedule ends."),
-        "updates_per_t": int_input(config, "guidance.updates_per_t", 1, 1000,
-                                   "APFO: updates sharing one timestep of the schedule, each on new random views "
-                                   "(the ODE step is amortised over views)."),
-    }
+#: Learning rates and regulariser weights shared by the mesh stage and SDXL refine.
+MESH_ROWS = WidgetTable(
+    Widget("lr_geometry", "lr_geometry", "FLOAT", 0.0, 1.0, 0.0001,
+           "Adam learning rate of the bounded vertex offsets (threestudio: 0.005)."),
+    Widget("lr_grid", "lr_grid", "FLOAT", 0.0, 1.0, 0.0001,
+           "Adam learning rate of the colour field's hash grid (threestudio: 0.01)."),
+    Widget("lr_mlp", "lr_mlp", "FLOAT", 0.0, 1.0, 0.0001, "Adam learning rate of the colour MLP (threestudio: 0.001)."),
+    LR_LORA,
+    Widget("lambda_normal_consistency", "lambda_normal_consistency", "FLOAT", 0.0, 1e7, 100.0,
+           "Weight of the normal-consistency smoothness between adjacent faces (threestudio: 10000); applies when "
+           "the geometry moves."),
+    Widget("lambda_laplacian", "lambda_laplacian", "FLOAT", 0.0, 1e7, 100.0,
+           "Weight of the Laplacian smoothness of the vertex offsets (threestudio: 10000); applies when the geometry "
+           "moves."),
+)
 
+#: The turntable preview every stage node shows (the node's own settings, no config field).
+PREVIEW_ROWS = WidgetTable(
+    Widget("preview_views", kind="INT", lo=1, hi=64, default=8,
+           tooltip="Views of the turntable preview image batch (azimuths evenly spaced)."),
+    Widget("preview_resolution", kind="INT", lo=16, hi=2048, step=16, default=256,
+           tooltip="Width = height of each preview view, pixels."),
+)
 
-def denoise_resolution_input(config: Any) -> tuple:
-    return int_input(config, "denoise_resolution", 8, 4096,
-                     "Size the renders are resized to before the denoiser's VAE encodes them, pixels: the "
-                     "denoiser's native size (SD 1.5 / 2.1-base: 512, SD 2.1: 768, SDXL refiner: 1024).", step=8)
-
-
-def lr_lora_input(config: Any) -> tuple:
-    return float_input(config, "guidance.lora.lr", 0.0, 1.0, 0.00001,
-                       "APFO/VSD: Adam learning rate of the scene LoRA that models the current scene "
-                       "(threestudio VSD: 1e-4); unused by SDS.")
-
-
-def mesh_inputs(config: Any) -> Dict[str, tuple]:
-    """Learning rates and regulariser weights shared by the mesh stage and SDXL refine."""
-    return {
-        "lr_geometry": float_input(config, "lr_geometry", 0.0, 1.0, 0.0001,
-                                   "Adam learning rate of the bounded vertex offsets (threestudio: 0.005)."),
-        "lr_grid": float_input(config, "lr_grid", 0.0, 1.0, 0.0001,
-                               "Adam learning rate of the colour field's hash grid (threestudio: 0.01)."),
-        "lr_mlp": float_input(config, "lr_mlp", 0.0, 1.0, 0.0001,
-                              "Adam learning rate of the colour MLP (threestudio: 0.001)."),
-        "lr_lora": lr_lora_input(config),
-        "lambda_normal_consistency": float_input(config, "lambda_normal_consistency", 0.0, 1e7, 100.0,
-                                                 "Weight of the normal-consistency smoothness between adjacent faces "
-                                                 "(threestudio: 10000); applies when the geometry moves."),
-        "lambda_laplacian": float_input(config, "lambda_laplacian", 0.0, 1e7, 100.0,
-                                        "Weight of the Laplacian smoothness of the vertex offsets (threestudio: "
-                                        "10000); applies when the geometry moves."),
-    }
-
-
-def mesh_changes(lr_geometry, lr_grid, lr_mlp, lambda_normal_consistency, lambda_laplacian) -> Dict[str, Any]:
-    return {"lr_geometry": lr_geometry, "lr_grid": lr_grid, "lr_mlp": lr_mlp,
-            "lambda_normal_consistency": lambda_normal_consistency, "lambda_laplacian": lambda_laplacian}
-
-
-def preview_inputs() -> Dict[str, tuple]:
-    return {
-        "preview_views": ("INT", {"default": 8, "min": 1, "max": 64,
-                                  "tooltip": "Views of the turntable preview image batch (azimuths evenly spaced)."}),
-        "preview_resolution": ("INT", {"default": 256, "min": 16, "max": 2048, "step": 16,
-                                       "tooltip": "Width = height of each preview view, pixels."}),
-    }
-
-
-def camera_inputs(config: Any) -> Dict[str, tuple]:
-    """The random cameras' elevation range (last widgets of a stage node, so saved workflows keep their values)."""
-    lo, hi = config.camera.elevation_range
-    return {
-        "elevation_min": ("FLOAT", {"default": float(lo), "min": -89.0, "max": 89.0, "step": 1.0, "round": False,
-                                    "tooltip": "Lowest camera elevation, degrees (threestudio: -10)."}),
-        "elevation_max": ("FLOAT", {"default": float(hi), "min": -89.0, "max": 89.0, "step": 1.0, "round": False,
-                                    "tooltip": "Highest camera elevation, degrees (threestudio: 45; above 60 the view "
-                                               "prompt says 'overhead view'; the toy prior was trained up to 80)."}),
-    }
-
-
-def camera_changes(elevation_min: float, elevation_max: float) -> Dict[str, Any]:
-    """Dotted config changes for :func:`dreamflow.config.replace` from :func:`camera_inputs`' widgets."""
-    return {"camera.elevation_range": (float(elevation_min), float(elevation_max))}
-
-
-def guidance_changes(method: str, cfg_scale: float, t_start: float, t_end: float, updates_per_t: int,
-                     lr_lora: float) -> Dict[str, Any]:
-    """Dotted config changes for :func:`dreamflow.config.replace` from the guidance widgets."""
-    return {"guidance.method": method, "guidance.cfg_scale": cfg_scale, "guidance.t_start": t_start,
-            "guidance.t_end": t_end, "guidance.updates_per_t": updates_per_t, "guidance.lora.lr": lr_lora}
+#: The random cameras' elevation range (last widgets of a stage node, so saved workflows keep their values): two
+#: widgets, one config field (``camera.elevation_range``, a (min, max) pair).
+CAMERA_ROWS = WidgetTable(
+    Widget("elevation_min", "camera.elevation_range", "FLOAT", -89.0, 89.0, 1.0, index=0,
+           tooltip="Lowest camera elevation, degrees (threestudio: -10)."),
+    Widget("elevation_max", "camera.elevation_range", "FLOAT", -89.0, 89.0, 1.0, index=1,
+           tooltip="Highest camera elevation, degrees (threestudio: 45; above 60 the view prompt says 'overhead "
+                   "view'; the toy prior was trained up to 80)."),
+)
 
 
 def make_config(cls, **changes):
@@ -168,8 +141,7 @@ def check_widgets(cls, values: Dict[str, Any], where: str) -> Dict[str, Any]:
     """Every widget value in ``values`` checked as the runner and ComfyUI check them (type, ``min`` / ``max``,
     finite floats, dropdown choices); ``None`` (an input fed by a link, as ComfyUI passes it to
     ``VALIDATE_INPUTS``) is skipped. Returns the values converted to their types."""
-    from dreamflow.runner.defs import node_def
-    from dreamflow.runner.validate import coerce
+    from dreamflow.node_defs import coerce, node_def
 
     d = node_def(where, cls.INPUT_TYPES(), cls)
     out = dict(values)
@@ -247,6 +219,19 @@ def save_last_good(error, node: str):
 
 OUTPUT_TAG = " [output]"
 """How Load State's list marks files of the output folder (ComfyUI's annotated names)."""
+
+
+def int_input(config: Any, path: str, lo: int, hi: int, tooltip: str, step: int = 1, **extra) -> tuple:
+    """One INT widget's ``INPUT_TYPES`` entry outside a widget table (Load Mesh's colour-field grid)."""
+    return Widget(path.rsplit(".", 1)[-1], path, "INT", lo, hi, step, tooltip, options=extra).spec(config)
+
+
+def check_table(table: WidgetTable, build, values: Dict[str, Any]) -> None:
+    """``build(**values)``, the config a node would run (validated, every float finite), when every widget of
+    ``table`` that sets a config field has a value (none is fed by a link)."""
+    if known(values, *(r.name for r in table.rows if r.path is not None)):
+        build(**values)
+
 
 
 def check_state(value, cls, node: str, input_name: str, fix: str):

@@ -4,7 +4,19 @@ from __future__ import annotations
 
 from dreamflow.stages import ExtractConfig, extract_mesh_state
 
-from .common import CATEGORY, MESH, NERF, Checked, engine_call, int_input, known, make_config, preview_inputs, to_image
+from .common import CATEGORY, MESH, NERF, PREVIEW_ROWS, Checked, check_table, engine_call, to_image
+from .widgets import Widget, WidgetTable
+
+#: The node's widgets, in saved-workflow order: one row each (name, config field, range, tooltip).
+WIDGETS = WidgetTable(
+    Widget("resolution", "resolution", "INT", 8, 1024, 8,
+           "Density grid samples per axis for marching cubes (256: ~0.008 world units per voxel)."),
+    Widget("threshold", "threshold", "FLOAT", -1.0, 1e6, 0.5, default=-1.0,
+           to_config=lambda v: "auto" if v < 0 else float(v),
+           tooltip="Density iso-level of the surface. Negative: automatic (robust rule from the density's range; "
+                   "threestudio's fixed value is 25)."),
+    Widget("face_budget", "face_budget", "INT", 0, 10_000_000, 1000, "Decimate to at most this many faces (0: keep all)."),
+) + PREVIEW_ROWS
 
 
 class ExtractMesh(Checked):
@@ -12,18 +24,10 @@ class ExtractMesh(Checked):
 
     @classmethod
     def INPUT_TYPES(cls):
-        c = ExtractConfig()
         return {
             "required": {
                 "nerf": (NERF, {"tooltip": "The NeRF to turn into a mesh (a NeRF stage's output)."}),
-                "resolution": int_input(c, "resolution", 8, 1024, "Density grid samples per axis for marching "
-                                        "cubes (256: ~0.008 world units per voxel).", step=8),
-                "threshold": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 1e6, "step": 0.5, "round": False,
-                                        "tooltip": "Density iso-level of the surface. Negative: automatic (robust "
-                                                   "rule from the density's range; threestudio's fixed value is 25)."}),
-                "face_budget": int_input(c, "face_budget", 0, 10_000_000, "Decimate to at most this many faces "
-                                         "(0: keep all).", step=1000),
-                **preview_inputs(),
+                **WIDGETS.inputs(ExtractConfig()),
             }
         }
 
@@ -37,19 +41,18 @@ class ExtractMesh(Checked):
                    "removal, decimation to the face budget. The NeRF's colour field comes along.")
 
     @classmethod
-    def build_config(cls, resolution, threshold, face_budget, **_):
-        return make_config(ExtractConfig, resolution=resolution, face_budget=face_budget,
-                           threshold="auto" if threshold < 0 else float(threshold))
+    def build_config(cls, **widgets) -> ExtractConfig:
+        return WIDGETS.config(ExtractConfig, widgets)
 
     @classmethod
     def check_values(cls, values):
-        if known(values, "resolution", "threshold", "face_budget"):
-            cls.build_config(**values)
+        check_table(WIDGETS, cls.build_config, values)
 
-    def extract(self, nerf, resolution, threshold, face_budget, preview_views, preview_resolution):
-        config = self.build_config(resolution, threshold, face_budget)
-        with engine_call(node="ExtractMesh", memory_hint=f"resolution (now {resolution}), preview_resolution or "
-                                                         f"preview_views"):
+    @WIDGETS.method("nerf")
+    def extract(self, nerf, **widgets):
+        config = self.build_config(**widgets)
+        with engine_call(node="ExtractMesh", memory_hint=f"resolution (now {widgets['resolution']}), "
+                                                         f"preview_resolution or preview_views"):
             mesh = extract_mesh_state(nerf, config)
-            preview = mesh.turntable(preview_views, preview_resolution)
+            preview = mesh.turntable(widgets["preview_views"], widgets["preview_resolution"])
         return (mesh, to_image(preview))

@@ -76,8 +76,8 @@ class LoadDenoiser(Checked):
                     "default": "graphs+compile",
                     "tooltip": "CUDA only. graphs+compile: UNet calls replayed from CUDA graphs over torch.compile'd "
                                "UNet / VAE blocks, fused LoRA optimiser (fastest updates; the first run of a model "
-                               "in a ComfyUI session compiles for ~2-5 min on an H100). graphs: no compiling, "
-                               "~15-25% slower updates (H100 per-piece timings). off: plain eager calls. Same results up to float rounding."}),
+                               "in a ComfyUI session compiles for minutes). graphs: no compiling, slower updates. off: "
+                               "plain eager calls. Same results up to float rounding (timings: bench/RESULTS.md)."}),
                 "vae_precision": (list(VAE_DTYPES), {"default": "auto",
                                                      "tooltip": "VAE precision. auto: the model's, but bf16 (else fp32) "
                                                                 "for VAEs that overflow in fp16 (SDXL refiner), as "

@@ -1,8 +1,8 @@
 """Meshes in and out of DreamFlow: DreamFlowLoadMesh (a file) and converters to / from ComfyUI core's ``MESH``
-and ``TRIMESH`` (``trimesh.Trimesh``, what most 3D packs pass). The work is in ``dreamflow.scene.mesh_io``.
+and ``TRIMESH`` (``trimesh.Trimesh``, what most 3D packs pass). The work is in ``dreamflow.mesh_io``.
 
 Each node's widgets are one table (name -> (config field, spec)), read both to build ``INPUT_TYPES`` and to map
-widget values onto :class:`~dreamflow.scene.mesh_io.MeshImportConfig`.
+widget values onto :class:`~dreamflow.mesh_io.MeshImportConfig`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Dict, List, Tuple
 
 from dreamflow import hosting
 from dreamflow.errors import DreamFlowError
-from dreamflow.scene.mesh_io import MAX_FACES, MESH_EXTENSIONS, UP_AXES, MeshImportConfig
+from dreamflow.mesh_io import MAX_FACES, MESH_EXTENSIONS, UP_AXES, MeshImportConfig
 
 from .common import CATEGORY, MESH, check_state, dynamic_list, engine_call, input_directory, int_input, make_config
 
@@ -26,9 +26,8 @@ EXAMPLE_TAG = " [example]"
 
 
 def _examples_dir() -> str:
-    from dreamflow.runner.defs import pack_root
-
-    return os.path.join(pack_root(), "samples")
+    """The pack's ``samples/`` folder (beside ``nodes/``)."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "samples")
 
 
 def _import_widgets(recenter_default: bool) -> Dict[str, Tuple[str, tuple]]:
@@ -49,8 +48,8 @@ def _import_widgets(recenter_default: bool) -> Dict[str, Tuple[str, tuple]]:
         "decimate_to": ("decimate_to", ("INT", {"default": c.decimate_to, "min": 0, "max": MAX_FACES, "tooltip": (
             f"Decimate meshes with more faces to this many (0: off; meshes over {MAX_FACES:,} faces need it).")})),
         "color_fit_steps": ("fit_steps", ("INT", {"default": c.fit_steps, "min": 0, "max": 10000, "tooltip": (
-            "Updates of the colour field's fit to the mesh's colours (0: none). ~0.2 s each on a CPU with the "
-            "default grid, ms on a GPU.")})),
+            "Updates of the colour field's fit to the mesh's colours (0: none). Each is cheap on a GPU and slower on "
+            "a CPU, more so with more grid levels (timings: bench/RESULTS.md).")})),
         "grid_levels": ("field.grid.n_levels", int_input(c, "field.grid.n_levels", 1, 32, (
             "Hash-grid levels of the colour field (the NeRF stage's default: 16; 8 is plenty for small renders "
             "and much faster on a CPU)."))),
@@ -140,7 +139,7 @@ class LoadMesh:
 
     def load(self, mesh_file, recenter, keep_colors, up_axis, decimate_to, color_fit_steps, grid_levels,
              grid_log2_size):
-        from dreamflow.scene.mesh_io import load_mesh_file
+        from dreamflow.mesh_io import load_mesh_file
 
         config = _config(LOAD_WIDGETS, locals())
         with engine_call(free=False):  # made outside inference mode: the stages train the colour field further
@@ -203,7 +202,7 @@ class MeshToCoreMesh(_MeshOut):
 
     @staticmethod
     def _out(mesh):
-        from dreamflow.scene.mesh_io import to_core_arrays
+        from dreamflow.mesh_io import to_core_arrays
 
         return core_mesh_class()(*to_core_arrays(mesh))
 
@@ -226,7 +225,7 @@ class CoreMeshToMesh:
                   "exactly unless recenter is on)."
 
     def convert(self, mesh, index, recenter, up_axis, decimate_to, color_fit_steps, grid_levels, grid_log2_size):
-        from dreamflow.scene.mesh_io import from_arrays
+        from dreamflow.mesh_io import from_arrays
 
         widgets = dict(locals())
         v, f = getattr(mesh, "vertices", None), getattr(mesh, "faces", None)
@@ -253,7 +252,7 @@ class MeshToTrimesh(_MeshOut):
 
     @staticmethod
     def _out(mesh):
-        from dreamflow.scene.mesh_io import to_trimesh
+        from dreamflow.mesh_io import to_trimesh
 
         return to_trimesh(mesh)
 
@@ -276,7 +275,7 @@ class TrimeshToMesh:
 
     def convert(self, trimesh, recenter, keep_colors, up_axis, decimate_to, color_fit_steps, grid_levels,
                 grid_log2_size):
-        from dreamflow.scene.mesh_io import from_trimesh
+        from dreamflow.mesh_io import from_trimesh
 
         config = _config(CONVERT_WIDGETS, locals())
         with engine_call(free=False):

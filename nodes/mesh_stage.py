@@ -5,15 +5,24 @@ from __future__ import annotations
 from dreamflow import hosting
 from dreamflow.stages import MeshStageConfig, run_mesh_stage
 
-from .common import (CATEGORY, DENOISER, MESH, Checked, camera_changes, camera_inputs, check_prompt_value, denoise_resolution_input, engine_call,
-                     guidance_changes, guidance_inputs, int_input, known, make_config, mesh_changes, mesh_inputs,
-                     preview_inputs, prompt_inputs, seed_input, to_image)
+from .common import (CAMERA_ROWS, CATEGORY, DENOISER, GUIDANCE_ROWS, MESH, MESH_ROWS, PREVIEW_ROWS,
+                     PROMPT_OVERRIDE_ROWS, Checked, check_table, engine_call, stage_rows, to_image)
+from .widgets import Widget, WidgetTable
 
 NODE = "DreamFlowMeshStage"
-CONFIG_INPUTS = ("seed", "iterations", "resolution", "denoise_resolution", "views_per_update", "method", "cfg_scale",
-                 "t_start", "t_end", "updates_per_t", "lr_geometry", "lr_grid", "lr_mlp", "lr_lora",
-                 "lambda_normal_consistency", "lambda_laplacian")
 MEMORY_HINT = "views_per_update, resolution or preview_resolution"
+
+#: The node's widgets, in saved-workflow order: one row each (name, config field, range, tooltip).
+WIDGETS = (PROMPT_OVERRIDE_ROWS
+           + stage_rows("the mesh", 2048, "Rasterised image size, pixels (paper stage 2: 512).",
+                        "Random cameras per update.")
+           + GUIDANCE_ROWS + MESH_ROWS + PREVIEW_ROWS
+           # last, so that workflows saved before them keep their widget values
+           + WidgetTable(Widget("texture_only", "optimize_geometry", "BOOLEAN", default=False,
+                                to_config=lambda v: not v,
+                                tooltip="Freeze the geometry: optimise the colour field only, the vertices stay "
+                                        "bit-identical (texture a loaded mesh)."))
+           + CAMERA_ROWS)
 
 
 class MeshStage(Checked):
@@ -21,27 +30,12 @@ class MeshStage(Checked):
 
     @classmethod
     def INPUT_TYPES(cls):
-        c = MeshStageConfig()
         return {
             "required": {
                 "denoiser": (DENOISER, {"tooltip": "An SD 1.x/2.x denoiser (paper: SD 2.1, as in the NeRF stage)."}),
-                "mesh": (MESH, {"tooltip": "The mesh to fine-tune (ExtractMesh's output, a loaded mesh state, or DreamFlow "
-                                           "Load Mesh / a converted MESH or TRIMESH)."}),
-                **prompt_inputs("A corgi standing up drinking boba."),
-                "seed": seed_input(c),
-                "iterations": int_input(c, "iterations", 1, 100000, "Optimisation updates of the mesh."),
-                "resolution": int_input(c, "resolution", 16, 2048, "Rasterised image size, pixels (paper stage 2: "
-                                        "512).", step=16),
-                "denoise_resolution": denoise_resolution_input(c),
-                "views_per_update": int_input(c, "views_per_update", 1, 64, "Random cameras per update."),
-                **guidance_inputs(c),
-                **mesh_inputs(c),
-                **preview_inputs(),
-                # last, so that workflows saved before it keep their widget values
-                "texture_only": ("BOOLEAN", {"default": not c.optimize_geometry,
-                                             "tooltip": "Freeze the geometry: optimise the colour field only, the "
-                                                        "vertices stay bit-identical (texture a loaded mesh)."}),
-                **camera_inputs(c),
+                "mesh": (MESH, {"tooltip": "The mesh to fine-tune (ExtractMesh's output, a loaded mesh state, or "
+                                           "DreamFlow Load Mesh / a converted MESH or TRIMESH)."}),
+                **WIDGETS.inputs(MeshStageConfig()),
             }
         }
 
@@ -55,28 +49,19 @@ class MeshStage(Checked):
                    "field with a differentiable rasterizer under APFO (or SDS/VSD), at 512 px.")
 
     @classmethod
-    def build_config(cls, seed, iterations, resolution, denoise_resolution, views_per_update, method, cfg_scale,
-                     t_start, t_end, updates_per_t, lr_geometry, lr_grid, lr_mlp, lr_lora, lambda_normal_consistency,
-                     lambda_laplacian, texture_only=False, elevation_min=-10.0, elevation_max=45.0, **_):
-        return make_config(MeshStageConfig, seed=seed, iterations=iterations, resolution=resolution,
-                           denoise_resolution=denoise_resolution, views_per_update=views_per_update,
-                           optimize_geometry=not texture_only, **camera_changes(elevation_min, elevation_max),
-                           **mesh_changes(lr_geometry, lr_grid, lr_mlp, lambda_normal_consistency, lambda_laplacian),
-                           **guidance_changes(method, cfg_scale, t_start, t_end, updates_per_t, lr_lora))
+    def build_config(cls, **widgets) -> MeshStageConfig:
+        return WIDGETS.config(MeshStageConfig, widgets)
 
     @classmethod
     def check_values(cls, values):
-        check_prompt_value(values, NODE)
-        if known(values, *CONFIG_INPUTS):
-            cls.build_config(**values)
+        # an empty prompt is the mesh's own (the prompt flows with the state); the stage checks it when it runs
+        check_table(WIDGETS, cls.build_config, values)
 
-    def run(self, denoiser, mesh, prompt, negative_prompt, seed, iterations, resolution, denoise_resolution,
-            views_per_update, method, cfg_scale, t_start, t_end, updates_per_t, lr_geometry, lr_grid, lr_mlp,
-            lr_lora, lambda_normal_consistency, lambda_laplacian, preview_views, preview_resolution, texture_only,
-            elevation_min, elevation_max):
-        config = self.build_config(**locals())  # the widgets by name (build_config ignores the rest)
+    @WIDGETS.method("denoiser", "mesh")
+    def run(self, denoiser, mesh, **widgets):
+        config = self.build_config(**widgets)
         with engine_call(node="MeshStage", memory_hint=MEMORY_HINT):
-            state = run_mesh_stage(denoiser, mesh, prompt, negative_prompt, config,
+            state = run_mesh_stage(denoiser, mesh, widgets["prompt"], widgets["negative_prompt"], config,
                                    callbacks=hosting.comfy_progress(config.iterations))
-            preview = state.turntable(preview_views, preview_resolution)
+            preview = state.turntable(widgets["preview_views"], widgets["preview_resolution"])
         return (state, to_image(preview))

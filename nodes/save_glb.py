@@ -7,9 +7,23 @@ import posixpath
 
 from dreamflow.export import ExportConfig, turntable_path
 
-from .common import CATEGORY, MESH, Checked, check_state, engine_call, int_input, known, make_config
+from .common import CATEGORY, MESH, Checked, check_state, check_table, engine_call
+from .widgets import Widget, WidgetTable
 
 NODE = "DreamFlowSaveGLB"
+
+#: The node's widgets, in saved-workflow order: one row each (name, config field, range, tooltip).
+WIDGETS = WidgetTable(
+    Widget("filename_prefix", kind="STRING", default="dreamflow/object",
+           tooltip="File name prefix inside the output folder; a counter and .glb are appended "
+                   "(dreamflow/object_00001_.glb)."),
+    Widget("texture_size", "texture_size", "INT", 64, 8192, 64,
+           "Width = height of the baked base-colour texture, texels."),
+    Widget("turntable_views", "turntable", "INT", 0, 360, 1,
+           "Views of a turntable of the saved, textured mesh, written beside the GLB as <name>_turntable.png and "
+           "shown on this node (0: none)."),
+    Widget("turntable_resolution", "turntable_resolution", "INT", 16, 4096, 16, "Side of each turntable view, pixels."),
+)
 
 
 class SaveGLB(Checked):
@@ -17,20 +31,10 @@ class SaveGLB(Checked):
 
     @classmethod
     def INPUT_TYPES(cls):
-        c = ExportConfig()
         return {
             "required": {
                 "mesh": (MESH, {"tooltip": "The textured mesh to save (any stage's 'mesh' output)."}),
-                "filename_prefix": ("STRING", {"default": "dreamflow/object",
-                                               "tooltip": "File name prefix inside the output folder; a counter and "
-                                                          ".glb are appended (dreamflow/object_00001_.glb)."}),
-                "texture_size": int_input(c, "texture_size", 64, 8192, "Width = height of the baked base-colour "
-                                          "texture, texels.", step=64),
-                "turntable_views": int_input(c, "turntable", 0, 360, "Views of a turntable of the saved, textured "
-                                             "mesh, written beside the GLB as <name>_turntable.png and shown on this "
-                                             "node (0: none)."),
-                "turntable_resolution": int_input(c, "turntable_resolution", 16, 4096, "Side of each turntable "
-                                                  "view, pixels.", step=16),
+                **WIDGETS.inputs(ExportConfig()),
             }
         }
 
@@ -49,16 +53,14 @@ class SaveGLB(Checked):
 
         if values.get("filename_prefix") is not None:
             check_output_target(values["filename_prefix"])
-        if known(values, "texture_size", "turntable_views", "turntable_resolution"):
-            make_config(ExportConfig, texture_size=values["texture_size"], turntable=values["turntable_views"],
-                        turntable_resolution=values["turntable_resolution"])
+        check_table(WIDGETS, lambda **v: WIDGETS.config(ExportConfig, v), values)
 
-    def save(self, mesh, filename_prefix, texture_size, turntable_views, turntable_resolution):
+    @WIDGETS.method("mesh")
+    def save(self, mesh, filename_prefix, turntable_views, **widgets):
         from dreamflow.io import claimed_output
         from dreamflow.state import MeshState
 
-        config = make_config(ExportConfig, texture_size=texture_size, turntable=turntable_views,
-                             turntable_resolution=turntable_resolution)
+        config = WIDGETS.config(ExportConfig, dict(widgets, turntable_views=turntable_views))
         check_state(mesh, MeshState, NODE, "mesh", "connect a stage's 'mesh' output (a NeRF must go through "
                                                    "ExtractMesh first)")
         with claimed_output(filename_prefix, "glb") as (full, rel), \

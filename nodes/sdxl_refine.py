@@ -1,18 +1,26 @@
-"""DreamFlowSDXLRefine: stage 3, the texture (and optionally geometry) refined under the SDXL refiner."""
+"""DreamFlowSDXLRefine: stage 3, the mesh's texture refined at 1024 px by APFO under the SDXL refiner."""
 
 from __future__ import annotations
 
 from dreamflow import hosting
 from dreamflow.stages import RefineConfig, run_refine_stage
 
-from .common import (CATEGORY, DENOISER, MESH, Checked, check_prompt_value, denoise_resolution_input, engine_call,
-                     guidance_changes, guidance_inputs, int_input, known, make_config, mesh_changes, mesh_inputs,
-                     preview_inputs, prompt_inputs, seed_input, to_image)
-from .mesh_stage import CONFIG_INPUTS as MESH_CONFIG_INPUTS
+from .common import (CATEGORY, DENOISER, GUIDANCE_ROWS, MESH, MESH_ROWS, PREVIEW_ROWS, PROMPT_OVERRIDE_ROWS, Checked,
+                     check_table, engine_call, stage_rows, to_image)
 from .mesh_stage import MEMORY_HINT
+from .widgets import Widget, WidgetTable
 
 NODE = "DreamFlowSDXLRefine"
-CONFIG_INPUTS = MESH_CONFIG_INPUTS + ("refine_geometry",)
+
+#: The node's widgets, in saved-workflow order: one row each (name, config field, range, tooltip).
+WIDGETS = (PROMPT_OVERRIDE_ROWS
+           + stage_rows("the refinement", 2048, "Rasterised image size, pixels (paper stage 3 and the refiner's "
+                        "native size: 1024).", "Random cameras per update.")
+           + GUIDANCE_ROWS
+           + WidgetTable(Widget("refine_geometry", "optimize_geometry", "BOOLEAN", to_config=bool,
+                                tooltip="Also move the vertices. Off (the paper's setting): texture only, the "
+                                        "vertices stay bit-identical."))
+           + MESH_ROWS + PREVIEW_ROWS)
 
 
 class SDXLRefine(Checked):
@@ -20,25 +28,12 @@ class SDXLRefine(Checked):
 
     @classmethod
     def INPUT_TYPES(cls):
-        c = RefineConfig()
         return {
             "required": {
                 "refiner": (DENOISER, {"tooltip": "The SDXL refiner from DreamFlow Load Denoiser "
                                                   "(sd_xl_refiner_1.0)."}),
                 "mesh": (MESH, {"tooltip": "The mesh to refine (the mesh stage's output)."}),
-                **prompt_inputs("A corgi standing up drinking boba."),
-                "seed": seed_input(c),
-                "iterations": int_input(c, "iterations", 1, 100000, "Optimisation updates of the refinement."),
-                "resolution": int_input(c, "resolution", 16, 2048, "Rasterised image size, pixels (paper stage 3 "
-                                        "and the refiner's native size: 1024).", step=16),
-                "denoise_resolution": denoise_resolution_input(c),
-                "views_per_update": int_input(c, "views_per_update", 1, 64, "Random cameras per update."),
-                **guidance_inputs(c),
-                "refine_geometry": ("BOOLEAN", {"default": bool(c.optimize_geometry),
-                                                "tooltip": "Also move the vertices. Off (the paper's setting): "
-                                                           "texture only, the vertices stay bit-identical."}),
-                **mesh_inputs(c),
-                **preview_inputs(),
+                **WIDGETS.inputs(RefineConfig()),
             }
         }
 
@@ -51,28 +46,19 @@ class SDXLRefine(Checked):
                    "low-noise schedule (t 0.3 -> 0); optionally the geometry too.")
 
     @classmethod
-    def build_config(cls, seed, iterations, resolution, denoise_resolution, views_per_update, method, cfg_scale,
-                     t_start, t_end, updates_per_t, refine_geometry, lr_geometry, lr_grid, lr_mlp, lr_lora,
-                     lambda_normal_consistency, lambda_laplacian, **_):
-        return make_config(RefineConfig, seed=seed, iterations=iterations, resolution=resolution,
-                           denoise_resolution=denoise_resolution, views_per_update=views_per_update,
-                           optimize_geometry=bool(refine_geometry),
-                           **mesh_changes(lr_geometry, lr_grid, lr_mlp, lambda_normal_consistency, lambda_laplacian),
-                           **guidance_changes(method, cfg_scale, t_start, t_end, updates_per_t, lr_lora))
+    def build_config(cls, **widgets) -> RefineConfig:
+        return WIDGETS.config(RefineConfig, widgets)
 
     @classmethod
     def check_values(cls, values):
-        check_prompt_value(values, NODE)
-        if known(values, *CONFIG_INPUTS):
-            cls.build_config(**values)
+        # an empty prompt is the mesh's own (the prompt flows with the state); the stage checks it when it runs
+        check_table(WIDGETS, cls.build_config, values)
 
-    def run(self, refiner, mesh, prompt, negative_prompt, seed, iterations, resolution, denoise_resolution,
-            views_per_update, method, cfg_scale, t_start, t_end, updates_per_t, refine_geometry, lr_geometry,
-            lr_grid, lr_mlp, lr_lora, lambda_normal_consistency, lambda_laplacian, preview_views,
-            preview_resolution):
-        config = self.build_config(**locals())  # the widgets by name (build_config ignores the rest)
+    @WIDGETS.method("refiner", "mesh")
+    def run(self, refiner, mesh, **widgets):
+        config = self.build_config(**widgets)
         with engine_call(node="SDXLRefine", memory_hint=MEMORY_HINT):
-            state = run_refine_stage(refiner, mesh, prompt, negative_prompt, config,
+            state = run_refine_stage(refiner, mesh, widgets["prompt"], widgets["negative_prompt"], config,
                                      callbacks=hosting.comfy_progress(config.iterations))
-            preview = state.turntable(preview_views, preview_resolution)
+            preview = state.turntable(widgets["preview_views"], widgets["preview_resolution"])
         return (state, to_image(preview))

@@ -27,3 +27,17 @@ def test_readme_names_both_setup_commands_and_ci_calls_make_test():
     assert "make demo" in text and "make test" in text
     with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as f:
         assert "make test" in f.read()
+
+
+def test_generated_sections_carry_no_measured_figures():
+    """Docstrings and tooltips say what and why; measured figures (timings, memory, cards) live in bench/RESULTS.md
+    with their date, card and commit, and the README's generated tables must not copy them."""
+    import re
+
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    figure = re.compile(r"H100|H200|A100|\b\d[\d.,]*\s?(ms|s|min|minutes|GiB|GB|MB)\b|R-precision \d")
+    for begin, end in ((docs.BEGIN, docs.END), (docs.NODES_BEGIN, docs.NODES_END)):
+        section = text[text.index(begin):text.index(end)]
+        found = [m.group(0) for m in figure.finditer(section)]
+        assert not found, f"measured figures in the generated README section {begin}: {found[:5]}"

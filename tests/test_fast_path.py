@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from dreamflow.denoisers import Denoiser, SceneDenoiser
-from dreamflow.denoisers.fast import FastPathConfig, _LoRAWatch, _signature, use_fused_adamw
+from dreamflow.denoisers.fast import FastPathConfig, use_fused_adamw
+from dreamflow.denoisers.graphs import _LoRAWatch, _signature
 from dreamflow.errors import DreamFlowError
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -160,7 +161,7 @@ def test_lora_watch_follows_the_scene_adapter(tiny_sd_path):
 def test_scene_call_rebuilds_the_eager_call_from_named_tensors(which, request):
     """What the scene graphs capture (_scene_call): named tensor inputs whose call equals the eager scene call,
     scalar t made a [B] tensor, every prompt-embedding field carried (the refiner's pooled and time ids too)."""
-    from dreamflow.denoisers.fast import _scene_call
+    from dreamflow.denoisers.graphs import _scene_call
 
     den = Denoiser.load(request.getfixturevalue(which), dtype="fp32", device="cpu")
     scene = SceneDenoiser(den, seed=1)
@@ -168,7 +169,7 @@ def test_scene_call_rebuilds_the_eager_call_from_named_tensors(which, request):
     x = torch.randn(2, 4, 8, 8, generator=g)
     cam = torch.randn(2, 16, generator=g)
     e = den.encode_prompt(["a red cube, front view", "a red cube, side view"], "blurry")
-    eager = type(scene).eps.__get__(scene)
+    eager = scene.eager_eps
     t, tensors, inputs, call = _scene_call(scene, eager, x, 0.4, e, cam)
     assert t.shape == (2,) and set(inputs) >= {"x", "t", "camera", "e_cond", "e_uncond"}
     assert all(isinstance(v, torch.Tensor) for v in inputs.values()) and len(tensors) == len(inputs)
@@ -291,10 +292,10 @@ def test_graphs_have_own_capture_streams_and_survive_dropped_graphs(tiny_sd_path
     cfg_graph = next(iter(fast._unet_graphs.graphs.values()))
     for shares in (False, True):  # the scene-eps graph, then the shared LoRA forward
         guidance = make_guidance(den, GuidanceConfig(method="apfo", lora_shares_noise=shares), total_updates=2, seed=0)
-        fast.prepare_guidance(guidance)
         guidance(x, e, torch.eye(4, device="cuda").flatten().expand(2, 16), 0)
         guidance.join()
-        scene_graphs = list(guidance.scene.output.graphs.graphs.values()) + list(guidance.scene.eps.graphs.graphs.values())
+        scene = guidance.scene
+        scene_graphs = list(scene.graphed_output.graphs.graphs.values()) + list(scene.graphed_eps.graphs.graphs.values())
         assert scene_graphs and all(g.capture_stream != cfg_graph.capture_stream for g in scene_graphs)
         guidance.close()
         del guidance, scene_graphs
@@ -336,7 +337,7 @@ def test_apfo_targets_fast_match_eager_over_lora_steps(tiny_sd_path, shares):
     """Graphed pretrained + scene predictions and fused AdamW give the eager targets x_hat, step after step,
     while the LoRA trains (the scene graphs read its weights in place). With ``lora_shares_noise``
     eps_phi comes from the LoRA step's graphed forward on the side stream, else from the scene-eps graph."""
-    from dreamflow.denoisers.fast import GraphedSceneEps, GraphedSceneOutput
+    from dreamflow.denoisers.graphs import GraphedSceneEps, GraphedSceneOutput
     from dreamflow.guidance import GuidanceConfig, make_guidance
 
     den = _cuda(tiny_sd_path)
@@ -349,15 +350,16 @@ def test_apfo_targets_fast_match_eager_over_lora_steps(tiny_sd_path, shares):
 
     def run(fast: bool):
         den.disable_fast_path()
-        guidance = make_guidance(den, cfg, total_updates=4, seed=0)
         if fast:
-            den.enable_fast_path(EXACT).prepare_guidance(guidance)
-            assert isinstance(guidance.scene.eps, GraphedSceneEps)
-            assert isinstance(guidance.scene.output, GraphedSceneOutput)
+            den.enable_fast_path(EXACT)
+        guidance = make_guidance(den, cfg, total_updates=4, seed=0)  # its scene model takes the fast path
+        if fast:
+            assert isinstance(guidance.scene.graphed_eps, GraphedSceneEps)
+            assert isinstance(guidance.scene.graphed_output, GraphedSceneOutput)
             assert guidance.scene.optimizer.defaults["fused"] is True
         targets = [guidance(latents, e, cam, step).target for step in range(4)]
         lora_moved = any(p.abs().sum() > 0 for n, p in den.unet.named_parameters() if "lora_B" in n)
-        replays = (guidance.scene.eps.graphs.replays, guidance.scene.output.graphs.replays) if fast else 0
+        replays = (guidance.scene.graphed_eps.graphs.replays, guidance.scene.graphed_output.graphs.replays) if fast else 0
         guidance.close()
         return targets, lora_moved, replays
 
@@ -376,7 +378,7 @@ def test_apfo_targets_fast_match_eager_over_lora_steps(tiny_sd_path, shares):
 def test_graphed_lora_training_step_matches_eager(which, request):
     """SceneDenoiser.train_step with its forward/backward replayed from graphs: the same losses and the same
     LoRA / camera-MLP weights after several steps as the eager step (same optimiser, same seeds)."""
-    from dreamflow.denoisers.fast import GraphedSceneOutput
+    from dreamflow.denoisers.graphs import GraphedSceneOutput
 
     den = _cuda(request.getfixturevalue(which))
     x0, _, e = _inputs(den, 2, 7)
@@ -387,13 +389,13 @@ def test_graphed_lora_training_step_matches_eager(which, request):
 
         scene = SceneDenoiser(den, SceneLoRAConfig(lr=1e-2, camera_dropout=0.5), seed=3)
         if graphed:
-            scene.output = GraphedSceneOutput(scene, den.enable_fast_path(EXACT))
+            scene.graphed_output = GraphedSceneOutput(scene, den.enable_fast_path(EXACT))
         g = torch.Generator(device="cuda").manual_seed(11)
         losses = [float(scene.train_step(x0, e, cam, generator=g)) for _ in range(5)]  # dropout coin: both cameras
         with torch.no_grad():
             eps = scene.eps(x0, torch.full((2,), 0.5, device="cuda"), e, cam)
         weights = {k: v.clone() for k, v in scene.state_tensors().items()}
-        replays = scene.output.graphs.replays if graphed else 0
+        replays = scene.graphed_output.graphs.replays if graphed else 0
         scene.remove()
         den.disable_fast_path()
         return losses, weights, eps, replays
@@ -443,9 +445,7 @@ def test_compiled_fast_path_matches_eager_within_fp16_tolerance(tiny_sd_path):
     cfg = GuidanceConfig(method="apfo", t_start=0.9, t_end=0.1, updates_per_t=1)
 
     def run():
-        guidance = make_guidance(den, cfg, total_updates=3, seed=0)
-        if den.fast_path is not None:
-            den.fast_path.prepare_guidance(guidance)
+        guidance = make_guidance(den, cfg, total_updates=3, seed=0)  # takes den's fast path when it is on
         with torch.no_grad():
             eps = den.predict_eps(x, t, e, 7.5)
         targets = [guidance(x, e, cam, step).target for step in range(3)]

@@ -204,8 +204,8 @@ def test_apfo_shared_forward_is_joined_before_the_cfg_call(tiny_sd, monkeypatch)
     order = []
     g = make_guidance(tiny_sd, GuidanceConfig(method="apfo", lora_shares_noise=True), total_updates=2, seed=0)
     try:
-        scene_eps, predict = g._scene_eps, tiny_sd.predict_eps
-        monkeypatch.setattr(g, "_scene_eps", lambda step: (order.append("join lora forward"), scene_eps(step))[1])
+        take, predict = g.scene_model._take, tiny_sd.predict_eps
+        monkeypatch.setattr(g.scene_model, "_take", lambda step: (order.append("join lora forward"), take(step))[1])
         monkeypatch.setattr(tiny_sd, "predict_eps", lambda *a, **k: (order.append("cfg"), predict(*a, **k))[1])
         g(_latents(tiny_sd), tiny_sd.encode_prompt(["a cube"] * 2), torch.eye(4).flatten().expand(2, 16), 0)
     finally:
@@ -257,3 +257,39 @@ def test_every_method_returns_the_same_log_fields(tiny_sd, method):
     assert out.loss.dim() == 0 and math.isfinite(float(out.loss))
     assert {"t", "sigma", "grad_norm"} <= set(out.log)
     assert float(out.log["grad_norm"]) > 0
+
+
+# ---------------------------------------------------------------------------------------------- registry
+def test_registry_holds_the_three_methods_in_dropdown_order():
+    from dreamflow.guidance import METHODS, REGISTRY
+    from dreamflow.guidance.apfo import APFOGuidance
+    from dreamflow.guidance.sds import SDSGuidance
+    from dreamflow.guidance.vsd import VSDGuidance
+
+    assert METHODS == ("apfo", "sds", "vsd")  # DreamFlow first: the nodes' dropdown order
+    assert REGISTRY == {"apfo": APFOGuidance, "sds": SDSGuidance, "vsd": VSDGuidance}
+
+
+def test_a_new_method_is_one_registered_class(tiny_sd):
+    """What a new method's file does: subclass Guidance and register it; config, factory and list follow."""
+    from dreamflow.guidance import REGISTRY, Guidance, GuidanceOutput, methods, register
+
+    @register
+    class Zero(Guidance):
+        name = "zero-test"
+
+        def __call__(self, latents, embeds, camera, step):
+            x = latents.float()
+            return GuidanceOutput(loss=self.target_loss(x, x), target=x.detach(), log={"t": 0.0})
+
+    try:
+        assert "zero-test" in methods()
+        g = make_guidance(tiny_sd, GuidanceConfig(method="zero-test"), total_updates=1)
+        assert isinstance(g, Zero) and g.scene is None
+        assert float(g(_latents(tiny_sd, b=1), None, None, 0).loss) == 0.0
+        with pytest.raises(DreamFlowError, match="registered twice"):
+            register(type("Other", (Guidance,), {"name": "zero-test"}))
+    finally:
+        REGISTRY.pop("zero-test")
+    with pytest.raises(DreamFlowError, match="unknown; use one of: apfo, sds, vsd"):
+        GuidanceConfig(method="zero-test").validate()

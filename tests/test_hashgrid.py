@@ -170,7 +170,7 @@ def test_bad_config_is_one_line_error():
 @pytest.mark.gpu
 def test_tcnn_matches_torch():
     """Same parameters, same points: tiny-cuda-nn and the torch path agree (outputs and table grads)."""
-    from dreamflow.render.backends import tinycudann
+    from dreamflow.backends import tinycudann
 
     if tinycudann() is None:
         pytest.skip("tiny-cuda-nn with CUDA not available")

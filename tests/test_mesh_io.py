@@ -18,7 +18,7 @@ import torch
 from dreamflow import hosting
 from dreamflow.errors import DreamFlowError
 from dreamflow.scene.mesh import uv_sphere
-from dreamflow.scene.mesh_io import (MeshImportConfig, from_arrays, from_trimesh, load_mesh_file, to_core_arrays,
+from dreamflow.mesh_io import (MeshImportConfig, from_arrays, from_trimesh, load_mesh_file, to_core_arrays,
                                      to_trimesh, vertex_colors, weld_vertices)
 from dreamflow.state import MeshState
 
@@ -139,7 +139,7 @@ def test_bad_files_are_refused_in_one_line(tmp_path, name, content, message):
 
 
 def test_no_faces_missing_file_and_too_many_faces(tmp_path, monkeypatch):
-    import dreamflow.scene.mesh_io as mio
+    import dreamflow.mesh_io as mio
 
     with pytest.raises(DreamFlowError, match="no faces"):
         from_arrays(np.zeros((3, 3)), np.zeros((0, 3), dtype=np.int64), small())

@@ -207,7 +207,7 @@ def test_nerf_stage_maps_widgets_to_config(record_stage):
     assert call["callbacks"] is not None and call["callbacks"].should_stop is hosting.interrupt_requested
     assert isinstance(nerf, FakeState)
     assert preview.shape == (3, 16, 16, 3) and preview.dtype == torch.float32 and preview.device.type == "cpu"
-    assert float(preview.min()) >= 0 and float(preview.max()) <= 1
+    assert torch.equal(preview, FakeState().turntable(3, 16))  # the state's turntable, passed through unchanged
 
 
 def test_engine_work_runs_with_autograd_inside_comfyui_inference_mode(monkeypatch):
@@ -489,3 +489,52 @@ def test_extract_mesh_node_on_a_real_nerf(folders):
     r = abs(tm.vertices).max()
     assert 0.2 < r < 0.9 and tm.volume > 0
     assert preview.shape == (2, 16, 16, 3) and preview.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------- widget tables
+def test_a_new_widget_is_one_table_row():
+    """One row gives the INPUT_TYPES entry (default from the config, tooltip from the field's docstring when the row
+    has none) and the config change; the node's FUNCTION takes it by name."""
+    from dreamflow.config import field_docs
+    from dreamflow.stages import NeRFStageConfig
+
+    widgets = importlib.import_module(f"{PACK_MODULE}.nodes.widgets")
+    table = widgets.WidgetTable(widgets.Widget("lambda_sparsity", "lambda_sparsity", "FLOAT", 0.0, 1e4, 0.1),
+                                widgets.Widget("grid_levels", "nerf.grid.n_levels", "INT", 1, 32, 1, "Levels."),
+                                widgets.Widget("preview_views", kind="INT", lo=1, hi=64, default=8, tooltip="Views."))
+    c = NeRFStageConfig()
+    spec = table.inputs(c)
+    assert list(spec) == ["lambda_sparsity", "grid_levels", "preview_views"]
+    assert spec["lambda_sparsity"] == ("FLOAT", {"default": c.lambda_sparsity, "min": 0.0, "max": 1e4, "step": 0.1,
+                                                 "round": False,
+                                                 "tooltip": field_docs(NeRFStageConfig)["lambda_sparsity"]})
+    assert spec["grid_levels"][1]["default"] == c.nerf.grid.n_levels and spec["preview_views"][1]["default"] == 8
+    cfg = table.config(NeRFStageConfig, {"lambda_sparsity": 2.5, "grid_levels": 5, "preview_views": 3})
+    assert (cfg.lambda_sparsity, cfg.nerf.grid.n_levels) == (2.5, 5) and cfg.nerf.grid.log2_hashmap_size == \
+        c.nerf.grid.log2_hashmap_size
+
+    seen = {}
+
+    class Node:
+        @table.method("denoiser", optional=("init",))
+        def run(self, denoiser, init=None, **values):
+            seen.update(values, denoiser=denoiser, init=init)
+
+    params = list(inspect.signature(Node.run).parameters)
+    assert params == ["self", "denoiser", "lambda_sparsity", "grid_levels", "preview_views", "init"]
+    Node().run(denoiser="d", lambda_sparsity=1.0, grid_levels=2, preview_views=3)
+    assert seen == {"denoiser": "d", "init": None, "lambda_sparsity": 1.0, "grid_levels": 2, "preview_views": 3}
+    with pytest.raises(TypeError):
+        Node().run(denoiser="d", lambda_sparsity=1.0, grid_levels=2)  # a missing widget fails as with a signature
+    with pytest.raises(TypeError):
+        Node().run(denoiser="d", lambda_sparsity=1.0, grid_levels=2, preview_views=3, typo=1)
+
+
+@pytest.mark.parametrize("node_id", ["DreamFlowNeRFStage", "DreamFlowExtractMesh", "DreamFlowMeshStage",
+                                     "DreamFlowSDXLRefine", "DreamFlowSaveGLB"])
+def test_node_widgets_come_from_its_table(node_id):
+    """Every widget of the node is a row of its table, in INPUT_TYPES order (sockets first)."""
+    cls = NODES[node_id]
+    table = importlib.import_module(cls.__module__).WIDGETS
+    required = list(cls.INPUT_TYPES()["required"])
+    assert required[len(required) - len(table.names):] == list(table.names)

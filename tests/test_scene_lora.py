@@ -285,3 +285,30 @@ def test_camera_dropout_is_decided_on_the_device_at_the_configured_rate(den):
     assert 0 < sum(seen) < n
     del scene.output
     scene.remove()
+
+
+def test_scene_model_door_eps_and_step_equal_the_network_calls(den):
+    """SceneModel (what guidance uses): eps() is the network's prediction in float32; eps(share=...) is the first
+    LoRA step's forward at those noisy latents, which the next step() finishes as its first step; close() leaves
+    the UNet as loaded. Eager here (CPU); the CUDA twins are in test_fast_path.py."""
+    from dreamflow.denoisers.scene_model import SceneModel
+
+    model = SceneModel(den, SceneLoRAConfig(lr=1e-2, camera_dropout=0.0), seed=1)
+    try:
+        x, cam, e = _batch(den, 3)
+        t = torch.tensor([0.4, 0.7])
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+        x_t = den.add_noise(x, noise, t)
+        with torch.no_grad():
+            ref = model.net.eps(x_t, t, e, cam).float()
+        assert torch.equal(model.eps(x_t, t, e, cam), ref)
+        shared = model.eps(x_t, t, e, cam, share=(x, noise, torch.Generator().manual_seed(5)))
+        torch.testing.assert_close(shared, ref, rtol=0, atol=1e-6)  # same weights, same x_t: same prediction
+        before = {k: v.clone() for k, v in model.net.state_tensors().items()}
+        loss = model.step(x, e, cam, t, torch.Generator().manual_seed(6), steps=2)
+        assert loss.dim() == 0 and torch.isfinite(loss) and model.net.steps == 2 and model._begun is None
+        assert any(not torch.equal(v, before[k]) for k, v in model.state_tensors().items())
+        assert model.step(x, e, cam, t, torch.Generator(), steps=0) is None and model.net.steps == 2
+    finally:
+        model.close()
+    assert model.net is None and not getattr(den.unet, "peft_config", None)

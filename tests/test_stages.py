@@ -214,6 +214,41 @@ def test_refine_changes_colour_only_by_default(tiny_refiner, tiny_sd, mesh_state
         run_refine_stage(tiny_sd, mesh_state, PROMPT, "", mesh_cfg(RefineConfig))
 
 
+
+def test_mesh_stages_take_the_states_prompt_and_log_an_override(mesh_state, caplog):
+    """The prompt is typed once (NeRF stage) and flows with the state; a differing override is logged."""
+    from dreamflow.stages.mesh_stage import state_prompts
+
+    assert mesh_state.prompt == PROMPT
+    assert state_prompts(mesh_state, None, None, "MeshStage") == (PROMPT, mesh_state.negative_prompt)
+    with caplog.at_level("WARNING", logger="dreamflow"):
+        assert state_prompts(mesh_state, "  ", "", "MeshStage") == (PROMPT, mesh_state.negative_prompt)
+        assert state_prompts(mesh_state, PROMPT + " ", None, "MeshStage")[0] == PROMPT  # the same: nothing logged
+        assert not caplog.records
+        assert state_prompts(mesh_state, "a blue cat", "blurry", "SDXLRefine") == ("a blue cat", "blurry")
+    (record,) = [r for r in caplog.records if "prompt override" in r.getMessage()]
+    assert "SDXLRefine" in record.getMessage() and "a blue cat" in record.getMessage() and PROMPT in record.getMessage()
+
+
+def test_mesh_stage_without_a_prompt_runs_on_the_states_and_continues_its_own_lora(tiny_sd, mesh_state, monkeypatch):
+    """run_mesh_stage(prompt=None): the state's prompt reaches the guidance and the new state. A mesh stage after a
+    mesh stage continues the carried scene LoRA (as a NeRF stage continues its init's); after ExtractMesh none."""
+    from dreamflow.stages import mesh_stage
+
+    seen = []
+    real = mesh_stage.optimise
+
+    def spy(**kwargs):
+        seen.append((kwargs["prompt"], kwargs["guidance_state"]))
+        return real(**kwargs)
+
+    monkeypatch.setattr(mesh_stage, "optimise", spy)
+    first = run_mesh_stage(tiny_sd, mesh_state, config=mesh_cfg(iterations=1))
+    assert first.prompt == PROMPT and first.lora  # APFO trained a scene LoRA
+    second = run_mesh_stage(tiny_sd, first, config=mesh_cfg(iterations=1))
+    assert [p for p, _ in seen] == [PROMPT, PROMPT] and second.prompt == PROMPT
+    assert seen[0][1] is None and seen[1][1] is first.lora
+
 def test_glb_and_turntable_from_mesh_state(mesh_state, tmp_path):
     import trimesh
 
@@ -222,7 +257,8 @@ def test_glb_and_turntable_from_mesh_state(mesh_state, tmp_path):
     geom = list(scene.geometry.values())[0] if hasattr(scene, "geometry") else scene
     assert len(geom.faces) == len(mesh_state.faces)
     imgs = mesh_state.turntable(n_views=3, resolution=32)
-    assert imgs.shape == (3, 32, 32, 3) and float(imgs.min()) >= 0 and float(imgs.max()) <= 1
+    assert imgs.shape == (3, 32, 32, 3) and imgs.dtype == torch.float32
+    assert not torch.equal(imgs[0], imgs[1]) and not torch.equal(imgs[1], imgs[2])  # three different azimuths
     assert float((imgs < 0.99).float().mean()) > 0.01  # the object is visible on white
 
 

@@ -107,8 +107,9 @@ def test_prompts_parse_and_refuse_outside_world():
     assert "\n" not in msg and all(s in msg for s in W.SHAPES) and all(c in msg for c in W.COLOUR_NAMES)
 
 
-def test_caption_table_matches_indices():
-    from dreamflow.toy.train import caption_index, caption_table
+def test_caption_table_matches_indices(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    from toy_training import caption_index, caption_table
 
     table = caption_table()
     assert len(table) == len(W.SHAPES) * len(W.COLOUR_NAMES) * len(VIEW_WORDS) + 1 and table[-1] == ""

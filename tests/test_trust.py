@@ -624,8 +624,9 @@ def test_node_out_of_memory_outside_the_loop_names_the_node_setting(monkeypatch)
 
 @pytest.mark.parametrize("node_id,inputs,message", [
     ("DreamFlowNeRFStage", {"prompt": "   "}, "prompt is empty"),
-    ("DreamFlowMeshStage", {"prompt": ""}, "prompt is empty"),
-    ("DreamFlowSDXLRefine", {"prompt": "\n"}, "prompt is empty"),
+    # MeshStage / SDXLRefine: an empty prompt is the mesh state's (issue 18), so their own bad values stand here
+    ("DreamFlowMeshStage", {"t_start": 0.1, "t_end": 0.5}, "t_end"),
+    ("DreamFlowSDXLRefine", {"lr_geometry": float("nan")}, "finite"),
     ("DreamFlowNeRFStage", {"t_start": 0.1, "t_end": 0.5}, "t_end"),
     ("DreamFlowMeshStage", {"iterations": 0}, "below its minimum"),
     ("DreamFlowExtractMesh", {"threshold": float("nan")}, "finite"),
@@ -811,3 +812,13 @@ def test_model_index_that_is_not_a_utf8_json_object_is_one_line(tmp_path, conten
     with pytest.raises(DreamFlowError, match="model index") as e:
         Denoiser.load(str(folder))
     one_line(e)
+
+
+@pytest.mark.parametrize("node_id", ["DreamFlowMeshStage", "DreamFlowSDXLRefine"])
+@pytest.mark.parametrize("prompt", ["", "   ", "\n"])
+def test_stages_continuing_a_state_take_its_prompt_when_theirs_is_blank(node_id, prompt):
+    """Blank = the mesh state's prompt (issue 18): not refused at queue time; the stage checks the state's."""
+    values = dict(widget_defaults(node_id), prompt=prompt)
+    assert NODES[node_id].VALIDATE_INPUTS(**values) is True
+    assert isinstance(NODES["DreamFlowNeRFStage"].VALIDATE_INPUTS(**dict(widget_defaults("DreamFlowNeRFStage"),
+                                                                       prompt=prompt)), str)

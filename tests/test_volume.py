@@ -220,6 +220,7 @@ def test_fp16_mlp_option_leaves_cpu_float32_and_unchanged():
         assert outs[0][k].dtype == torch.float32 and torch.equal(outs[0][k], outs[1][k]), k
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="float16 MLPs run on CUDA tensors only")
 def test_fp16_mlp_on_cuda_close_to_float32():
     pts = (torch.rand(4096, 3, generator=torch.Generator().manual_seed(3)) * 2 - 1).cuda()

@@ -101,8 +101,16 @@ def test_workflow_converts_and_validates(name):
     (p3d,) = by_type(prompt, "Preview3D").values()
     (save_id,) = by_type(prompt, "DreamFlowSaveGLB")
     assert p3d["inputs"]["model_file"] == [save_id, 0]
-    for stage in list(by_type(prompt, "DreamFlowNeRFStage").values()) + list(by_type(prompt, "DreamFlowMeshStage").values()):
+    for stage in by_type(prompt, "DreamFlowNeRFStage").values():
         assert stage["inputs"]["prompt"].strip()
+    # the prompt is typed once: later stages take the one their state carries (empty widget = no override); a
+    # mesh loaded from a file carries none, so the stage it feeds is where the prompt is typed
+    for kind in ("DreamFlowMeshStage", "DreamFlowSDXLRefine"):
+        for stage in by_type(prompt, kind).values():
+            if prompt[stage["inputs"]["mesh"][0]]["class_type"] == "DreamFlowLoadMesh":
+                assert stage["inputs"]["prompt"].strip()
+            else:
+                assert stage["inputs"]["prompt"] == ""
 
 
 @pytest.mark.parametrize("name", sorted(WORKFLOWS))
@@ -146,8 +154,10 @@ def test_paper_workflow_has_the_paper_settings():
     assert (nerf["inputs"]["resolution"], nerf["inputs"]["t_start"], nerf["inputs"]["t_end"]) == (256, 1.0, 0.2)
     assert (mesh["inputs"]["resolution"], mesh["inputs"]["t_start"], mesh["inputs"]["t_end"]) == (512, 0.5, 0.1)
     assert (refine["inputs"]["resolution"], refine["inputs"]["t_start"], refine["inputs"]["t_end"]) == (1024, 0.3, 0.0)
+    assert nerf["inputs"]["prompt"] == "A corgi standing up drinking boba."
     for stage in (nerf, mesh, refine):
-        assert stage["inputs"]["prompt"] == "A corgi standing up drinking boba." and stage["inputs"]["method"] == "apfo"
+        assert stage["inputs"]["method"] == "apfo"
+    assert mesh["inputs"]["prompt"] == refine["inputs"]["prompt"] == ""  # the state's prompt flows on
     refiner_id = next(k for k, e in by_type(prompt, "DreamFlowLoadDenoiser").items()
                       if "xl-refiner" in e["inputs"]["model_name"])
     assert refine["inputs"]["refiner"] == [refiner_id, 0]

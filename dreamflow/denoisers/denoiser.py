@@ -111,8 +111,8 @@ def resolve_vae_dtype(vae_dtype: Union[str, torch.dtype], dtype: torch.dtype, fo
     """The VAE's dtype. ``"auto"``: the model's ``dtype``, except a float16 model whose VAE overflows in float16
     (``force_upcast`` in its config: the SDXL / refiner VAE) gets bfloat16 where the GPU supports it (same range
     as float32; ComfyUI 0.3.64 runs these VAEs in bfloat16 by default: ``comfy/sd.py`` working_dtypes
-    [bfloat16, float32]) and float32 otherwise. Measured on an H100 (bench/RESULTS.md): the refiner's 2 x 1024 px
-    encode + backward takes 274 ms / 30.6 GiB in float32. "fp32", "bf16", "fp16" or a torch.dtype force one."""
+    [bfloat16, float32]) and float32 otherwise; float32 makes the refiner's 1024 px encode + backward far slower and
+    heavier (bench/RESULTS.md run 3). "fp32", "bf16", "fp16" or a torch.dtype force one."""
     if vae_dtype == "auto":
         if dtype == torch.float16 and force_upcast:
             bf16 = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -124,7 +124,7 @@ def resolve_vae_dtype(vae_dtype: Union[str, torch.dtype], dtype: torch.dtype, fo
 
 
 #: "auto" VAE checkpointing turns on for every encode below this much GPU memory (GiB): the refine stage's
-#: 2 x 1024 px encode + backward keeps ~9-12 GiB of VAE activations in bfloat16 (H100, bench/RESULTS.md).
+#: 2 x 1024 px encode + backward keeps a large share of a 40 GiB card in VAE activations (bench/RESULTS.md run 3).
 VAE_CHECKPOINTING_BELOW_GIB = 40.0
 #: ... and, on bigger cards, for encodes of images this large (px per side): the refine stage's 1024 px views,
 #: whose VAE activations alone would break the 20 GB budget of issue 6 (the NeRF / mesh stages' 512 px encodes

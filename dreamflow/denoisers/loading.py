@@ -313,7 +313,7 @@ def load_folder(folder: str, dtype: Optional[torch.dtype] = None, text_dtype: Op
             folder, subfolder="unet", torch_dtype=dtype, **common)),
         vae=_load_guarded("the VAE", files["vae"], lambda: AutoencoderKL.from_pretrained(
             folder, subfolder="vae", torch_dtype=vae_dtype, **common)),
-        scheduler_config=_read_scheduler_config(folder))
+        scheduler_config=read_scheduler_config(folder))
     if kind == "sd":
         out.text_encoder = _load_guarded("the text encoder", files["text_encoder"], lambda: CLIPTextModel.from_pretrained(
             os.path.join(folder, "text_encoder"), **_transformers_dtype_kw(text_dtype), **common))
@@ -330,7 +330,7 @@ def load_folder(folder: str, dtype: Optional[torch.dtype] = None, text_dtype: Op
     return out
 
 
-def _read_scheduler_config(folder: str) -> dict:
+def read_scheduler_config(folder: str) -> dict:
     path = os.path.join(folder, "scheduler", "scheduler_config.json")
     return read_json_object(path, "scheduler config", "re-download the model")
 
@@ -472,7 +472,7 @@ def load_single_file(path: str, dtype: Optional[torch.dtype] = None, text_dtype:
         kw.update(tokenizer_2=tok, tokenizer=None, text_encoder=None)
     pipe = _load_guarded("the single-file checkpoint", [path], lambda: cls.from_single_file(path, **kw))
     out = LoadedComponents(kind=kind, path=path, model_index=index, unet=pipe.unet, vae=pipe.vae,
-                           scheduler_config=_read_scheduler_config(config_dir), extras={"config_dir": config_dir})
+                           scheduler_config=read_scheduler_config(config_dir), extras={"config_dir": config_dir})
     if kind == "sd":
         out.text_encoder, out.tokenizer = pipe.text_encoder, pipe.tokenizer
     else:

@@ -133,6 +133,10 @@ class SceneDenoiser(torch.nn.Module):
                                            weight_decay=config.weight_decay)
         self.steps = 0
         self._removed = False
+        #: Graphed twins of :meth:`eager_eps` / :meth:`eager_output` (same signature and result), installed by the
+        #: denoiser's fast path (``FastPath.accelerate``); None = eager.
+        self.graphed_eps = None
+        self.graphed_output = None
 
     # ------------------------------------------------------------------ switching
     def _set_adapter(self, on: bool) -> None:
@@ -185,7 +189,14 @@ class SceneDenoiser(torch.nn.Module):
 
     # ------------------------------------------------------------------ use
     def output(self, x_t: torch.Tensor, t, embeds: PromptEmbeds, camera: Optional[torch.Tensor]) -> torch.Tensor:
-        """Raw scene-model UNet output (eps or v, as the pretrained model), conditional branch only."""
+        """Raw scene-model UNet output (eps or v, as the pretrained model), conditional branch only: from the fast
+        path's graphs when installed (``graphed_output``), else :meth:`eager_output`."""
+        if self.graphed_output is not None:
+            return self.graphed_output(x_t, t, embeds, camera)
+        return self.eager_output(x_t, t, embeds, camera)
+
+    def eager_output(self, x_t: torch.Tensor, t, embeds: PromptEmbeds, camera: Optional[torch.Tensor]) -> torch.Tensor:
+        """:meth:`output`, run eagerly."""
         self._check_alive()
         with self._scene_call(camera, x_t.shape[0]):
             return self.denoiser.unet_output(x_t, t, embeds, cond=True)
@@ -199,7 +210,15 @@ class SceneDenoiser(torch.nn.Module):
             embeds: prompt embeddings (only ``cond`` is used).
             camera: [B, 16] flattened c2w (``Cameras.condition()``), or None for the unconditional camera (zeros
                 are what training dropout shows; None skips the embedding, which is the same at init).
+
+        From the fast path's graphs when installed (``graphed_eps``), else :meth:`eager_eps`.
         """
+        if self.graphed_eps is not None:
+            return self.graphed_eps(x_t, t, embeds, camera)
+        return self.eager_eps(x_t, t, embeds, camera)
+
+    def eager_eps(self, x_t: torch.Tensor, t, embeds: PromptEmbeds, camera: Optional[torch.Tensor]) -> torch.Tensor:
+        """:meth:`eps`, run eagerly (its UNet call goes through :meth:`output`)."""
         out = self.output(x_t, t, embeds, camera)
         return self.denoiser.eps_from_output(out, x_t, t)
 

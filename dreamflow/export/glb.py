@@ -55,8 +55,8 @@ class ExportConfig:
     """Rasterizer for the bake and the turntable: "auto" (nvdiffrast if usable, else torch), "torch" or "cuda"."""
     unwrap_worker: bool = True
     """Run the UV unwrap (xatlas, most of an export's time) in a child process: xatlas holds the interpreter lock
-    throughout, which froze a hosting ComfyUI server (HTTP, websocket, Cancel) for 18 s at 50k faces (measured);
-    in a child the server keeps answering and Cancel terminates it. False: in this process (no child start-up)."""
+    throughout, which froze a hosting ComfyUI server (HTTP, websocket, Cancel) for the whole unwrap (measured:
+    bench/RESULTS.md); in a child the server keeps answering and Cancel terminates it. False: in this process (no child start-up)."""
 
     def validate(self) -> "ExportConfig":
         from ..config import check_finite

@@ -28,14 +28,16 @@ from __future__ import annotations
 
 import torch
 
-from .base import Guidance, GuidanceOutput
+from .base import Guidance, GuidanceOutput, register
 from .schedule import TimestepSchedule
 
 
+@register
 class APFOGuidance(Guidance):
     """DreamFlow's guidance. Deterministic given the seed: the schedule is fixed, noise is seeded."""
 
     name = "apfo"
+    order = 0
     uses_scene_lora = True
 
     def __init__(self, denoiser, config, total_updates: int, seed: int = 0):
@@ -53,31 +55,26 @@ class APFOGuidance(Guidance):
         return self.schedule.at(step, self.denoiser.sigma)
 
     def __call__(self, latents, embeds, camera, step: int) -> GuidanceOutput:
-        self.join()  # the scene model below reads the LoRA the last update's steps wrote
         x = latents.float()
         B = x.shape[0]
         t_i, t_next = self.timesteps(step)
         t = self._t(t_i, B)
         sigma_i = self.denoiser.sigma(t)
         sigma_next = self.denoiser.sigma(self._t(t_next, B))
-        begun = None
         if self.config.lora_shares_noise and self.config.lora_steps_per_update > 0:
-            # One scene-model forward: eps_phi for the target and the first LoRA step's loss, at the same x_t.
+            # One scene-model forward: eps_phi for the target and the first LoRA step's loss, at the same x_t
+            # (the scene model waits for that forward before the CFG call below is queued).
             eps, x_t = self._noisy(x, t)
-            begun = self._begin_shared_lora(x, eps, t, embeds, camera)
-            # The main stream waits for that forward before the CFG call: two CUDA-graph replays side by side
-            # (the LoRA's forward graph and the CFG graph, captured on one capture stream) hung an H100.
-            eps_scene = self._scene_eps(begun)
+            eps_scene = self.scene_model.eps(x_t, t, embeds, camera, share=(x, eps, self.generator))
             eps_pretrained = self._pretrained_eps(x_t, t, embeds)
         else:
             _, x_t, eps_pretrained = self._noisy_prediction(x, t, embeds)
-            with torch.no_grad():
-                eps_scene = self.scene.eps(x_t, t, embeds, camera).float()
+            eps_scene = self.scene_model.eps(x_t, t, embeds, camera)
         with torch.no_grad():
             delta = (sigma_i - sigma_next).view(B, 1, 1, 1) / self._step_unit
             x_hat = x.detach() - delta * (eps_pretrained - eps_scene)
         loss = self.target_loss(x, x_hat)
-        lora_loss = self._train_lora(x, embeds, camera, t, begun=begun)
+        lora_loss = self.scene_model.step(x, embeds, camera, t, self.generator, self.config.lora_steps_per_update)
         log = {"t": t_i, "t_next": t_next, "sigma": sigma_i[0].detach(), "sigma_next": sigma_next[0].detach(),
                "grad_norm": (x.detach() - x_hat).flatten(1).norm(dim=1).mean(), "lora_loss": lora_loss}
         return GuidanceOutput(loss=loss, target=x_hat, log=log)

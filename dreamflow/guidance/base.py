@@ -13,22 +13,34 @@ Every method writes its update as a stop-gradient target (threestudio's formulat
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
+from ..denoisers.scene import SceneLoRAConfig
+from ..denoisers.scene_model import SceneModel
 from ..errors import DivergenceError, check
-from ..seeding import derived_seed
+from ..seeding import SEED_GUIDANCE_NOISE, SEED_SCENE_LORA, derived_seed
 
-METHODS = ("apfo", "sds", "vsd")
+#: name -> Guidance subclass, filled by :func:`register` (each method's module registers itself; the package's
+#: ``__init__`` imports every module of ``guidance/``, so a new method is one new file).
+REGISTRY: Dict[str, type] = {}
 
 
-def _lora_config_default():
-    from ..denoisers.scene import SceneLoRAConfig
+def register(cls: type) -> type:
+    """Class decorator: make a :class:`Guidance` subclass available as ``GuidanceConfig(method=cls.name)``."""
+    check(isinstance(cls, type) and issubclass(cls, Guidance) and cls.name not in ("", "base"),
+          f"register() takes a Guidance subclass with its own name, got {cls!r}")
+    check(REGISTRY.get(cls.name, cls) is cls, f"guidance method '{cls.name}' is registered twice "
+          f"({REGISTRY.get(cls.name)!r} and {cls!r}); give the new class another name")
+    REGISTRY[cls.name] = cls
+    return cls
 
-    return SceneLoRAConfig()
+
+def methods() -> Tuple[str, ...]:
+    """Registered method names, in their dropdown order (``Guidance.order``, then name)."""
+    return tuple(sorted(REGISTRY, key=lambda n: (REGISTRY[n].order, n)))
 
 
 @dataclass
@@ -57,7 +69,7 @@ class GuidanceConfig:
     schedule's shape, large steps early with "linear" spacing, is kept)."""
     weighting: str = "sds"
     """SDS/VSD weight w(t): "sds" = 1 - alpha_bar(t) (threestudio) or "uniform" = 1."""
-    lora: object = field(default_factory=_lora_config_default)
+    lora: SceneLoRAConfig = field(default_factory=SceneLoRAConfig)
     """APFO/VSD: the scene LoRA (SceneLoRAConfig: rank 4, lr 1e-4, camera-conditioned; threestudio VSD)."""
     lora_steps_per_update: int = 1
     """APFO/VSD: LoRA optimiser steps per scene update (threestudio: 1)."""
@@ -65,15 +77,14 @@ class GuidanceConfig:
     """APFO: True (default) = the update's first LoRA step trains on the same noisy latents x_t (same t_i, same eps)
     whose scene prediction eps_phi enters the target, so one scene-model UNet forward serves both (ProlificDreamer's
     Algorithm 1 updates the particle and the LoRA with one draw); eps_phi is read before the LoRA step changes the
-    LoRA, and the main stream waits for that forward before the CFG call (two graph replays side by side hung an
-    H100 in run 5). Measured on an H200 (bench/RESULTS.md run 6): stage 1 167.5 -> 149.6 ms / update, stage 2 115.4
-    -> 98.4, stage 3 339.7 -> 289.7; toy-world R-precision at 100 updates 0.95 vs 0.90 with False (42 prompts, same
-    card and seed). With the camera-dropout coin fallen (camera_dropout, 10% of updates) eps_phi is then the
+    LoRA, and the main stream waits for that forward before the CFG call (two graph replays side by side hung the
+    GPU in bench/RESULTS.md run 5). Faster updates in every stage at no loss of toy-world R-precision (run 6,
+    "The two levers" and "Quality of the new default"). With the camera-dropout coin fallen (camera_dropout, 10% of updates) eps_phi is then the
     camera-free prediction. False: the LoRA step draws fresh noise at the same t_i and runs its own forward
     (threestudio's way; one more scene-model call per update)."""
 
     def validate(self) -> "GuidanceConfig":
-        check(self.method in METHODS, f"guidance method '{self.method}' is unknown; use one of: {', '.join(METHODS)}")
+        check(self.method in REGISTRY, f"guidance method '{self.method}' is unknown; use one of: {', '.join(methods())}")
         check(self.cfg_scale >= 1.0, f"cfg_scale={self.cfg_scale} must be >= 1 (1 = no classifier-free guidance)")
         check(0.0 <= self.t_end < self.t_start <= 1.0,
               f"t_start={self.t_start} must be greater than t_end={self.t_end}, both in [0, 1]; e.g. 1.0 -> 0.2")
@@ -102,9 +113,14 @@ class GuidanceOutput:
 
 
 class Guidance:
-    """Base class: holds the denoiser, the config, a seeded noise generator and optionally the scene LoRA."""
+    """Base class: holds the denoiser, the config, a seeded noise generator and, for APFO / VSD, the scene model
+    (:class:`~dreamflow.denoisers.scene_model.SceneModel`: ``scene_model.eps()`` and ``scene_model.step()``; how they
+    run, eagerly, from CUDA graphs or overlapped on a second stream, is its business)."""
 
     name = "base"
+    """The method's name in ``GuidanceConfig.method`` and the nodes' dropdown."""
+    order = 100
+    """Position in the dropdown (lower first; DreamFlow's APFO is 0)."""
     uses_scene_lora = False
 
     def __init__(self, denoiser, config: GuidanceConfig, total_updates: int, seed: int = 0):
@@ -112,13 +128,22 @@ class Guidance:
         self.config = config.validate()
         self.total_updates = int(total_updates)
         check(self.total_updates >= 1, f"iterations={total_updates} must be >= 1")
-        self.generator = torch.Generator(device=denoiser.device).manual_seed(derived_seed(seed, 0))
-        self.scene = None
-        self._side, self._pending = None, False  # the LoRA steps' CUDA stream (fast path overlap_lora)
+        self.generator = torch.Generator(device=denoiser.device).manual_seed(derived_seed(seed, SEED_GUIDANCE_NOISE))
+        #: the scene model (APFO / VSD): eps() and step(), eager / graphed / overlapped behind one door
+        self.scene_model: Optional[SceneModel] = None
         if self.uses_scene_lora:
-            from ..denoisers.scene import SceneDenoiser
+            self.scene_model = SceneModel(denoiser, config.lora, seed=derived_seed(seed, SEED_SCENE_LORA))
 
-            self.scene = SceneDenoiser(denoiser, config.lora, seed=derived_seed(seed, 1))
+    @property
+    def scene(self):
+        """The scene LoRA network (:class:`~dreamflow.denoisers.scene.SceneDenoiser`), None without one or after
+        :meth:`close` (tests may put a stand-in here)."""
+        return None if self.scene_model is None else self.scene_model.net
+
+    @scene.setter
+    def scene(self, net) -> None:
+        check(self.scene_model is not None, f"guidance '{self.name}' has no scene model")
+        self.scene_model.net = net
 
     # -- helpers shared by the methods -------------------------------------------------------
     def _t(self, value, batch: int) -> torch.Tensor:
@@ -159,74 +184,10 @@ class Guidance:
         """``0.5 * ||x - stopgrad(x_hat)||^2`` summed per view, averaged over views."""
         return 0.5 * (x - x_hat.detach()).pow(2).sum() / x.shape[0]
 
-    def _lora_stream(self, x: torch.Tensor) -> Optional["torch.cuda.Stream"]:
-        """The CUDA stream the LoRA steps run on when the fast path overlaps them (FastPathConfig.overlap_lora)."""
-        fast = getattr(self.denoiser, "fast_path", None)
-        if fast is None or not fast.config.overlap_lora or not x.is_cuda:
-            return None
-        if self._side is None:
-            self._side = torch.cuda.Stream(x.device)
-        return self._side
-
-    def _begin_shared_lora(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, embeds, camera):
-        """APFO's ``lora_shares_noise``: the forward of the first LoRA step at the target's noise (a
-        :class:`~dreamflow.denoisers.scene.LoRAStep`; its ``eps`` is eps_phi at x_t), on the LoRA stream when the
-        fast path overlaps (autograd runs a backward on its forward's stream: the step's backward then overlaps
-        the scene's). Finish it with :meth:`_train_lora`, after reading ``step.eps`` through :meth:`_scene_eps`."""
-        side = self._to_lora_stream(x, (noise, t, camera, *vars(embeds).values()))
-        with (torch.cuda.stream(side) if side is not None else nullcontext()):
-            return self.scene.begin_step(x.detach(), embeds, camera, t=t, generator=self.generator, noise=noise)
-
-    def _scene_eps(self, step) -> torch.Tensor:
-        """``step.eps`` for the main stream (which waits for the LoRA stream's forward when there is one)."""
-        if self._side is not None and step.eps.is_cuda:
-            main = torch.cuda.current_stream(step.eps.device)
-            main.wait_stream(self._side)
-            step.eps.record_stream(main)
-        return step.eps
-
-    def _to_lora_stream(self, x: torch.Tensor, extra=()) -> Optional["torch.cuda.Stream"]:
-        """The LoRA stream after the main stream's work so far (None without overlap); the tensors it will read
-        are marked as used there (the main stream may free them while the LoRA still reads them)."""
-        side = self._lora_stream(x)
-        if side is not None:
-            side.wait_stream(torch.cuda.current_stream(x.device))
-            for tensor in (x, *extra):
-                if torch.is_tensor(tensor) and tensor.is_cuda:
-                    tensor.record_stream(side)
-        return side
-
-    def _train_lora(self, x: torch.Tensor, embeds, camera, t: Optional[torch.Tensor], begun=None):
-        """``lora_steps_per_update`` LoRA steps; returns the last loss, or the first non-finite one. With a fused
-        optimiser the steps make no host sync (``defer_check``): :meth:`check_finite` then does it.
-
-        With the fast path's ``overlap_lora`` the steps are queued on a second CUDA stream: they read only the
-        detached latents and write only the LoRA, so the GPU runs them alongside the scene's backward (the
-        render and VAE gradients). :meth:`join` orders the main stream after them; every reader of the LoRA
-        (the next update's scene prediction, :meth:`check_finite`, the state, ``close``) joins first.
-
-        ``begun``: a step from :meth:`_begin_shared_lora`, finished here as the first of the steps."""
-        side = self._to_lora_stream(x, (t, camera, *vars(embeds).values()))
-        loss = None
-        with (torch.cuda.stream(side) if side is not None else nullcontext()):
-            for i in range(self.config.lora_steps_per_update):
-                if i == 0 and begun is not None:
-                    step_loss = begun.finish(defer_check=True)
-                else:
-                    step_loss = self.scene.train_step(x.detach(), embeds, camera, t=t, generator=self.generator,
-                                                       defer_check=True)
-                loss = step_loss if loss is None else torch.where(torch.isfinite(loss), step_loss, loss)
-        if side is not None:
-            if loss is not None:
-                loss.record_stream(torch.cuda.current_stream(x.device))
-            self._pending = True
-        return loss
-
     def join(self) -> None:
-        """Order the current stream after the LoRA steps queued on the side stream (no host sync)."""
-        if self._pending:
-            torch.cuda.current_stream(self._side.device).wait_stream(self._side)
-            self._pending = False
+        """Order the current stream after the scene model's overlapped LoRA steps (no host sync; see SceneModel)."""
+        if self.scene_model is not None:
+            self.scene_model.join()
 
     def check_finite(self, loss: torch.Tensor, log: Dict[str, object]) -> None:
         """One host sync: raise DivergenceError if the scene ``loss`` or this update's LoRA loss is not finite."""
@@ -249,28 +210,19 @@ class Guidance:
 
     def state_tensors(self) -> Dict[str, torch.Tensor]:
         """Tensors needed to resume (the scene LoRA), empty for SDS."""
-        self.join()
-        return {} if self.scene is None else self.scene.state_tensors()
+        return {} if self.scene is None else self.scene_model.state_tensors()
 
     def load_state_tensors(self, tensors: Dict[str, torch.Tensor]) -> None:
-        self.join()
         if self.scene is not None and tensors:
-            self.scene.load_state_tensors(tensors)
+            self.scene_model.load_state_tensors(tensors)
 
     def close(self) -> None:
         """Remove the scene LoRA from the shared UNet (restores it exactly as loaded)."""
-        self.join()
-        if self.scene is not None:
-            self.scene.remove()
-            self.scene = None
+        if self.scene_model is not None:
+            self.scene_model.close()
 
 
 def make_guidance(denoiser, config: GuidanceConfig, total_updates: int, seed: int = 0) -> Guidance:
-    """Build the guidance named by ``config.method``."""
-    from .apfo import APFOGuidance
-    from .sds import SDSGuidance
-    from .vsd import VSDGuidance
-
+    """Build the guidance named by ``config.method`` (a registered method, see :func:`register`)."""
     config.validate()
-    cls = {"apfo": APFOGuidance, "sds": SDSGuidance, "vsd": VSDGuidance}[config.method]  # validated above
-    return cls(denoiser, config, total_updates, seed)
+    return REGISTRY[config.method](denoiser, config, total_updates, seed)

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import torch
 
-from .base import Guidance, GuidanceOutput
+from .base import Guidance, GuidanceOutput, register
 
 
+@register
 class SDSGuidance(Guidance):
     name = "sds"
+    order = 1
     uses_scene_lora = False
 
     def __call__(self, latents, embeds, camera, step: int) -> GuidanceOutput:

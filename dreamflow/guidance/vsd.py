@@ -13,25 +13,26 @@ from __future__ import annotations
 
 import torch
 
-from .base import Guidance, GuidanceOutput
+from .base import Guidance, GuidanceOutput, register
 
 
+@register
 class VSDGuidance(Guidance):
     name = "vsd"
+    order = 2
     uses_scene_lora = True
 
     def __call__(self, latents, embeds, camera, step: int) -> GuidanceOutput:
-        self.join()  # the scene model below reads the LoRA the last update's steps wrote
         x = latents.float()
         B = x.shape[0]
         t = self._random_t(B)
         _, x_t, eps_pretrained = self._noisy_prediction(x, t, embeds)
+        eps_scene = self.scene_model.eps(x_t, t, embeds, camera)
         with torch.no_grad():
-            eps_scene = self.scene.eps(x_t, t, embeds, camera).float()
             g = self._weight(t).view(B, 1, 1, 1) * (eps_pretrained - eps_scene)
             x_hat = x.detach() - g
         loss = self.target_loss(x, x_hat)
-        lora_loss = self._train_lora(x, embeds, camera, None)
+        lora_loss = self.scene_model.step(x, embeds, camera, None, self.generator, self.config.lora_steps_per_update)
         log = {"t": t.mean().detach(), "sigma": self.denoiser.sigma(t).mean().detach(),
                "grad_norm": g.flatten(1).norm(dim=1).mean(), "lora_loss": lora_loss}
         return GuidanceOutput(loss=loss, target=x_hat, log=log)

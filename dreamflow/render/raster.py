@@ -4,7 +4,7 @@
 deliberate difference: images are **top row first** (row 0 is NDC y = +1), like every image in DreamFlow
 (see ``render/cameras.py``); nvdiffrast's bottom-first rows are flipped at the boundary.
 
-Backends (picked only by :func:`dreamflow.render.backends.pick`):
+Backends (picked only by :func:`dreamflow.backends.pick`):
 
 * ``"cuda"``: nvdiffrast's ``RasterizeCudaContext`` (one cached context per device).
 * ``"torch"``: a vectorised pure-torch twin for CPU and users without nvdiffrast:
@@ -29,8 +29,9 @@ from typing import Any, Dict, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .. import backends
 from ..errors import DreamFlowError
-from . import backends
+from ..scene.mesh import triangle_neighbors  # mesh topology (antialias's silhouettes)
 
 #: (triangle, pixel) pairs evaluated per chunk by the torch rasterizer: bounds the no-grad pass's memory
 #: whatever the resolution and face count (measured, CPU: a full-screen triangle at 2048 x 2048, 8 chunks,
@@ -298,42 +299,6 @@ def _interpolate_torch(attr: Tensor, rast: Tensor, tri: Tensor) -> Tensor:
     return out.view(V, H, W, attr.shape[-1])
 
 
-def triangle_neighbors(tri: Tensor) -> Tensor:
-    """Edge adjacency of a triangle list (the topology antialiasing and mesh regularisers need).
-
-    Args:
-        tri: [F, 3] integer vertex indices.
-    Returns:
-        [F, 3] int64: entry (f, i) is the triangle sharing the edge opposite vertex i of f, i.e. edge
-        (tri[f, i+1], tri[f, i+2]); -1 for a boundary edge or an edge shared by more than two triangles
-        (both are treated as silhouettes, as in nvdiffrast).
-    """
-    tri = tri.long()
-    F = tri.shape[0]
-    opp = torch.full((F, 3), -1, dtype=torch.int64, device=tri.device)
-    if F == 0:
-        return opp
-    a = tri[:, [1, 2, 0]].reshape(-1)
-    b = tri[:, [2, 0, 1]].reshape(-1)
-    n = int(tri.max()) + 1
-    key = torch.minimum(a, b) * n + torch.maximum(a, b)  # [3F], slot s = 3 f + i
-    key_sorted, order = torch.sort(key)
-    m = key_sorted.numel()
-    same_next = torch.zeros(m, dtype=torch.bool, device=tri.device)
-    same_next[:-1] = key_sorted[1:] == key_sorted[:-1]
-    same_prev = torch.zeros_like(same_next)
-    same_prev[1:] = same_next[:-1]
-    same_next2 = torch.zeros_like(same_next)
-    same_next2[:-2] = key_sorted[2:] == key_sorted[:-2]
-    # A run of exactly two equal keys starting at j: a manifold edge.
-    j = (same_next & ~same_prev & ~same_next2).nonzero().squeeze(1)
-    s0, s1 = order[j], order[j + 1]
-    flat = opp.view(-1)
-    flat[s0] = s1 // 3
-    flat[s1] = s0 // 3
-    return opp
-
-
 def _antialias_torch(color: Tensor, rast: Tensor, pos: Tensor, tri: Tensor, opp: Tensor) -> Tensor:
     """Analytic silhouette anti-aliasing (torch twin of nvdiffrast's antialias, our own derivation).
 
@@ -431,7 +396,7 @@ def rasterize(pos_clip: Tensor, tri: Tensor, resolution: Sequence[int], backend:
             [N, 4] means one view. ``"cuda"`` needs float32 CUDA tensors.
         tri: [F, 3] int32/int64 vertex indices; the same triangles in every view.
         resolution: (H, W) pixels.
-        backend: ``"auto"`` | ``"cuda"`` | ``"torch"`` (see ``render/backends.py``).
+        backend: ``"auto"`` | ``"cuda"`` | ``"torch"`` (see ``dreamflow/backends.py``).
         chunk_pairs: torch backend: (triangle, pixel) pairs tested per chunk (memory bound).
     Returns:
         [V, H, W, 4] in pos_clip's dtype: (u, v, z/w, triangle_id + 1) per pixel, all 0 where no triangle

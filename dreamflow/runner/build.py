@@ -185,14 +185,15 @@ class WorkflowBuilder:
 
 def _pipeline(b: WorkflowBuilder, sd: int, x0: float, nerf_values: dict, extract_values: dict,
               mesh_values: dict, prompt: str, nerf_title: Optional[str] = None) -> Tuple[int, int]:
-    """NeRFStage -> ExtractMesh -> MeshStage with a PreviewImage under each; returns (nerf, mesh) node ids."""
+    """NeRFStage -> ExtractMesh -> MeshStage with a PreviewImage under each; returns (nerf, mesh) node ids. The
+    prompt is typed once, in the NeRF stage: the later stages take the one their state carries."""
     nerf = b.add("DreamFlowNeRFStage", (x0, 0), title=nerf_title, prompt=prompt, **nerf_values)
     b.link(sd, "denoiser", nerf, "denoiser")
     b.link(nerf, "preview", b.add("PreviewImage", (x0, b.below(nerf))), "images")
     extract = b.add("DreamFlowExtractMesh", (x0 + 440, 0), **extract_values)
     b.link(nerf, "nerf", extract, "nerf")
     b.link(extract, "preview", b.add("PreviewImage", (x0 + 440, b.below(extract))), "images")
-    mesh = b.add("DreamFlowMeshStage", (x0 + 880, 0), prompt=prompt, **mesh_values)
+    mesh = b.add("DreamFlowMeshStage", (x0 + 880, 0), **mesh_values)  # the prompt comes with the mesh
     b.link(sd, "denoiser", mesh, "denoiser")
     b.link(extract, "mesh", mesh, "mesh")
     b.link(mesh, "preview", b.add("PreviewImage", (x0 + 880, b.below(mesh))), "images")
@@ -208,11 +209,11 @@ def _save(b: WorkflowBuilder, mesh: int, x: float, prefix: str, texture_size: in
     b.link(save, "glb_path", b.add("Preview3D", (x, b.below(save))), "model_file")
 
 
-def _refine(b: WorkflowBuilder, mesh: int, loader_pos: Tuple[float, float], x: float, prompt: str) -> int:
+def _refine(b: WorkflowBuilder, mesh: int, loader_pos: Tuple[float, float], x: float) -> int:
     """SDXL refiner loader + SDXLRefine at the paper's stage-3 settings (1024 px, t 0.3 -> 0, texture only) on
-    ``mesh``'s output, with its PreviewImage; returns the refine node's id."""
+    ``mesh``'s output (its prompt comes with the mesh), with its PreviewImage; returns the refine node's id."""
     refiner = b.add("DreamFlowLoadDenoiser", loader_pos, title="SDXL refiner", model_name=SDXL_REFINER)
-    refine = b.add("DreamFlowSDXLRefine", (x, 0), prompt=prompt, resolution=1024, t_start=0.3, t_end=0.0,
+    refine = b.add("DreamFlowSDXLRefine", (x, 0), resolution=1024, t_start=0.3, t_end=0.0,
                    refine_geometry=False)
     b.link(refiner, "denoiser", refine, "refiner")
     b.link(mesh, "mesh", refine, "mesh")
@@ -237,7 +238,7 @@ def paper_full(defs: Dict[str, NodeDef]) -> dict:
     nerf_preview = next(lk[3] for lk in b.links if lk[1] == nerf and lk[5] == "IMAGE")
     state = b.add("DreamFlowSaveState", (0, b.below(nerf_preview)), filename_prefix="dreamflow/corgi_nerf")
     b.link(nerf, "nerf", state, "nerf")
-    refine = _refine(b, mesh, (880, -320), 1320, PAPER_PROMPT)
+    refine = _refine(b, mesh, (880, -320), 1320)
     _save(b, refine, 1760, "dreamflow/corgi")
     return b.to_json("paper_full")
 
@@ -282,33 +283,23 @@ def custom_stages(defs: Dict[str, NodeDef]) -> dict:
 
 
 def toy_demo(defs: Dict[str, NodeDef]) -> dict:
-    """The offline demo on the shipped toy prior ``dreamflow-toy``: the settings of
-    :class:`dreamflow.demo.DemoConfig` (``python -m dreamflow demo`` runs this file when it exists)."""
-    from ..demo import DemoConfig
-    from ..toy.world import TOY_CAMERA
+    """The offline demo on the shipped toy prior ``dreamflow-toy``: the demo's settings, through the one table of
+    ``dreamflow.toy.demo_settings`` (``python -m dreamflow demo`` runs this file when it exists)."""
+    from ..toy.demo_settings import DemoConfig, widget_values
 
     c = DemoConfig()
-    prompt = "a red torus"  # the demo's default prompt (cubes do not pass the GLB fidelity check yet)
+    prompt = "a red torus"  # the demo's default prompt
+    values = {node: {k: v for k, v in kv.items() if k != "prompt"} for node, kv in widget_values(c, prompt).items()}
     b = WorkflowBuilder(defs)
     b.note("**DreamFlow toy demo**: the shipped toy prior `dreamflow-toy` (64 px, 7 shapes x 6 colours; no "
            "download) runs the whole pipeline on a CPU in minutes. Prompts: 'a <colour> <shape>', e.g. "
            "'a green cone'. Same settings as `python -m dreamflow demo`.", (-440, -220), size=(400, 180))
     sd = b.add("DreamFlowLoadDenoiser", (-440, 0), title="Toy prior", model_name=c.model)
     small = dict(preview_views=4, preview_resolution=64)
-    camera = dict(zip(("elevation_min", "elevation_max"), TOY_CAMERA.elevation_range))  # the prior's training views
-    _, mesh = _pipeline(
-        b, sd, 0,
-        nerf_values=dict(seed=c.seed, iterations=c.nerf_iterations, views_per_update=c.nerf_views,
-                         resolution=c.nerf_resolution, denoise_resolution=64, cfg_scale=c.cfg_scale, t_start=1.0,
-                         t_end=0.2, lr_grid=c.lr_grid, lr_mlp=c.lr_mlp, grid_levels=c.hash_levels, grid_log2_size=c.hash_log2_size,
-                         n_samples=c.n_samples, n_importance=c.n_importance, **small, **camera),
-        extract_values=dict(resolution=c.extract_resolution, face_budget=c.face_budget, **small),
-        mesh_values=dict(seed=c.seed, iterations=c.mesh_iterations, views_per_update=c.nerf_views,
-                         resolution=c.mesh_resolution, denoise_resolution=64, cfg_scale=c.cfg_scale, t_start=0.5,
-                         t_end=0.1, **small, **camera),
-        prompt=prompt)
-    _save(b, mesh, 1320, "dreamflow/toy", texture_size=c.texture_size, turntable_views=c.turntable_views,
-          turntable_resolution=c.turntable_resolution)
+    _, mesh = _pipeline(b, sd, 0, nerf_values={**values["DreamFlowNeRFStage"], **small},
+                        extract_values={**values["DreamFlowExtractMesh"], **small},
+                        mesh_values={**values["DreamFlowMeshStage"], **small}, prompt=prompt)
+    _save(b, mesh, 1320, "dreamflow/toy", **values["DreamFlowSaveGLB"])
     return b.to_json("toy_demo")
 
 
@@ -344,7 +335,7 @@ def texture_mesh(defs: Dict[str, NodeDef]) -> dict:
     sd = b.add("DreamFlowLoadDenoiser", (-440, 420), title="SD 2.1-base", model_name=SD21)
     prompt = "A red mushroom with white spots, photorealistic."
     stage = _texture_chain(b, sd, load, prompt, 0, dict(resolution=512, t_start=0.5, t_end=0.1))
-    refine = _refine(b, stage, (440, -320), 440, prompt)
+    refine = _refine(b, stage, (440, -320), 440)
     _save(b, refine, 880, "dreamflow/textured")
     return b.to_json("texture_mesh")
 

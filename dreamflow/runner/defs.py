@@ -11,19 +11,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, Optional
 
 from ..errors import DreamFlowError
+# the node definitions live on the ground floor (nodes check their own inputs with them); re-exported for the runner
+from ..node_defs import (CONTROL_VALUES, WIDGET_TYPES, NodeDef, describe, is_link, node_def,  # noqa: F401
+                         types_match)
 
-#: Input types the frontend draws as widgets (a list / "COMBO" is a dropdown).
-WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
-#: Values of the hidden widget the frontend adds after a seed (``control_after_generate``).
-CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
-#: Option key our nodes set on dropdowns filled from this machine's files (models, state files):
-#: a workflow saved on another machine may name a file not listed here, so the runner checks these
-#: when the node runs (the engine's loaders give the one-line error), not against the list.
-DYNAMIC_LIST = "dreamflow_dynamic"
 #: Frontend-only nodes: never sent to the server (ComfyUI's ``isVirtualNode``).
 VIRTUAL_NODES = ("Note", "MarkdownNote", "Reroute", "PrimitiveNode")
 #: Core nodes that only display a result; the headless runner skips them (inputs from ComfyUI 0.3.64
@@ -37,97 +31,6 @@ CORE_DISPLAY_NODES: Dict[str, dict] = {
 
 PACK_MODULE = "comfyui_dreamflow_pack"
 """Module name the runner gives the node pack (ComfyUI names it after its folder; any name works)."""
-
-
-@dataclass
-class InputDef:
-    """One input of a node: a widget (typed value) or a socket (link)."""
-
-    name: str
-    type: str
-    """"INT" | "FLOAT" | "STRING" | "BOOLEAN" | "COMBO" | a socket type such as "DREAMFLOW_NERF"."""
-    options: Dict[str, Any]
-    required: bool
-    choices: Optional[List[Any]] = None
-    """COMBO only: the dropdown's values."""
-
-    @property
-    def is_widget(self) -> bool:
-        # forceInput turns a widget type into a socket (no widgets_values slot in current frontends)
-        return self.type in WIDGET_TYPES and not self.options.get("forceInput", False)
-
-    @property
-    def takes_value(self) -> bool:
-        """A typed value may be given instead of a link (widgets, and forceInput sockets of widget types)."""
-        return self.type in WIDGET_TYPES
-
-    @property
-    def has_control(self) -> bool:
-        """The frontend adds a hidden ``control_after_generate`` widget after this one.
-
-        Rule of ComfyUI_frontend (``useIntWidget``): ``control_after_generate ?? name in {seed, noise_seed}``
-        for INT inputs: an explicit flag wins, else the name decides.
-        """
-        if self.type != "INT" or not self.is_widget:
-            return False
-        if "control_after_generate" in self.options:
-            return bool(self.options["control_after_generate"])
-        return self.name in ("seed", "noise_seed")
-
-    @property
-    def dynamic(self) -> bool:
-        return bool(self.options.get(DYNAMIC_LIST, False))
-
-
-@dataclass
-class NodeDef:
-    """What the runner knows of one node type."""
-
-    type: str
-    inputs: List[InputDef]
-    """Required inputs, then optional ones, each in ``INPUT_TYPES`` order (the frontend's widget order)."""
-    return_types: Tuple[str, ...] = ()
-    return_names: Tuple[str, ...] = ()
-    output_node: bool = False
-    hidden: Dict[str, Any] = field(default_factory=dict)
-    cls: Optional[type] = None
-    """The node class; ``None`` for core display nodes (skipped headless)."""
-
-    @property
-    def display_only(self) -> bool:
-        return self.cls is None
-
-    def widgets(self) -> List[InputDef]:
-        return [i for i in self.inputs if i.is_widget]
-
-    def input(self, name: str) -> Optional[InputDef]:
-        return next((i for i in self.inputs if i.name == name), None)
-
-
-def _input_def(name: str, spec, required: bool) -> InputDef:
-    spec = tuple(spec) if isinstance(spec, (list, tuple)) else (spec,)
-    head = spec[0]
-    options = dict(spec[1]) if len(spec) > 1 and isinstance(spec[1], dict) else {}
-    if isinstance(head, (list, tuple)):
-        return InputDef(name, "COMBO", options, required, list(head))
-    if head == "COMBO":
-        return InputDef(name, "COMBO", options, required, list(options.get("options", [])))
-    return InputDef(name, str(head), options, required)
-
-
-def node_def(type_name: str, input_types: dict, cls: Optional[type] = None) -> NodeDef:
-    """Build a :class:`NodeDef` from an ``INPUT_TYPES()`` dict (and the class, for its outputs)."""
-    inputs = [_input_def(n, s, True) for n, s in (input_types.get("required") or {}).items()]
-    inputs += [_input_def(n, s, False) for n, s in (input_types.get("optional") or {}).items()]
-    return NodeDef(
-        type=type_name,
-        inputs=inputs,
-        return_types=tuple(getattr(cls, "RETURN_TYPES", ()) or ()),
-        return_names=tuple(getattr(cls, "RETURN_NAMES", ()) or getattr(cls, "RETURN_TYPES", ()) or ()),
-        output_node=bool(getattr(cls, "OUTPUT_NODE", False)),
-        hidden=dict(input_types.get("hidden") or {}),
-        cls=cls,
-    )
 
 
 def pack_root() -> str:
@@ -196,25 +99,3 @@ def node_defs(mappings: Optional[Dict[str, type]] = None, custom_nodes=()) -> Di
         defs[name] = node_def(name, cls.INPUT_TYPES(), cls)
     return defs
 
-
-def is_link(value) -> bool:
-    """An API-prompt input that is a link ``[from_node_id, from_slot]`` rather than a value."""
-    return (isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[1], int)
-            and not isinstance(value[1], bool))
-
-
-def types_match(received: str, expected: str) -> bool:
-    """ComfyUI's link type rule (``comfy_execution/validation.py``, non-strict): "*" or any overlap of
-    the comma-separated type sets."""
-    if received == expected or "*" in (received, expected):
-        return True
-    a = {t.strip() for t in str(received).split(",")}
-    b = {t.strip() for t in str(expected).split(",")}
-    return bool(a & b)
-
-
-def describe(node_id, type_name: str, title: Optional[str] = None) -> str:
-    """How error messages name a node: ``node 4 'Coarse NeRF' (DreamFlowNeRFStage)``."""
-    if title and title != type_name:
-        return f"node {node_id} '{title}' ({type_name})"
-    return f"node {node_id} ({type_name})"

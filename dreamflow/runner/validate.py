@@ -4,63 +4,21 @@ The checks follow ComfyUI 0.3.64's ``execution.validate_inputs``: every required
 links point at an existing node's existing output whose type matches (comma-separated union types,
 "*" matches all); widget values convert to their type (INT, FLOAT, STRING, BOOLEAN) and lie within
 ``min`` / ``max``; dropdown values are in their list (except lists filled from this machine's files,
-see ``defs.DYNAMIC_LIST``). Every problem is one line naming the node and the fix.
+see ``dreamflow.hosting.DYNAMIC_LIST``). Every problem is one line naming the node and the fix.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from typing import Any, Dict, Iterable, List
 
 from ..errors import DreamFlowError
-from .defs import InputDef, NodeDef, describe, is_link, types_match
+from ..node_defs import NodeDef, coerce, describe, is_link, types_match
 
 
 
 def _label(nid: str, entry: dict) -> str:
     return describe(nid, entry.get("class_type", "?"), (entry.get("_meta") or {}).get("title"))
-
-
-def coerce(inp: InputDef, value: Any, where: str) -> Any:
-    """Convert a widget value to its declared type and check its range / list; returns the value."""
-    t = inp.type
-    try:
-        if t == "INT":
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            value = int(value)
-        elif t == "FLOAT":
-            if isinstance(value, bool):
-                raise ValueError
-            value = float(value)
-        elif t == "BOOLEAN":
-            if isinstance(value, str) and value.lower() in ("true", "false"):
-                value = value.lower() == "true"
-            elif not isinstance(value, bool):
-                raise ValueError
-        elif t == "STRING":
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-                raise ValueError
-            value = str(value)
-    except (TypeError, ValueError):
-        raise DreamFlowError(f"{where} input '{inp.name}' = {value!r} is not a valid {t}; give a {t.lower()} value") from None
-    if t == "FLOAT" and not math.isfinite(value):
-        lo, hi = inp.options.get("min"), inp.options.get("max")
-        raise DreamFlowError(f"{where} input '{inp.name}' = {value} is not a finite number; use a value in [{lo}, {hi}]")
-    if t in ("INT", "FLOAT"):
-        lo, hi = inp.options.get("min"), inp.options.get("max")
-        if lo is not None and value < lo:
-            raise DreamFlowError(f"{where} input '{inp.name}' = {value} is below its minimum {lo}; use a value in [{lo}, {hi}]")
-        if hi is not None and value > hi:
-            raise DreamFlowError(f"{where} input '{inp.name}' = {value} is above its maximum {hi}; use a value in [{lo}, {hi}]")
-    if t == "COMBO":
-        if inp.dynamic:
-            if not isinstance(value, str) or not value.strip():
-                raise DreamFlowError(f"{where} input '{inp.name}' = {value!r} must name a file; pick one of: {', '.join(map(str, inp.choices or [])) or '(none found)'}")
-        elif value not in (inp.choices or []):
-            raise DreamFlowError(f"{where} input '{inp.name}' = {value!r} is not one of: {', '.join(map(str, inp.choices or []))}")
-    return value
 
 
 def validate_prompt(prompt: Dict[str, dict], defs: Dict[str, NodeDef]) -> Dict[str, dict]:

@@ -5,7 +5,7 @@ saved with one loads into the other):
 
 * ``torch``: pure PyTorch, runs anywhere, vectorised over points *and* levels (no Python loop over
   points, no data-dependent Python branches: ``torch.compile(fullgraph=True)`` traces it);
-* ``cuda``: ``tinycudann.Encoding`` (picked by :func:`dreamflow.render.backends.pick`).
+* ``cuda``: ``tinycudann.Encoding`` (picked by :func:`dreamflow.backends.pick`).
 
 tiny-cuda-nn semantics (``include/tiny-cuda-nn/encodings/grid.h``), per level ``l``:
 
@@ -49,10 +49,11 @@ class HashGridConfig:
     per_level_scale: float = 1.447269237440378
     """Growth factor between levels; 16 * 1.4473^15 = 4096 (threestudio prolificdreamer)."""
     backend: str = "auto"
-    """"auto" (tcnn when installed with CUDA, else torch), "torch" or "cuda" (see render/backends.py)."""
+    """"auto" (tcnn when installed with CUDA, else torch), "torch" or "cuda" (see dreamflow/backends.py)."""
     compile: bool = True
-    """On CUDA, run the torch path through ``torch.compile`` (fuses the gather / interpolation; measured ~10x
-    faster on an H100, ~30 s to compile on the first call). CPU inputs always run eagerly (compiling needs a
+    """On CUDA, run the torch path through ``torch.compile`` (fuses the gather / interpolation: much faster, at a
+    one-off compile on the first call; bench/RESULTS.md, "Figures moved from
+    docstrings"). CPU inputs always run eagerly (compiling needs a
     C++ toolchain and takes longer than a CPU stage gains)."""
 
     def validate(self) -> "HashGridConfig":
@@ -216,7 +217,7 @@ class HashGrid(nn.Module):
 
     def __init__(self, config: Optional[HashGridConfig] = None, generator: Optional[torch.Generator] = None):
         super().__init__()
-        from ..render.backends import pick
+        from ..backends import pick
 
         self.config = cfg = (config or HashGridConfig()).validate()
         layout = level_layout(cfg)
@@ -232,7 +233,7 @@ class HashGrid(nn.Module):
         self._compiled = None  # compiled (hash_grid_torch, hash_grid_table_grad), made on the first CUDA forward
 
     def _make_tcnn(self):
-        from ..render.backends import tinycudann
+        from ..backends import tinycudann
 
         tcnn = tinycudann()
         enc = tcnn.Encoding(3, self.config.tcnn_config(), dtype=torch.float32)

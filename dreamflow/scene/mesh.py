@@ -20,12 +20,47 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DreamFlowError
-from ..render.raster import triangle_neighbors
 
 
 # --------------------------------------------------------------------------------------------
 # Pure helpers
 # --------------------------------------------------------------------------------------------
+def triangle_neighbors(tri: Tensor) -> Tensor:
+    """Edge adjacency of a triangle list (the topology antialiasing and mesh regularisers need).
+
+    Args:
+        tri: [F, 3] integer vertex indices.
+    Returns:
+        [F, 3] int64: entry (f, i) is the triangle sharing the edge opposite vertex i of f, i.e. edge
+        (tri[f, i+1], tri[f, i+2]); -1 for a boundary edge or an edge shared by more than two triangles
+        (both are treated as silhouettes, as in nvdiffrast).
+    """
+    tri = tri.long()
+    F = tri.shape[0]
+    opp = torch.full((F, 3), -1, dtype=torch.int64, device=tri.device)
+    if F == 0:
+        return opp
+    a = tri[:, [1, 2, 0]].reshape(-1)
+    b = tri[:, [2, 0, 1]].reshape(-1)
+    n = int(tri.max()) + 1
+    key = torch.minimum(a, b) * n + torch.maximum(a, b)  # [3F], slot s = 3 f + i
+    key_sorted, order = torch.sort(key)
+    m = key_sorted.numel()
+    same_next = torch.zeros(m, dtype=torch.bool, device=tri.device)
+    same_next[:-1] = key_sorted[1:] == key_sorted[:-1]
+    same_prev = torch.zeros_like(same_next)
+    same_prev[1:] = same_next[:-1]
+    same_next2 = torch.zeros_like(same_next)
+    same_next2[:-2] = key_sorted[2:] == key_sorted[:-2]
+    # A run of exactly two equal keys starting at j: a manifold edge.
+    j = (same_next & ~same_prev & ~same_next2).nonzero().squeeze(1)
+    s0, s1 = order[j], order[j + 1]
+    flat = opp.view(-1)
+    flat[s0] = s1 // 3
+    flat[s1] = s0 // 3
+    return opp
+
+
 def face_normals(vertices: Tensor, faces: Tensor, normalize: bool = True) -> Tensor:
     """[F, 3] face normals ``(x1 - x0) x (x2 - x0)`` (counter-clockwise faces point outwards).
 
@@ -128,8 +163,8 @@ class MeshModelConfig:
 
     max_offset: float = 0.05
     """Largest distance a vertex may move from the extracted mesh, world units (object in [-1, 1]^3);
-    ``x = x_base + max_offset * tanh(offset)`` (measured: enough to fix marching-cubes noise, too little
-    to tear the surface)."""
+    ``x = x_base + max_offset * tanh(offset)`` (chosen by trial: enough to fix marching-cubes noise, too
+    little to tear the surface)."""
     offset_init_std: float = 0.0
     """Std of the initial raw offsets (0: start exactly on the base mesh; tests use > 0)."""
 

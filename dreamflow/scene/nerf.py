@@ -50,8 +50,9 @@ class NeRFFieldConfig:
     """Step of the finite-difference normals, world units (~2 cells of the finest 4096 level)."""
     mlp_fp16: bool = True
     """Run the density / albedo MLPs under float16 autocast on CUDA tensors (outputs float32), as tcnn's
-    FullyFusedMLP does in threestudio; CPU tensors stay float32 (fp16 matmuls are slow there). Measured (H100,
-    compiled grid): field forward + backward 7.7 -> 6.9 ms per million points (-10%), 20% less memory."""
+    FullyFusedMLP does in threestudio; CPU tensors stay float32 (fp16 matmuls are slow there). Faster and lighter
+    field forward + backward on CUDA (bench/RESULTS.md, "Figures moved from
+    docstrings")."""
 
     def validate(self) -> "NeRFFieldConfig":
         check(self.radius > 0, f"NeRF radius={self.radius} must be > 0 (1.0 is usual)")

@@ -40,8 +40,8 @@ class ExtractConfig:
     """Keep connected components with at least this fraction of the largest component's faces; smaller ones are
     floaters (ours; 0.01 left detached pieces in the toy demo's GLBs: bench/RESULTS.md "GLB fidelity")."""
     face_budget: int = 50_000
-    """Decimate to at most this many faces (0: keep all). 50k: the UV atlas (xatlas) of SaveGLB takes ~52 s
-    on 82k faces on CPU (measured), and 50k faces hold a 512 px texture's detail."""
+    """Decimate to at most this many faces (0: keep all). 50k: SaveGLB's UV atlas (xatlas, on the CPU) grows
+    slow above it (bench/RESULTS.md, "Figures moved from docstrings"), and 50k faces hold a 512 px texture's detail."""
     smooth_iterations: int = 0
     """Taubin smoothing iterations (volume-preserving; removes marching-cubes terracing), 0: off."""
 

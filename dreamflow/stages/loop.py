@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..errors import DivergenceError, DreamFlowError, is_out_of_memory, memory_kind
 from ..guidance import make_guidance
 from ..hosting import Callbacks, make_room, raise_interrupt
-from ..seeding import derived_seed
+from ..seeding import SEED_VAE_SAMPLE, derived_seed
 from ..render.cameras import sample_cameras, view_prompt
 
 
@@ -139,14 +139,11 @@ def optimise(*, stage: str, denoiser, prompt: str, negative_prompt: str, config,
     total = int(config.iterations)
     cam_gen = torch.Generator().manual_seed(int(config.seed))
     # The VAE posterior sample is random too (threestudio samples it): seed it for reproducible runs.
-    vae_gen = torch.Generator(device=device).manual_seed(derived_seed(config.seed, 3))
+    vae_gen = torch.Generator(device=device).manual_seed(derived_seed(config.seed, SEED_VAE_SAMPLE))
     guidance = make_guidance(denoiser, config.guidance, total, seed=int(config.seed))
     try:  # the guidance's LoRA sits on the shared UNet: remove it if resuming fails
         if guidance_state:
             guidance.load_state_tensors(guidance_state)
-        fast = getattr(denoiser, "fast_path", None)
-        if fast is not None:  # opt-in CUDA fast path (Denoiser.enable_fast_path): graphed scene eps, fused LoRA AdamW
-            fast.prepare_guidance(guidance)
     except BaseException:
         guidance.close()
         raise

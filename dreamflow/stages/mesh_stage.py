@@ -1,14 +1,18 @@
 """Mesh stages: ExtractMesh (NeRF -> mesh), MeshStage (stage 2) and SDXLRefine (stage 3).
 
 * ``extract_mesh_state(nerf_state, ExtractConfig)`` -> MeshState (colour field = the NeRF's albedo).
-* ``run_mesh_stage(denoiser, mesh_state, prompt, ...)``: bounded vertex offsets + colour field at
+* ``run_mesh_stage(denoiser, mesh_state, prompt=None, ...)``: bounded vertex offsets + colour field at
   512 px, APFO t 0.5 -> 0.1 (paper stage 2), normal-consistency and Laplacian regularisers.
-* ``run_refine_stage(refiner, mesh_state, prompt, ...)``: the same loop with the SDXL refiner at
+* ``run_refine_stage(refiner, mesh_state, prompt=None, ...)``: the same loop with the SDXL refiner at
   1024 px, t 0.3 -> 0.0, colour only by default (paper stage 3).
+
+Both take the prompts the mesh state carries (typed once, in the NeRF stage); a prompt given here overrides them and
+is logged (:func:`state_prompts`). A scene LoRA the state carries continues when the state comes from the same stage.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
@@ -18,14 +22,16 @@ from .. import config as cfgio
 from ..errors import check, explain_memory
 from ..guidance import GuidanceConfig
 from ..hosting import Callbacks
-from ..render.cameras import CameraConfig
 from ..render.shading import ShadingConfig, pick_mode, random_light
 from ..scene.mesh import MeshModel, MeshModelConfig
 from ..state import MeshState, NeRFState, require_state
 from .extract import ExtractConfig, extract_mesh
-from ..seeding import derived_seed
+from ..seeding import SEED_HOST_CHOICES, SEED_RENDER, derived_seed
+from .common import StageConfig
 from .loop import autograd_on, optimise
 from .nerf_stage import check_common, check_denoiser, check_prompt
+
+log = logging.getLogger("dreamflow")
 
 
 def extract_mesh_state(nerf: NeRFState, config: Optional[ExtractConfig] = None) -> MeshState:
@@ -44,19 +50,14 @@ def extract_mesh_state(nerf: NeRFState, config: Optional[ExtractConfig] = None) 
 
 
 @dataclass
-class MeshStageConfig:
-    """Stage 2 settings. Defaults: paper (512 px, t 0.5 -> 0.1) and threestudio prolificdreamer-geometry.yaml."""
+class MeshStageConfig(StageConfig):
+    """Stage 2 settings. Defaults: paper (512 px, t 0.5 -> 0.1) and threestudio prolificdreamer-geometry.yaml; the
+    common part is :class:`~dreamflow.stages.common.StageConfig` (redeclared here where stage 2's default differs)."""
 
     iterations: int = 1500
     """Updates. 1,500 x 4 views = 6,000 view-updates, the reference workload of bench/ (ours)."""
-    views_per_update: int = 4
-    """Random views per update (ours)."""
     resolution: int = 512
     """Render size, px (paper stage 2)."""
-    denoise_resolution: int = 512
-    """Size the renders are encoded at (SD 2.1 base native 512)."""
-    seed: int = 0
-    """Seeds cameras, noise, lights and the LoRA (same seed + settings + device -> same result)."""
     guidance: GuidanceConfig = field(default_factory=lambda: GuidanceConfig(method="apfo", t_start=0.5, t_end=0.1))
     """APFO t 0.5 -> 0.1 (paper stage 2)."""
     optimize_geometry: bool = True
@@ -66,24 +67,12 @@ class MeshStageConfig:
     """Optimise the colour field."""
     lr_geometry: float = 5e-3
     """Adam lr of the raw vertex offsets (threestudio prolificdreamer-geometry lr 0.005)."""
-    lr_grid: float = 1e-2
-    """Adam lr of the colour field's hash grid (threestudio)."""
-    lr_mlp: float = 1e-3
-    """Adam lr of the colour MLP (threestudio)."""
-    lr_background: float = 1e-3
-    """Adam lr of the background MLP (threestudio)."""
-    betas: Tuple[float, float] = (0.9, 0.99)
-    """Adam betas (threestudio)."""
-    adam_eps: float = 1e-15
-    """Adam eps (threestudio)."""
     lambda_normal_consistency: float = 1e4
     """Weight of 1 - cos between adjacent face normals (threestudio prolificdreamer-geometry: 10000)."""
     lambda_laplacian: float = 1e4
     """Weight of the uniform-Laplacian smoothness of the displacement (threestudio: 10000)."""
     mesh: MeshModelConfig = field(default_factory=MeshModelConfig)
     """Vertex offsets bounded by max_offset (0.05 world units) through tanh."""
-    camera: CameraConfig = field(default_factory=CameraConfig)
-    """Random cameras, as stage 1."""
     shading: ShadingConfig = field(default_factory=lambda: ShadingConfig(ambient_only_steps=0))
     """Lambertian / textureless / albedo mix from the first update (the geometry exists already)."""
     backend: str = "auto"
@@ -122,16 +111,20 @@ class RefineConfig(MeshStageConfig):
 
 
 @autograd_on
-def _run_mesh_like(stage: str, kind: str, denoiser, mesh: MeshState, prompt: str, negative_prompt: str,
+def _run_mesh_like(stage: str, kind: str, denoiser, mesh: MeshState, prompt: Optional[str],
+                   negative_prompt: Optional[str],
                    config: MeshStageConfig, callbacks: Optional[Callbacks]) -> MeshState:
     from ..render.mesh_render import render_mesh, render_turntable
     from ..render.raster import antialias_topology
 
     config = config.validate()
-    prompt = check_prompt(prompt, stage)
-    check_denoiser(denoiser, kind, config, stage)
     require_state(mesh, MeshState, stage, "connect ExtractMesh, a mesh stage or Load State's 'mesh' output "
                                          "(a NeRF must go through ExtractMesh first)")
+    prompt, negative_prompt = state_prompts(mesh, prompt, negative_prompt, stage)
+    check_denoiser(denoiser, kind, config, stage)
+    # The scene LoRA the state carries continues when the state comes from this very stage (a mesh stage after a
+    # mesh stage, as a NeRF stage continues its init's); after ExtractMesh or another stage there is none to use.
+    carried = mesh.lora if mesh.lora and mesh.history and mesh.history[-1] == stage else None
     device = denoiser.device
     start = mesh.clone().to(device)
     model = MeshModel(start.vertices, start.faces, start.field, config.mesh).to(device)
@@ -149,11 +142,12 @@ def _run_mesh_like(stage: str, kind: str, denoiser, mesh: MeshState, prompt: str
     for p in background.parameters():
         p.requires_grad_(config.optimize_color)
     optimizer = torch.optim.Adam(groups, betas=tuple(config.betas), eps=config.adam_eps)
-    gen = torch.Generator().manual_seed(derived_seed(config.seed, 7))  # host-side choices (shading mode, light)
+    gen = torch.Generator().manual_seed(derived_seed(config.seed, SEED_HOST_CHOICES))  # shading mode, light
     # On CUDA the background's random solid colours are drawn on the device: a CPU draw would be copied over
     # with a stream sync at every update. On the CPU there is no sync to save, and sharing ``gen`` keeps CPU
     # runs drawing exactly what they drew before.
-    render_gen = gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(derived_seed(config.seed, 11))
+    render_gen = gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(
+        derived_seed(config.seed, SEED_RENDER))
     faces32 = model.faces.int()
     topology = antialias_topology(faces32, config.backend)
 
@@ -198,7 +192,7 @@ def _run_mesh_like(stage: str, kind: str, denoiser, mesh: MeshState, prompt: str
 
     result = optimise(stage=stage, denoiser=denoiser, prompt=prompt, negative_prompt=negative_prompt, config=config,
                       render_fn=render_fn, optimizer=optimizer, snapshot=snapshot, callbacks=callbacks,
-                      preview_fn=preview_fn)
+                      guidance_state=carried, preview_fn=preview_fn)
     for p in list(model.parameters()) + list(background.parameters()):
         p.requires_grad_(True)
     model.eval()
@@ -208,13 +202,30 @@ def _run_mesh_like(stage: str, kind: str, denoiser, mesh: MeshState, prompt: str
     return state
 
 
-def run_mesh_stage(denoiser, mesh: MeshState, prompt: str, negative_prompt: str = "",
+def state_prompts(state, prompt: Optional[str], negative_prompt: Optional[str], stage: str) -> Tuple[str, str]:
+    """The prompts a stage continuing ``state`` uses: the state's own (typed once, in the NeRF stage, and carried
+    by every state since), unless ``prompt`` / ``negative_prompt`` override them (None or blank = the state's).
+    An override that differs from the state's is logged, so a mismatch is never silent."""
+    def pick(given: Optional[str], carried: str, what: str) -> str:
+        if given is None or not given.strip():
+            return carried
+        if carried and given.strip() != carried.strip():
+            log.warning("dreamflow: %s: %s override %r replaces the state's %r", stage, what, given.strip(), carried)
+        return given
+
+    prompt = check_prompt(pick(prompt, state.prompt, "prompt"), stage)
+    return prompt, pick(negative_prompt, state.negative_prompt, "negative prompt")
+
+
+def run_mesh_stage(denoiser, mesh: MeshState, prompt: Optional[str] = None, negative_prompt: Optional[str] = None,
                    config: Optional[MeshStageConfig] = None, callbacks: Optional[Callbacks] = None) -> MeshState:
-    """Stage 2: refine geometry (bounded offsets) and colour of ``mesh`` with an SD denoiser at 512 px."""
+    """Stage 2: refine geometry (bounded offsets) and colour of ``mesh`` with an SD denoiser at 512 px.
+    ``prompt`` / ``negative_prompt``: None (or blank) = the mesh state's own; text overrides them (logged)."""
     return _run_mesh_like("MeshStage", "sd", denoiser, mesh, prompt, negative_prompt, config or MeshStageConfig(), callbacks)
 
 
-def run_refine_stage(refiner, mesh: MeshState, prompt: str, negative_prompt: str = "",
+def run_refine_stage(refiner, mesh: MeshState, prompt: Optional[str] = None, negative_prompt: Optional[str] = None,
                      config: Optional[RefineConfig] = None, callbacks: Optional[Callbacks] = None) -> MeshState:
-    """Stage 3: refine colour (and optionally geometry) of ``mesh`` with the SDXL refiner at 1024 px."""
+    """Stage 3: refine colour (and optionally geometry) of ``mesh`` with the SDXL refiner at 1024 px.
+    ``prompt`` / ``negative_prompt``: None (or blank) = the mesh state's own; text overrides them (logged)."""
     return _run_mesh_like("SDXLRefine", "sdxl_refiner", refiner, mesh, prompt, negative_prompt, config or RefineConfig(), callbacks)

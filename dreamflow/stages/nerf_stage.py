@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
@@ -14,13 +14,13 @@ from .. import config as cfgio
 from ..errors import check, explain_memory
 from ..guidance import GuidanceConfig
 from ..hosting import Callbacks
-from ..render.cameras import CameraConfig
 from ..render.occupancy import OccupancyConfig, OccupancyGrid
 from ..render.shading import ShadingConfig, pick_mode, random_light
 from ..render.volume import VolumeRenderConfig, orientation_loss, render_volume, sparsity_loss
 from ..scene.nerf import Background, BackgroundConfig, NeRFField, NeRFFieldConfig
 from ..state import NeRFState, require_state
-from ..seeding import derived_seed, seeded
+from ..seeding import SEED_HOST_CHOICES, SEED_RENDER, derived_seed, seeded
+from .common import StageConfig
 from .loop import autograd_on, optimise
 
 
@@ -60,37 +60,14 @@ def check_common(cfg, stage: str) -> None:
 
 
 @dataclass
-class NeRFStageConfig:
-    """Stage 1 settings. Defaults: paper (256 px, t 1.0 -> 0.2) and threestudio prolificdreamer.yaml."""
+class NeRFStageConfig(StageConfig):
+    """Stage 1 settings. Defaults: paper (256 px, t 1.0 -> 0.2) and threestudio prolificdreamer.yaml; the common
+    part (iterations, views, seed, guidance, learning rates, cameras) is :class:`~dreamflow.stages.common.StageConfig`."""
 
-    iterations: int = 2500
-    """Updates. 2,500 x 4 views = 10,000 view-updates, the reference workload of bench/ (ours)."""
-    views_per_update: int = 4
-    """Random views rendered per update (batched through the denoiser; ours, for GPU efficiency)."""
-    resolution: int = 256
-    """Render size, px (paper stage 1)."""
-    denoise_resolution: int = 512
-    """Renders are resized to this before VAE encoding: SD 2.1 base works at 512 (threestudio resizes to 512)."""
-    seed: int = 0
-    """Seeds field init, cameras, noise, lights: same seed + settings + device -> same result."""
-    guidance: GuidanceConfig = field(default_factory=lambda: GuidanceConfig(method="apfo", t_start=1.0, t_end=0.2))
-    """APFO t 1.0 -> 0.2 (paper stage 1), CFG 7.5 (threestudio VSD)."""
-    lr_grid: float = 1e-2
-    """AdamW lr of the hash grid (threestudio prolificdreamer geometry.encoding)."""
-    lr_mlp: float = 1e-3
-    """AdamW lr of the density / albedo MLPs (threestudio)."""
-    lr_background: float = 1e-3
-    """AdamW lr of the background MLP (threestudio)."""
-    betas: Tuple[float, float] = (0.9, 0.99)
-    """AdamW betas (threestudio prolificdreamer)."""
-    adam_eps: float = 1e-15
-    """AdamW eps (threestudio prolificdreamer)."""
     lambda_sparsity: float = 10.0
     """Weight of the opacity sparsity loss (threestudio prolificdreamer ``lambda_sparsity``)."""
     lambda_orient: float = 0.0
     """Weight of DreamFusion's orientation loss (threestudio prolificdreamer: 0; needs normals)."""
-    camera: CameraConfig = field(default_factory=CameraConfig)
-    """Random cameras: distance 1.0-1.5 (x 1/tan(fovy/2)), fovy 40-70, elevation -10..45 (threestudio)."""
     nerf: NeRFFieldConfig = field(default_factory=NeRFFieldConfig)
     """The NeRF field (hash grid 16 x 2, 2^19, base 16, scale 1.4473; threestudio prolificdreamer)."""
     background: BackgroundConfig = field(default_factory=BackgroundConfig)
@@ -143,11 +120,12 @@ def run_nerf_stage(denoiser, prompt: str, negative_prompt: str = "", config: Opt
     optimizer = torch.optim.AdamW(field_.param_groups(config.lr_grid, config.lr_mlp)
                                   + background.param_groups(config.lr_background),
                                   betas=tuple(config.betas), eps=config.adam_eps, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(derived_seed(config.seed, 7))  # host-side choices (shading mode, light)
+    gen = torch.Generator().manual_seed(derived_seed(config.seed, SEED_HOST_CHOICES))  # shading mode, light
     # On CUDA, render jitter, background colours and grid refreshes draw on the device: a CPU draw would be copied
     # over with a stream sync at every update. On the CPU there is no sync to save, and sharing ``gen`` keeps CPU
     # runs drawing what they drew before (as the mesh stages do).
-    render_gen = gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(derived_seed(config.seed, 11))
+    render_gen = gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(
+        derived_seed(config.seed, SEED_RENDER))
     need_normal = config.lambda_orient > 0
     # Built fresh from the current field (also when resuming): not part of the saved state.
     grid = OccupancyGrid.from_field(field_, config.occupancy, render_gen) if config.occupancy.enabled else None

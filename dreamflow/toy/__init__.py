@@ -3,6 +3,8 @@
 * ``world``: 7 shapes x 6 colours as meshes, rendered by ``render/mesh_render.py`` from the stages' cameras;
   captions with view words; prompt parsing.
 * ``prior``: the prior's diffusers layout (a small Stable Diffusion, 64 px) and weight installation.
-* ``train``: rendering a bank of views, VAE / UNet / classifier training, sampling (``bench/toy_train.py``).
+* ``demo_settings``: the offline demo's settings and their one mapping to the toy workflow's widgets.
 * ``classifier``: the shape x colour judge of ``bench/toy_quality.py`` (R-precision).
+
+Training the prior is a tool beside the package: ``bench/toy_training.py`` (driven by ``bench/toy_train.py``).
 """

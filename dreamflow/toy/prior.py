@@ -34,7 +34,7 @@ class ToyPriorConfig:
     unet_channels: Tuple[int, ...] = (64, 128, 128)
     """UNet channels per level (16, 8, 4 px); levels 1 and 2 have cross-attention. 6.7 M parameters."""
     unet_layers_per_block: int = 1
-    """ResNet blocks per UNet level (measured: 37 ms for a batch of 8 on 2 CPU cores)."""
+    """ResNet blocks per UNet level (one: the demo's CPU updates stay fast; bench/RESULTS.md, "Figures moved from docstrings")."""
     vae_channels: Tuple[int, ...] = (32, 64, 64)
     """VAE channels per level; 3 levels = downsampling factor 4. 1.0 M parameters."""
     text_hidden: int = 128

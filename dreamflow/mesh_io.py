@@ -23,8 +23,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..errors import DreamFlowError, check
-from .nerf import NeRFFieldConfig
+from .errors import DreamFlowError, check
+from .scene.nerf import NeRFFieldConfig
 
 MESH_EXTENSIONS = (".glb", ".gltf", ".obj", ".ply")
 UP_AXES = ("+Y", "+Z")
@@ -243,9 +243,9 @@ def _from_geometries(geoms, name, config, device, source, weld=False):
 
 
 def _build(v: np.ndarray, f: np.ndarray, parts, part_of_face, name, config, device, source, weld=False):
-    from .. import config as cfgio
-    from ..state import MeshState
-    from .nerf import Background, BackgroundConfig, NeRFField
+    from . import config as cfgio
+    from .state import MeshState
+    from .scene.nerf import Background, BackgroundConfig, NeRFField
 
     cfg = (config or MeshImportConfig()).validate()
     check(f.size > 0 and len(v) > 0, f"load mesh: '{name}' has no faces; DreamFlow needs a surface with triangles")

@@ -1,6 +1,7 @@
 """Training of the toy prior (VAE, then UNet + text encoder) and of the benchmark classifier on toy-world images.
 
-Read as numbered steps (driven by ``bench/toy_train.py``):
+A tool beside the package, not part of it (the runtime only loads the trained prior, ``dreamflow/toy/prior.py``).
+Read as numbered steps (driven by ``bench/toy_train.py``, which imports this file as ``toy_training``):
 
 1. :func:`render_bank`: render every shape from ``views_per_shape`` random stage cameras with random lights, once
    (colour-independent part coverage / Lambertian terms, uint8 on the training device; ``world.render_geometry``).
@@ -23,9 +24,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..render.cameras import VIEW_WORDS, sample_cameras, view_prompt
-from ..render.shading import random_light
-from .world import (COLOUR_NAMES, SHAPES, WorldConfig, caption, colour_tensor, compose, render_geometry,
+from dreamflow.render.cameras import VIEW_WORDS, sample_cameras, view_prompt
+from dreamflow.render.shading import random_light
+from dreamflow.toy.world import (COLOUR_NAMES, SHAPES, WorldConfig, caption, colour_tensor, compose, render_geometry,
                     sample_appearance, secondary_tensor)
 
 Log = Callable[[str], None]
@@ -361,7 +362,7 @@ def sample(unet, text_encoder, vae, scale: float, token_ids: Tensor, caption_ids
 def train_classifier(model, batches: Callable[[int], Dict[str, Tensor]], steps: int, lr: float = 2e-3,
                      log: Optional[Log] = None, log_every: int = 200, seed: int = 0) -> List[dict]:
     """Train the :class:`~dreamflow.toy.classifier.ToyClassifier` on augmented world images."""
-    from .classifier import augment, loss_fn
+    from dreamflow.toy.classifier import augment, loss_fn
 
     dev = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)

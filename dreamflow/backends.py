@@ -78,7 +78,7 @@ def pick(name: str, requested: str = "auto") -> str:
 
     Returns "cuda" (nvdiffrast / tcnn) or "torch". Asking for "cuda" when it is unavailable is an error.
     """
-    from ..errors import DreamFlowError
+    from .errors import DreamFlowError
 
     if requested not in ("auto", "torch", "cuda"):
         raise DreamFlowError(f"backend '{requested}' for {name} is unknown; use one of: auto, torch, cuda")

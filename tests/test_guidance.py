@@ -116,6 +116,24 @@ def test_apfo_target_matches_formula(tiny_sd):
     assert out.log["t"] == t_i and float(out.log["sigma"]) == pytest.approx(float(sigma_i[0]))
 
 
+@pytest.mark.parametrize("spacing", ["linear", "sigma"])
+def test_apfo_mean_step_scale_divides_the_step_by_the_schedules_mean_step(tiny_sd, spacing):
+    """step_scale="mean": the same target direction, the step divided by (sigma(t_start) - sigma(t_end)) / n."""
+    x = _latents(tiny_sd)
+    embeds = tiny_sd.encode_prompt(["a red cube, front view", "a red cube, side view"])
+    steps = {}
+    for scale in ("ode", "mean"):
+        cfg = GuidanceConfig(method="apfo", cfg_scale=3.0, t_start=0.9, t_end=0.1, updates_per_t=2, spacing=spacing,
+                             step_scale=scale)
+        g = make_guidance(tiny_sd, cfg, total_updates=8, seed=3)
+        g.close()
+        g.scene = _Spy(lambda x_t, t: 0.25 * x_t, tiny_sd)
+        steps[scale] = x - g(x, embeds, None, 5).target
+    unit = float(tiny_sd.sigma(torch.tensor(0.9)) - tiny_sd.sigma(torch.tensor(0.1))) / 4  # 8 updates, 2 per t
+    assert unit != pytest.approx(1.0)
+    torch.testing.assert_close(steps["mean"], steps["ode"] / unit, rtol=1e-5, atol=1e-6)
+
+
 def test_apfo_target_is_x_when_scene_equals_pretrained(tiny_sd):
     cfg = GuidanceConfig(method="apfo", cfg_scale=5.0, t_start=0.8, t_end=0.2)
     g = make_guidance(tiny_sd, cfg, total_updates=4, seed=0)

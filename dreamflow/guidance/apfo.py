@@ -45,10 +45,9 @@ class APFOGuidance(Guidance):
         self.schedule = TimestepSchedule(config.t_start, config.t_end, self.total_updates,
                                          config.updates_per_t, config.spacing)
         self._step_unit = 1.0
-        if config.step_scale == "mean":  # (sigma_0 - sigma_n) / n: the mean ODE step of this schedule
-            ts = self.schedule.timesteps(denoiser.sigma).float().to(denoiser.device)
-            sig = denoiser.sigma(ts)
-            self._step_unit = float((sig[0] - sig[-1]) / (ts.numel() - 1))
+        if config.step_scale == "mean":  # the mean ODE step (sigma(t_start) - sigma(t_end)) / n, any spacing
+            sig = denoiser.sigma(torch.tensor([config.t_start, config.t_end], device=denoiser.device))
+            self._step_unit = float(sig[0] - sig[1]) / self.schedule.n_levels
 
     def timesteps(self, step: int):
         """(t_i, t_{i+1}) for update ``step``."""

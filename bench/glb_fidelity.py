@@ -138,7 +138,7 @@ def _describe(r: dict) -> str:
     """Progress-line tail of one scored GLB."""
     from dreamflow.toy.fidelity import Fidelity, failures
 
-    fails = failures(Fidelity(**{k: v for k, v in r.items() if k in Fidelity.__dataclass_fields__}))
+    fails = failures(Fidelity.from_row(r))
     return (f"{r['seconds']:.1f} s IoU {r['iou_mean']:.2f} CD {r['chamfer']:.3f} dE {r['delta_e']:.1f} "
             f"fl {r['floaters']:.3f} " + ("PASS" if not fails else "FAIL: " + "; ".join(fails)))
 
@@ -165,8 +165,7 @@ def summarise(rows):
             groups.setdefault(tuple(r["job"][:3]), []).append(r)
     table = {}
     for key, got in groups.items():
-        fields = set(Fidelity.__dataclass_fields__)
-        ok = [not failures(Fidelity(**{k: v for k, v in r.items() if k in fields})) for r in got]
+        ok = [not failures(Fidelity.from_row(r)) for r in got]
         seeds = sorted({r["job"][5] for r in got})
         per_seed = [np.mean([o for o, r in zip(ok, got) if r["job"][5] == s]) for s in seeds]
         agg = {"n": len(got), "pass": float(np.mean(ok)), "pass_sd_seeds": float(np.std(per_seed)),

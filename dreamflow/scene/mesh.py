@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -25,6 +26,20 @@ from ..errors import DreamFlowError
 # --------------------------------------------------------------------------------------------
 # Pure helpers
 # --------------------------------------------------------------------------------------------
+def face_components(n_vertices: int, faces: np.ndarray) -> np.ndarray:
+    """Connected part of each face, [F] int labels (faces sharing a vertex are connected; numpy / scipy, CPU).
+
+    Args:
+        n_vertices: number of vertices ``faces`` indexes. faces: [F, 3] integer vertex indices.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    a, b = np.concatenate([faces[:, 0], faces[:, 1]]), np.concatenate([faces[:, 1], faces[:, 2]])
+    graph = coo_matrix((np.ones(a.size, dtype=np.int8), (a, b)), shape=(n_vertices, n_vertices))
+    _, label = connected_components(graph, directed=False)
+    return label[faces[:, 0]]
+
 def triangle_neighbors(tri: Tensor) -> Tensor:
     """Edge adjacency of a triangle list (the topology antialiasing and mesh regularisers need).
 

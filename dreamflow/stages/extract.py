@@ -127,16 +127,12 @@ def _clean(vertices: np.ndarray, faces: np.ndarray):
 
 def remove_floaters(vertices: np.ndarray, faces: np.ndarray, min_ratio: float) -> Tuple[np.ndarray, np.ndarray]:
     """Keep connected components (shared vertices) with >= ``min_ratio`` x the faces of the largest one."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
+    from ..scene.mesh import face_components
 
     if faces.shape[0] == 0 or min_ratio <= 0:
         return vertices, faces
     n = vertices.shape[0]
-    a, b = np.concatenate([faces[:, 0], faces[:, 1]]), np.concatenate([faces[:, 1], faces[:, 2]])
-    graph = coo_matrix((np.ones(a.size, dtype=np.int8), (a, b)), shape=(n, n))
-    _, label = connected_components(graph, directed=False)
-    face_label = label[faces[:, 0]]
+    face_label = face_components(n, faces)
     counts = np.bincount(face_label)
     keep_labels = counts >= min_ratio * counts.max()
     kept = faces[keep_labels[face_label]]

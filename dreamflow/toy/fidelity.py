@@ -115,18 +115,12 @@ def face_areas(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
 
 def floater_fraction(vertices: np.ndarray, faces: np.ndarray) -> float:
     """Share of surface area outside the largest connected part of the position-welded mesh, in [0, 1)."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
+    from ..scene.mesh import face_components
 
     v, f = weld(vertices, faces)
     if len(f) == 0:
         return 0.0
-    n = len(v)
-    a, b = np.concatenate([f[:, 0], f[:, 1]]), np.concatenate([f[:, 1], f[:, 2]])
-    _, label = connected_components(coo_matrix((np.ones(a.size, dtype=np.int8), (a, b)), shape=(n, n)),
-                                    directed=False)
-    area = face_areas(v, f)
-    per = np.bincount(label[f[:, 0]], weights=area)
+    per = np.bincount(face_components(len(v), f), weights=face_areas(v, f))
     total = float(per.sum())
     return 0.0 if total <= 0 else float(1.0 - per.max() / total)
 
@@ -282,6 +276,11 @@ class Fidelity:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_row(cls, row: dict) -> "Fidelity":
+        """The scores back from a dict holding :meth:`to_dict`'s keys among others (a benchmark's result row)."""
+        return cls(**{k: row[k] for k in cls.__dataclass_fields__ if k in row})
 
 
 def glb_fidelity(glb, shape: str, colour: str, samples: int = 6000, resolution: int = 128, seed: int = 0,

@@ -121,12 +121,15 @@ def main(argv=None) -> int:
     log(f"device {dev} ({torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}), torch {torch.__version__}")
     prior_cfg = ToyPriorConfig()
     world = WorldConfig()
-    work = tempfile.mkdtemp(prefix="toy-skeleton-")
-    build_toy_prior(work, prior_cfg, seed=args.seed)
-    unet, vae, te, tok = load_trainable(args.init or work)
+    work = None  # a fresh, randomly initialised prior folder (not needed when fine-tuning --init)
     if args.init:
         log(f"fine-tuning {args.init} (its VAE kept)")
-    sched_cfg = json.load(open(os.path.join(work, "scheduler", "scheduler_config.json")))
+    else:
+        work = tempfile.mkdtemp(prefix="toy-skeleton-")
+        build_toy_prior(work, prior_cfg, seed=args.seed)
+    src = args.init or work
+    unet, vae, te, tok = load_trainable(src)
+    sched_cfg = json.load(open(os.path.join(src, "scheduler", "scheduler_config.json")))
     unet.to(dev), vae.to(dev), te.to(dev)
     n_params = {k: sum(p.numel() for p in m.parameters()) for k, m in (("unet", unet), ("vae", vae), ("text_encoder", te))}
     log(f"parameters: {n_params}")
@@ -235,7 +238,8 @@ def main(argv=None) -> int:
         print(f"| UNet + text | {unet_rows[-1]['step']} | {args.batch} | min-SNR {unet_rows[-1]['loss_minsnr']:.4f} | {t_unet:.1f} |")
     print(f"| classifier | {args.classifier_steps} | 256 | joint acc {clf_acc['joint']:.3f} | {t_clf:.1f} |")
     print(f"total {time.time() - t_start:.1f} s")
-    shutil.rmtree(work, ignore_errors=True)
+    if work is not None:
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

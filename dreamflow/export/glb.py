@@ -19,7 +19,7 @@ from ..io import atomic_path
 from ..render.cameras import Cameras, orbit_cameras
 from ..render.mesh_render import clip_positions
 from ..render.raster import antialias, antialias_topology, interpolate, rasterize
-from ..scene.mesh import vertex_normals
+from ..scene.mesh import vertex_normals, weld_positions
 from .bake import _bake_checked, sample_texture
 from .uv import MAX_TEXTURE_SIZE, _unwrap_checked, check_mesh
 
@@ -215,9 +215,8 @@ def _turntable_checked(v_np: np.ndarray, f_np: np.ndarray, uvs: ArrayLike, textu
     # Seam vertices are duplicated per chart; to the anti-aliasing, a seam would look like an open boundary
     # (a silhouette) and get blended with its neighbours. Welding equal positions restores the surface's
     # adjacency; faces keep their order, so the rasterizer's triangle ids index both face lists.
-    v_weld, weld = np.unique(v_np, axis=0, return_inverse=True)
-    v_weld = torch.from_numpy(v_weld).to(device)
-    f_weld = torch.from_numpy(weld.reshape(-1)[f_np]).to(device)
+    v_weld, f_weld = weld_positions(v_np, f_np)
+    v_weld, f_weld = torch.from_numpy(v_weld).to(device), torch.from_numpy(f_weld).to(device)
     cams = orbit_cameras(n_views, resolution, elevation=elevation).to(device)
     topology = antialias_topology(f_weld, backend)
     images = []

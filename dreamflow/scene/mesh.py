@@ -26,6 +26,16 @@ from ..errors import DreamFlowError
 # --------------------------------------------------------------------------------------------
 # Pure helpers
 # --------------------------------------------------------------------------------------------
+def weld_positions(vertices: np.ndarray, faces: np.ndarray, decimals: Optional[int] = None
+                   ) -> Tuple[np.ndarray, np.ndarray]:
+    """Merge vertices at the same position (UV seams split vertices in a GLB): (unique positions [M, 3] in sorted
+    order, faces [F, 3] re-indexed, same face order). ``decimals``: compare positions rounded to that many
+    decimals (None: exactly). numpy, CPU."""
+    key = vertices if decimals is None else np.round(vertices, decimals)
+    _, first, inverse = np.unique(key, axis=0, return_index=True, return_inverse=True)
+    return vertices[first], inverse.reshape(-1)[faces]
+
+
 def face_components(n_vertices: int, faces: np.ndarray) -> np.ndarray:
     """Connected part of each face, [F] int labels (faces sharing a vertex are connected; numpy / scipy, CPU).
 

@@ -102,12 +102,6 @@ def load_glb(path: str) -> GLBMesh:
 # --------------------------------------------------------------------------------------------
 # Geometry helpers (numpy / torch on the CPU)
 # --------------------------------------------------------------------------------------------
-def weld(vertices: np.ndarray, faces: np.ndarray, decimals: int = 6) -> Tuple[np.ndarray, np.ndarray]:
-    """Merge vertices at the same position (rounded to ``decimals``): UV seams no longer split the surface."""
-    _, first, inverse = np.unique(np.round(vertices, decimals), axis=0, return_index=True, return_inverse=True)
-    return vertices[first], inverse.reshape(-1)[faces]
-
-
 def face_areas(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     v0, v1, v2 = (vertices[faces[:, k]] for k in range(3))
     return 0.5 * np.linalg.norm(np.cross(v1 - v0, v2 - v0), axis=1)
@@ -115,9 +109,9 @@ def face_areas(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
 
 def floater_fraction(vertices: np.ndarray, faces: np.ndarray) -> float:
     """Share of surface area outside the largest connected part of the position-welded mesh, in [0, 1)."""
-    from ..scene.mesh import face_components
+    from ..scene.mesh import face_components, weld_positions
 
-    v, f = weld(vertices, faces)
+    v, f = weld_positions(vertices, faces, decimals=6)
     if len(f) == 0:
         return 0.0
     per = np.bincount(face_components(len(v), f), weights=face_areas(v, f))

@@ -255,7 +255,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--reduced", action="store_true", help="7 prompts (every shape once) instead of all 42")
     p.add_argument("--shapes", nargs="+", default=None, help="only these shapes (one colour each, cycling)")
-    p.add_argument("--demo", action="store_true", help="make demo's exact settings: APFO, DemoConfig's budget")
+    p.add_argument("--demo", action="store_true",
+                   help="make demo's settings: APFO, DemoConfig's budget (--variant changes apply on top)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker")
@@ -268,7 +269,8 @@ def main(argv=None) -> int:
     if args.demo:
         from dreamflow.demo import DemoConfig
 
-        args.methods, args.budgets, args.variant = ["apfo"], [DemoConfig().nerf_iterations], ["demo"]
+        args.methods, args.budgets = ["apfo"], [DemoConfig().nerf_iterations]
+        args.variant = args.variant or ["demo"]  # make demo's settings, plus each --variant's changes if given
     variants = dict(parse_variant(v) for v in (args.variant or ["default"]))
     common = parse_variant("common:" + args.common)[1]
     variants = {name: {**common, **changes} for name, changes in variants.items()}

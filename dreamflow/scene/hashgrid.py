@@ -248,8 +248,11 @@ class HashGrid(nn.Module):
         """[total_entries, F] view of the parameters."""
         return self.params.view(self.total_entries, self.config.n_features_per_level)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x [N, 3] float in [0, 1]. Returns: [N, L * F] float32 (differentiable in x and params).
+    def forward(self, x: torch.Tensor, twice_differentiable: bool = False) -> torch.Tensor:
+        """Args: x [N, 3] float in [0, 1]; ``twice_differentiable``: the caller will differentiate a gradient of
+        the output (analytic normals inside a loss: ``autograd.grad(..., create_graph=True)``), which a compiled
+        function's backward does not support, so the torch path then runs uncompiled.
+        Returns: [N, L * F] float32 (differentiable in x and params).
 
         When ``x`` needs no gradient (ray samples) and the table does, the torch path keeps only ``x`` for the
         backward and recomputes the corners there (:class:`_RecomputedGrid`); otherwise (analytic normals, mesh
@@ -261,7 +264,7 @@ class HashGrid(nn.Module):
                 self._tcnn = self._make_tcnn()
             return self._tcnn(x).float()
         encode, table_grad = hash_grid_torch, hash_grid_table_grad
-        if self.config.compile and x.is_cuda:
+        if self.config.compile and x.is_cuda and not twice_differentiable:
             if self._compiled is None:
                 from ..compile_cache import use_persistent_compile_cache
 

@@ -148,7 +148,7 @@ class NeRFField(nn.Module):
             create_graph = torch.is_grad_enabled()
             with torch.enable_grad():
                 p = points.detach().requires_grad_(True)
-                h = self.encoding(self._unit(p))
+                h = self.encoding(self._unit(p), twice_differentiable=create_graph)
                 sigma = self._density_from_features(p, h)
                 grad = torch.autograd.grad(sigma.sum(), p, create_graph=create_graph)[0]
             if not create_graph:

@@ -32,6 +32,12 @@ def dynamic_list(options: Dict[str, Any]) -> Dict[str, Any]:
     return {**options, DYNAMIC_LIST: True}
 
 
+def file_list_row(name: str, list_files, tooltip: str) -> Widget:
+    """A dropdown of this machine's files (``list_files()`` is asked whenever ``INPUT_TYPES`` is, so new files show
+    up); no default: ComfyUI shows the first file."""
+    return Widget(name, kind="COMBO", choices=list_files, options=dynamic_list({}), tooltip=tooltip)
+
+
 def prompt_rows(default_prompt: str) -> WidgetTable:
     """The prompt widgets of the stage that starts from text (NeRFStage)."""
     return WidgetTable(
@@ -127,16 +133,6 @@ CAMERA_ROWS = WidgetTable(
 )
 
 
-def make_config(cls, **changes):
-    """``cls()`` with ``changes`` (dotted keys for nested configs), validated (ranges, and every float finite):
-    bad values raise before work."""
-    from dreamflow.config import check_finite, replace
-
-    config = replace(cls(), **changes).validate()
-    check_finite(config, cls.__name__)
-    return config
-
-
 def check_widgets(cls, values: Dict[str, Any], where: str) -> Dict[str, Any]:
     """Every widget value in ``values`` checked as the runner and ComfyUI check them (type, ``min`` / ``max``,
     finite floats, dropdown choices); ``None`` (an input fed by a link, as ComfyUI passes it to
@@ -219,11 +215,6 @@ def save_last_good(error, node: str):
 
 OUTPUT_TAG = " [output]"
 """How Load State's list marks files of the output folder (ComfyUI's annotated names)."""
-
-
-def int_input(config: Any, path: str, lo: int, hi: int, tooltip: str, step: int = 1, **extra) -> tuple:
-    """One INT widget's ``INPUT_TYPES`` entry outside a widget table (Load Mesh's colour-field grid)."""
-    return Widget(path.rsplit(".", 1)[-1], path, "INT", lo, hi, step, tooltip, options=extra).spec(config)
 
 
 def check_table(table: WidgetTable, build, values: Dict[str, Any]) -> None:

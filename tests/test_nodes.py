@@ -540,6 +540,20 @@ def test_node_widgets_come_from_its_table(node_id):
     assert required[len(required) - len(table.names):] == list(table.names)
 
 
+@pytest.mark.parametrize("node_id, table", [
+    ("DreamFlowSaveState", "SAVE_WIDGETS"), ("DreamFlowLoadState", "LOAD_WIDGETS"), ("DreamFlowLoadMesh", "LOAD_WIDGETS"),
+    ("DreamFlowCoreMeshToMesh", "CORE_WIDGETS"), ("DreamFlowTrimeshToMesh", "TRIMESH_WIDGETS")])
+def test_file_and_converter_widgets_come_from_their_tables(node_id, table):
+    """Modules with several nodes: each node's widgets are the rows of its own table (sockets first), and its
+    FUNCTION takes them in that order."""
+    cls = NODES[node_id]
+    rows = getattr(importlib.import_module(cls.__module__), table)
+    required = cls.INPUT_TYPES()["required"]
+    sockets = list(required)[:len(required) - len(rows.names)]
+    assert list(required)[len(sockets):] == list(rows.names)
+    assert all(isinstance(required[n][0], str) and required[n][0] not in WIDGET_TYPES for n in sockets), sockets
+
+
 #: The widgets and sockets of the nodes that moved onto widget tables late (issue 18: state files, Load Mesh, the
 #: MESH / TRIMESH converters) as they were before: name, type and every option but the tooltip, in order. Saved
 #: workflows store widget values by position, so none of this may change in a refactor. FILES: a list of this

@@ -184,6 +184,42 @@ class Checked:
         """The node's own rules on ``values`` (``None``: linked, not known yet)."""
 
 
+class TableNode(Checked):
+    """A node whose widget table builds one engine config: the subclass names its ``widgets`` (the table) and
+    ``config_class``; the config is built when the node runs and, when no widget is linked, at queue time."""
+
+    widgets: WidgetTable
+    config_class: type
+
+    @classmethod
+    def build_config(cls, **widgets):
+        """``config_class()`` with the widgets' values, validated."""
+        return cls.widgets.config(cls.config_class, widgets)
+
+    @classmethod
+    def check_values(cls, values):
+        check_table(cls.widgets, cls.build_config, values)
+
+
+class StageNode(TableNode):
+    """A stage node (NeRFStage, MeshStage, SDXLRefine): its ``run`` names its sockets and engine function and
+    hands them to :meth:`run_stage`, which runs the stage with the node's prompts and config and shows the
+    turntable preview."""
+
+    memory_hint = "views_per_update, resolution or preview_resolution"
+    """The settings an out-of-memory error names."""
+
+    def run_stage(self, stage, *inputs, widgets: Dict[str, Any], **extra):
+        """``stage(*inputs, prompt, negative_prompt, config, callbacks=ComfyUI's progress, **extra)`` -> (state,
+        IMAGE preview [preview_views, preview_resolution, preview_resolution, 3])."""
+        config = self.build_config(**widgets)
+        with engine_call(node=self.node_name.removeprefix("DreamFlow"), memory_hint=self.memory_hint):
+            state = stage(*inputs, widgets["prompt"], widgets["negative_prompt"], config,
+                          callbacks=hosting.comfy_progress(config.iterations), **extra)
+            preview = state.turntable(widgets["preview_views"], widgets["preview_resolution"])
+        return (state, to_image(preview))
+
+
 def known(values: Dict[str, Any], *names: str) -> bool:
     """All of ``names`` have values (none is fed by a link)."""
     return all(values.get(n) is not None for n in names)

@@ -310,7 +310,7 @@ def _build(v: np.ndarray, f: np.ndarray, parts, part_of_face, name, config, devi
 def fit_color_field(field_, colors: SurfaceColors, config: MeshImportConfig) -> List[dict]:
     """Fit ``field_.albedo`` to the surface colours (MSE, Adam); returns a log of the first / last updates.
 
-    The fit runs where the field is (CPU here: 200 updates of 4096 points take a few seconds).
+    The fit runs where the field is (its time on a CPU: bench/RESULTS.md, "Figures moved from docstrings").
     """
     if config.fit_steps <= 0:
         return []

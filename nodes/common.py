@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterator
 from dreamflow import hosting
 from dreamflow.hosting import DYNAMIC_LIST
 from dreamflow.errors import DreamFlowError, check
-from dreamflow.guidance import METHODS  # the dropdown's order: DreamFlow's APFO first
+from dreamflow.guidance import REGISTRY, methods  # the dropdown's order: DreamFlow's APFO first
 
 from .widgets import Widget, WidgetTable
 
@@ -79,9 +79,8 @@ def stage_rows(what: str, resolution_hi: int, resolution_tooltip: str, views_too
 
 #: method, cfg_scale, t_start, t_end, updates_per_t: the knobs of a stage config's ``guidance``.
 GUIDANCE_ROWS = WidgetTable(
-    Widget("method", "guidance.method", "COMBO", choices=lambda: list(METHODS),
-           tooltip="apfo: DreamFlow's approximate probability flow (decreasing t schedule); sds: DreamFusion score "
-                   "distillation; vsd: ProlificDreamer variational score distillation (scene LoRA)."),
+    Widget("method", "guidance.method", "COMBO", choices=methods, tooltip=lambda: "; ".join(
+        f"{m}: {REGISTRY[m].summary}" if REGISTRY[m].summary else m for m in methods()) + "."),
     Widget("cfg_scale", "guidance.cfg_scale", "FLOAT", 1.0, 100.0, 0.5,
            "Classifier-free guidance scale (1 = off). APFO/VSD use ~7.5; SDS needs ~100."),
     Widget("t_start", "guidance.t_start", "FLOAT", 0.0, 1.0, 0.01,

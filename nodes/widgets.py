@@ -20,7 +20,7 @@ import dataclasses
 import functools
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 from dreamflow.config import field_docs
 
@@ -36,7 +36,8 @@ class Widget:
         path: the dotted config field it sets (``"guidance.cfg_scale"``); None = the node uses the value itself.
         kind: "INT", "FLOAT", "BOOLEAN", "STRING" or "COMBO" (``choices`` then lists the values).
         lo, hi, step: the range of INT / FLOAT widgets.
-        tooltip: shown on hover; None = the config field's docstring.
+        tooltip: shown on hover (or a function returning it when INPUT_TYPES is asked); None = the config field's
+            docstring.
         default: the widget's default; none given = the config field's value (required without a ``path``, except
             for a COMBO: ComfyUI then shows its first choice, as for a list of this machine's files).
         options: extra widget options (``multiline``, ``control_after_generate``, ...).
@@ -52,7 +53,7 @@ class Widget:
     lo: Optional[float] = None
     hi: Optional[float] = None
     step: Optional[float] = None
-    tooltip: Optional[str] = None
+    tooltip: Union[str, Callable[[], str], None] = None
     default: Any = _NO_DEFAULT
     options: Dict[str, Any] = field(default_factory=dict)
     to_config: Optional[Callable[[Any], Any]] = None
@@ -66,7 +67,8 @@ class Widget:
             raise ValueError(f"widget '{self.name}' has neither a config path nor a default")
         if self.index is not None and self.default is _NO_DEFAULT:
             value = value[self.index]
-        tooltip = self.tooltip if self.tooltip is not None else _doc(config, self.path)
+        tooltip = self.tooltip() if callable(self.tooltip) else self.tooltip
+        tooltip = tooltip if tooltip is not None else _doc(config, self.path)
         if self.kind == "COMBO":
             choices = self.choices() if callable(self.choices) else self.choices
             default = {} if value is _NO_DEFAULT else {"default": value}

@@ -609,3 +609,23 @@ def test_widgets_are_pinned_across_refactors(node_id):
     assert all(len(s[1]["tooltip"]) > 10 for inputs in spec.values() for s in inputs.values())
     params = list(inspect.signature(getattr(cls, cls.FUNCTION)).parameters)[1:]
     assert params == [name for section in ("required", "optional") for name, *_ in PINNED_INPUTS[node_id].get(section, [])]
+
+
+def test_a_new_guidance_method_reaches_the_stage_nodes_from_its_own_file():
+    """A registered method (what its one file does) is in every stage node's method dropdown, in its order (ties by
+    name), and its ``summary`` in the tooltip: no node file names the methods."""
+    from dreamflow.guidance import REGISTRY, Guidance, register
+
+    @register
+    class Zero(Guidance):
+        name, order, summary = "zero-test", 1, "a test method that never moves the scene"
+
+    try:
+        for node_id in ("DreamFlowNeRFStage", "DreamFlowMeshStage", "DreamFlowSDXLRefine"):
+            choices, opts = NODES[node_id].INPUT_TYPES()["required"]["method"]
+            assert choices == ["apfo", "sds", "zero-test", "vsd"] and opts["default"] == "apfo"
+            assert opts["tooltip"].startswith("apfo: DreamFlow's approximate probability flow")
+            assert "; zero-test: a test method that never moves the scene; vsd: " in opts["tooltip"]
+    finally:
+        REGISTRY.pop("zero-test")
+    assert "zero-test" not in NODES["DreamFlowNeRFStage"].INPUT_TYPES()["required"]["method"][0]

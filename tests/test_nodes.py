@@ -559,6 +559,13 @@ def test_file_and_converter_widgets_come_from_their_tables(node_id, table):
 #: workflows store widget values by position, so none of this may change in a refactor. FILES: a list of this
 #: machine's files (its content is the folders', tested with each node).
 FILES = "<files>"
+#: The mesh-import settings that end Load Mesh's and both converters' widgets.
+PINNED_IMPORT = [
+    ("up_axis", ["+Y", "+Z"], {"default": "+Y"}),
+    ("decimate_to", "INT", {"default": 0, "min": 0, "max": 500000}),
+    ("color_fit_steps", "INT", {"default": 100, "min": 0, "max": 10000}),
+    ("grid_levels", "INT", {"default": 16, "min": 1, "max": 32, "step": 1}),
+    ("grid_log2_size", "INT", {"default": 19, "min": 10, "max": 24, "step": 1})]
 PINNED_INPUTS = {
     "DreamFlowSaveState": {
         "required": [("filename_prefix", "STRING", {"default": "dreamflow/state"})],
@@ -568,29 +575,17 @@ PINNED_INPUTS = {
         ("mesh_file", FILES, {"dreamflow_dynamic": True}),
         ("recenter", "BOOLEAN", {"default": True}),
         ("keep_colors", "BOOLEAN", {"default": True}),
-        ("up_axis", ["+Y", "+Z"], {"default": "+Y"}),
-        ("decimate_to", "INT", {"default": 0, "min": 0, "max": 500000}),
-        ("color_fit_steps", "INT", {"default": 100, "min": 0, "max": 10000}),
-        ("grid_levels", "INT", {"default": 16, "min": 1, "max": 32, "step": 1}),
-        ("grid_log2_size", "INT", {"default": 19, "min": 10, "max": 24, "step": 1})]},
+        *PINNED_IMPORT]},
     "DreamFlowCoreMeshToMesh": {"required": [
         ("mesh", "MESH", {}),
         ("index", "INT", {"default": 0, "min": 0, "max": 4096}),
         ("recenter", "BOOLEAN", {"default": False}),
-        ("up_axis", ["+Y", "+Z"], {"default": "+Y"}),
-        ("decimate_to", "INT", {"default": 0, "min": 0, "max": 500000}),
-        ("color_fit_steps", "INT", {"default": 100, "min": 0, "max": 10000}),
-        ("grid_levels", "INT", {"default": 16, "min": 1, "max": 32, "step": 1}),
-        ("grid_log2_size", "INT", {"default": 19, "min": 10, "max": 24, "step": 1})]},
+        *PINNED_IMPORT]},
     "DreamFlowTrimeshToMesh": {"required": [
         ("trimesh", "TRIMESH", {}),
         ("recenter", "BOOLEAN", {"default": False}),
         ("keep_colors", "BOOLEAN", {"default": True}),
-        ("up_axis", ["+Y", "+Z"], {"default": "+Y"}),
-        ("decimate_to", "INT", {"default": 0, "min": 0, "max": 500000}),
-        ("color_fit_steps", "INT", {"default": 100, "min": 0, "max": 10000}),
-        ("grid_levels", "INT", {"default": 16, "min": 1, "max": 32, "step": 1}),
-        ("grid_log2_size", "INT", {"default": 19, "min": 10, "max": 24, "step": 1})]},
+        *PINNED_IMPORT]},
     "DreamFlowMeshToCoreMesh": {"required": [("mesh", "DREAMFLOW_MESH", {})]},
     "DreamFlowMeshToTrimesh": {"required": [("mesh", "DREAMFLOW_MESH", {})]},
 }

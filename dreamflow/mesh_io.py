@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .errors import DreamFlowError, check
+from .scene.mesh import weld_positions
 from .scene.nerf import NeRFFieldConfig
 
 MESH_EXTENSIONS = (".glb", ".gltf", ".obj", ".ply")
@@ -266,7 +267,7 @@ def _build(v: np.ndarray, f: np.ndarray, parts, part_of_face, name, config, devi
         colors = SurfaceColors(v.copy(), f.copy(), [p or grey for p in parts], part_of_face)
     v = v.astype(np.float64)
     if weld:  # files split vertices at UV seams / hard edges: one vertex per position, so moved geometry stays closed
-        v, f = weld_vertices(v, f)
+        v, f = weld_positions(v, f, drop_collapsed=True)
     if cfg.up_axis == "+Z":
         v = np.stack([v[:, 0], v[:, 2], -v[:, 1]], 1)
         if colors is not None:
@@ -303,27 +304,13 @@ def _build(v: np.ndarray, f: np.ndarray, parts, part_of_face, name, config, devi
     return state.to(device)
 
 
-def weld_vertices(v: np.ndarray, f: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Merge vertices at identical positions (first occurrence order kept; unchanged when none repeat) and drop
-    the faces that collapse."""
-    _, first, inverse = np.unique(v, axis=0, return_index=True, return_inverse=True)
-    if len(first) == len(v):
-        return v, f
-    order = np.argsort(first)
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    f = rank[inverse.reshape(-1)][f]
-    keep = (f[:, 0] != f[:, 1]) & (f[:, 1] != f[:, 2]) & (f[:, 2] != f[:, 0])
-    return v[first[order]], f[keep]
-
-
 # --------------------------------------------------------------------------------------------
 # Colour fit
 # --------------------------------------------------------------------------------------------
 def fit_color_field(field_, colors: SurfaceColors, config: MeshImportConfig) -> List[dict]:
     """Fit ``field_.albedo`` to the surface colours (MSE, Adam); returns a log of the first / last updates.
 
-    The fit runs where the field is (CPU here: 200 updates of 4096 points take a few seconds).
+    The fit runs where the field is (its time on a CPU: bench/RESULTS.md, "Figures moved from docstrings").
     """
     if config.fit_steps <= 0:
         return []

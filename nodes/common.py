@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterator
 from dreamflow import hosting
 from dreamflow.hosting import DYNAMIC_LIST
 from dreamflow.errors import DreamFlowError, check
-from dreamflow.guidance import METHODS  # the dropdown's order: DreamFlow's APFO first
+from dreamflow.guidance import REGISTRY, methods  # the dropdown's order: DreamFlow's APFO first
 
 from .widgets import Widget, WidgetTable
 
@@ -30,6 +30,12 @@ SEED_MAX = 0xFFFFFFFFFFFFFFFF  # ComfyUI's KSampler seed range
 def dynamic_list(options: Dict[str, Any]) -> Dict[str, Any]:
     """Mark a dropdown filled from this machine's files (models, states); see ``dreamflow.hosting.DYNAMIC_LIST``."""
     return {**options, DYNAMIC_LIST: True}
+
+
+def file_list_row(name: str, list_files, tooltip: str) -> Widget:
+    """A dropdown of this machine's files (``list_files()`` is asked whenever ``INPUT_TYPES`` is, so new files show
+    up); no default: ComfyUI shows the first file."""
+    return Widget(name, kind="COMBO", choices=list_files, options=dynamic_list({}), tooltip=tooltip)
 
 
 def prompt_rows(default_prompt: str) -> WidgetTable:
@@ -73,9 +79,8 @@ def stage_rows(what: str, resolution_hi: int, resolution_tooltip: str, views_too
 
 #: method, cfg_scale, t_start, t_end, updates_per_t: the knobs of a stage config's ``guidance``.
 GUIDANCE_ROWS = WidgetTable(
-    Widget("method", "guidance.method", "COMBO", choices=lambda: list(METHODS),
-           tooltip="apfo: DreamFlow's approximate probability flow (decreasing t schedule); sds: DreamFusion score "
-                   "distillation; vsd: ProlificDreamer variational score distillation (scene LoRA)."),
+    Widget("method", "guidance.method", "COMBO", choices=methods, tooltip=lambda: "; ".join(
+        f"{m}: {REGISTRY[m].summary}" if REGISTRY[m].summary else m for m in methods()) + "."),
     Widget("cfg_scale", "guidance.cfg_scale", "FLOAT", 1.0, 100.0, 0.5,
            "Classifier-free guidance scale (1 = off). APFO/VSD use ~7.5; SDS needs ~100."),
     Widget("t_start", "guidance.t_start", "FLOAT", 0.0, 1.0, 0.01,
@@ -125,16 +130,6 @@ CAMERA_ROWS = WidgetTable(
            tooltip="Highest camera elevation, degrees (threestudio: 45; above 60 the view prompt says 'overhead "
                    "view'; the toy prior was trained up to 80)."),
 )
-
-
-def make_config(cls, **changes):
-    """``cls()`` with ``changes`` (dotted keys for nested configs), validated (ranges, and every float finite):
-    bad values raise before work."""
-    from dreamflow.config import check_finite, replace
-
-    config = replace(cls(), **changes).validate()
-    check_finite(config, cls.__name__)
-    return config
 
 
 def check_widgets(cls, values: Dict[str, Any], where: str) -> Dict[str, Any]:
@@ -188,6 +183,42 @@ class Checked:
         """The node's own rules on ``values`` (``None``: linked, not known yet)."""
 
 
+class TableNode(Checked):
+    """A node whose widget table builds one engine config: the subclass names its ``widgets`` (the table) and
+    ``config_class``; the config is built when the node runs and, when no widget is linked, at queue time."""
+
+    widgets: WidgetTable
+    config_class: type
+
+    @classmethod
+    def build_config(cls, **widgets):
+        """``config_class()`` with the widgets' values, validated."""
+        return cls.widgets.config(cls.config_class, widgets)
+
+    @classmethod
+    def check_values(cls, values):
+        check_table(cls.widgets, cls.build_config, values)
+
+
+class StageNode(TableNode):
+    """A stage node (NeRFStage, MeshStage, SDXLRefine): its ``run`` names its sockets and engine function and
+    hands them to :meth:`run_stage`, which runs the stage with the node's prompts and config and shows the
+    turntable preview."""
+
+    memory_hint = "views_per_update, resolution or preview_resolution"
+    """The settings an out-of-memory error names."""
+
+    def run_stage(self, stage, *inputs, widgets: Dict[str, Any], **extra):
+        """``stage(*inputs, prompt, negative_prompt, config, callbacks=ComfyUI's progress, **extra)`` -> (state,
+        IMAGE preview [preview_views, preview_resolution, preview_resolution, 3])."""
+        config = self.build_config(**widgets)
+        with engine_call(node=self.node_name.removeprefix("DreamFlow"), memory_hint=self.memory_hint):
+            state = stage(*inputs, widgets["prompt"], widgets["negative_prompt"], config,
+                          callbacks=hosting.comfy_progress(config.iterations), **extra)
+            preview = state.turntable(widgets["preview_views"], widgets["preview_resolution"])
+        return (state, to_image(preview))
+
+
 def known(values: Dict[str, Any], *names: str) -> bool:
     """All of ``names`` have values (none is fed by a link)."""
     return all(values.get(n) is not None for n in names)
@@ -219,11 +250,6 @@ def save_last_good(error, node: str):
 
 OUTPUT_TAG = " [output]"
 """How Load State's list marks files of the output folder (ComfyUI's annotated names)."""
-
-
-def int_input(config: Any, path: str, lo: int, hi: int, tooltip: str, step: int = 1, **extra) -> tuple:
-    """One INT widget's ``INPUT_TYPES`` entry outside a widget table (Load Mesh's colour-field grid)."""
-    return Widget(path.rsplit(".", 1)[-1], path, "INT", lo, hi, step, tooltip, options=extra).spec(config)
 
 
 def check_table(table: WidgetTable, build, values: Dict[str, Any]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dreamflow.stages import ExtractConfig, extract_mesh_state
 
-from .common import CATEGORY, MESH, NERF, PREVIEW_ROWS, Checked, check_table, engine_call, to_image
+from .common import CATEGORY, MESH, NERF, PREVIEW_ROWS, TableNode, engine_call, to_image
 from .widgets import Widget, WidgetTable
 
 #: The node's widgets, in saved-workflow order: one row each (name, config field, range, tooltip).
@@ -19,8 +19,9 @@ WIDGETS = WidgetTable(
 ) + PREVIEW_ROWS
 
 
-class ExtractMesh(Checked):
+class ExtractMesh(TableNode):
     node_name = "DreamFlowExtractMesh"
+    widgets, config_class = WIDGETS, ExtractConfig
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -39,14 +40,6 @@ class ExtractMesh(Checked):
     CATEGORY = f"{CATEGORY}/stages"
     DESCRIPTION = ("Extracts a watertight triangle mesh from a NeRF: density on a grid, marching cubes, floater "
                    "removal, decimation to the face budget. The NeRF's colour field comes along.")
-
-    @classmethod
-    def build_config(cls, **widgets) -> ExtractConfig:
-        return WIDGETS.config(ExtractConfig, widgets)
-
-    @classmethod
-    def check_values(cls, values):
-        check_table(WIDGETS, cls.build_config, values)
 
     @WIDGETS.method("nerf")
     def extract(self, nerf, **widgets):

@@ -1,20 +1,22 @@
 """Meshes in and out of DreamFlow: DreamFlowLoadMesh (a file) and converters to / from ComfyUI core's ``MESH``
 and ``TRIMESH`` (``trimesh.Trimesh``, what most 3D packs pass). The work is in ``dreamflow.mesh_io``.
 
-Each node's widgets are one table (name -> (config field, spec)), read both to build ``INPUT_TYPES`` and to map
-widget values onto :class:`~dreamflow.mesh_io.MeshImportConfig`.
+Each node's widgets are one :class:`~.widgets.WidgetTable` (one row per widget), read both to build ``INPUT_TYPES``
+and to map widget values onto :class:`~dreamflow.mesh_io.MeshImportConfig`.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Tuple
+from dataclasses import replace
+from typing import List
 
 from dreamflow import hosting
 from dreamflow.errors import DreamFlowError
 from dreamflow.mesh_io import MAX_FACES, MESH_EXTENSIONS, UP_AXES, MeshImportConfig
 
-from .common import CATEGORY, MESH, check_state, dynamic_list, engine_call, input_directory, int_input, make_config
+from .common import CATEGORY, MESH, check_state, engine_call, file_list_row, input_directory
+from .widgets import Widget, WidgetTable
 
 CORE_MESH = "MESH"
 """ComfyUI core's mesh type (``comfy_extras/nodes_hunyuan3d.py``: VoxelToMesh makes it, SaveGLB takes it)."""
@@ -30,40 +32,29 @@ def _examples_dir() -> str:
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "samples")
 
 
-def _import_widgets(recenter_default: bool) -> Dict[str, Tuple[str, tuple]]:
-    """widget -> (MeshImportConfig field, ComfyUI input spec): the import settings shared by Load Mesh and the
-    TRIMESH / MESH converters."""
-    c = MeshImportConfig()
-    return {
-        "recenter": ("recenter", ("BOOLEAN", {"default": recenter_default, "tooltip": (
-            "Move the mesh's centre to the origin and scale it so that its largest half-extent is "
-            f"{c.extent:g} world units, as the stages' cameras frame objects. Off: the coordinates are kept (they "
-            "must lie inside [-1, 1]^3).")})),
-        "keep_colors": ("colors", ("BOOLEAN", {"default": c.colors, "tooltip": (
-            "Start the colour field from the mesh's texture / vertex colours (a short fit); off: a plain grey "
-            "start.")})),
-        "up_axis": ("up_axis", (list(UP_AXES), {"default": c.up_axis, "tooltip": (
-            "The mesh's up axis. +Y: glTF and most OBJ files; +Z: many scans and CAD / PLY exports (turned to "
-            "DreamFlow's +Y up).")})),
-        "decimate_to": ("decimate_to", ("INT", {"default": c.decimate_to, "min": 0, "max": MAX_FACES, "tooltip": (
-            f"Decimate meshes with more faces to this many (0: off; meshes over {MAX_FACES:,} faces need it).")})),
-        "color_fit_steps": ("fit_steps", ("INT", {"default": c.fit_steps, "min": 0, "max": 10000, "tooltip": (
-            "Updates of the colour field's fit to the mesh's colours (0: none). Each is cheap on a GPU and slower on "
-            "a CPU, more so with more grid levels (timings: bench/RESULTS.md).")})),
-        "grid_levels": ("field.grid.n_levels", int_input(c, "field.grid.n_levels", 1, 32, (
-            "Hash-grid levels of the colour field (the NeRF stage's default: 16; 8 is plenty for small renders "
-            "and much faster on a CPU)."))),
-        "grid_log2_size": ("field.grid.log2_hashmap_size", int_input(c, "field.grid.log2_hashmap_size", 10, 24, (
-            "log2 of the colour field's hash-table entries per level (default 19)."))),
-    }
-
-
-def _inputs(table) -> Dict[str, tuple]:
-    return {name: spec for name, (_, spec) in table.items()}
-
-
-def _config(table, values: dict) -> MeshImportConfig:
-    return make_config(MeshImportConfig, **{field: values[name] for name, (field, _) in table.items()})
+# The import settings Load Mesh and the TRIMESH / MESH converters share, as rows of their tables. ``recenter``
+# defaults to the config's (on) in Load Mesh and to off in the converters, which keep other packs' coordinates.
+RECENTER = Widget("recenter", "recenter", "BOOLEAN", tooltip=(
+    "Move the mesh's centre to the origin and scale it so that its largest half-extent is "
+    f"{MeshImportConfig().extent:g} world units, as the stages' cameras frame objects. Off: the coordinates are kept (they "
+    "must lie inside [-1, 1]^3)."))
+KEEP_COLORS = Widget("keep_colors", "colors", "BOOLEAN", tooltip=(
+    "Start the colour field from the mesh's texture / vertex colours (a short fit); off: a plain grey start."))
+IMPORT_ROWS = WidgetTable(
+    Widget("up_axis", "up_axis", "COMBO", choices=UP_AXES, tooltip=(
+        "The mesh's up axis. +Y: glTF and most OBJ files; +Z: many scans and CAD / PLY exports (turned to "
+        "DreamFlow's +Y up).")),
+    Widget("decimate_to", "decimate_to", "INT", 0, MAX_FACES, tooltip=(
+        f"Decimate meshes with more faces to this many (0: off; meshes over {MAX_FACES:,} faces need it).")),
+    Widget("color_fit_steps", "fit_steps", "INT", 0, 10000, tooltip=(
+        "Updates of the colour field's fit to the mesh's colours (0: none). Each is cheap on a GPU and slower on "
+        "a CPU, more so with more grid levels (timings: bench/RESULTS.md).")),
+    Widget("grid_levels", "field.grid.n_levels", "INT", 1, 32, 1, (
+        "Hash-grid levels of the colour field (the NeRF stage's default: 16; 8 is plenty for small renders "
+        "and much faster on a CPU).")),
+    Widget("grid_log2_size", "field.grid.log2_hashmap_size", "INT", 10, 24, 1, (
+        "log2 of the colour field's hash-table entries per level (default 19).")),
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,21 +94,18 @@ def resolve_mesh_file(name: str) -> str:
                          f"input folder, then pick it from the list")
 
 
-LOAD_WIDGETS = _import_widgets(recenter_default=True)
+#: Load Mesh's widgets, in saved-workflow order: one row each (name, config field, range, tooltip).
+LOAD_WIDGETS = WidgetTable(
+    file_list_row("mesh_file", list_mesh_files, f"A mesh ({', '.join(MESH_EXTENSIONS)}) in ComfyUI's input folder "
+                                                f"(the upload button puts one into input/3d), or one of the pack's "
+                                                f"[example] meshes. Headless: also a path."),
+    RECENTER, KEEP_COLORS) + IMPORT_ROWS
 
 
 class LoadMesh:
     @classmethod
     def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "mesh_file": (list_mesh_files(), dynamic_list({
-                    "tooltip": f"A mesh ({', '.join(MESH_EXTENSIONS)}) in ComfyUI's input folder (the upload button "
-                               f"puts one into input/3d), or one of the pack's [example] meshes. Headless: also a "
-                               f"path."})),
-                **_inputs(LOAD_WIDGETS),
-            }
-        }
+        return {"required": LOAD_WIDGETS.inputs(MeshImportConfig())}
 
     RETURN_TYPES = (MESH,)
     RETURN_NAMES = ("mesh",)
@@ -137,11 +125,11 @@ class LoadMesh:
         except (DreamFlowError, OSError):
             return mesh_file
 
-    def load(self, mesh_file, recenter, keep_colors, up_axis, decimate_to, color_fit_steps, grid_levels,
-             grid_log2_size):
+    @LOAD_WIDGETS.method()
+    def load(self, mesh_file, **widgets):
         from dreamflow.mesh_io import load_mesh_file
 
-        config = _config(LOAD_WIDGETS, locals())
+        config = LOAD_WIDGETS.config(MeshImportConfig, widgets)
         with engine_call(free=False):  # made outside inference mode: the stages train the colour field further
             state = load_mesh_file(resolve_mesh_file(mesh_file), config, name=mesh_file)
         return (state,)
@@ -169,8 +157,12 @@ class StandInCoreMesh:
 
 
 MESH_IN = "DreamFlow mesh state (any stage's, Load Mesh's or Load State's 'mesh' output)"
-CONVERT_WIDGETS = _import_widgets(recenter_default=False)
-CORE_WIDGETS = {k: t for k, t in CONVERT_WIDGETS.items() if k != "keep_colors"}  # core MESH has no colours
+#: MESH to Mesh's widgets: which mesh of the batch, then the import settings (core MESH has no colours).
+CORE_WIDGETS = WidgetTable(
+    Widget("index", kind="INT", lo=0, hi=4096, default=0, tooltip="Which mesh of the MESH batch."),
+    replace(RECENTER, default=False)) + IMPORT_ROWS
+#: TRIMESH to Mesh's widgets: the import settings.
+TRIMESH_WIDGETS = WidgetTable(replace(RECENTER, default=False), KEEP_COLORS) + IMPORT_ROWS
 
 
 class _MeshOut:
@@ -212,8 +204,7 @@ class CoreMeshToMesh:
     def INPUT_TYPES(cls):
         return {"required": {
             "mesh": (CORE_MESH, {"tooltip": "ComfyUI core's MESH (e.g. from VoxelToMesh)."}),
-            "index": ("INT", {"default": 0, "min": 0, "max": 4096, "tooltip": "Which mesh of the MESH batch."}),
-            **_inputs(CORE_WIDGETS),
+            **CORE_WIDGETS.inputs(MeshImportConfig()),
         }}
 
     RETURN_TYPES = (MESH,)
@@ -224,10 +215,10 @@ class CoreMeshToMesh:
     DESCRIPTION = "ComfyUI core's MESH as a DreamFlow mesh state, for MeshStage / SDXLRefine (vertices and faces kept " \
                   "exactly unless recenter is on)."
 
-    def convert(self, mesh, index, recenter, up_axis, decimate_to, color_fit_steps, grid_levels, grid_log2_size):
+    @CORE_WIDGETS.method("mesh")
+    def convert(self, mesh, index, **widgets):
         from dreamflow.mesh_io import from_arrays
 
-        widgets = dict(locals())
         v, f = getattr(mesh, "vertices", None), getattr(mesh, "faces", None)
         if v is None or f is None:
             raise DreamFlowError(f"DreamFlowCoreMeshToMesh: input 'mesh' is a {type(mesh).__name__}, not core's MESH "
@@ -237,7 +228,7 @@ class CoreMeshToMesh:
         if index >= len(v):
             raise DreamFlowError(f"DreamFlowCoreMeshToMesh: index {index} is past the MESH batch of {len(v)}; use "
                                  f"0..{len(v) - 1}")
-        config = _config(CORE_WIDGETS, widgets)
+        config = CORE_WIDGETS.config(MeshImportConfig, widgets)
         with engine_call(free=False):
             return (from_arrays(v[index], f[index], config, name="DreamFlowCoreMeshToMesh"),)
 
@@ -262,7 +253,7 @@ class TrimeshToMesh:
     def INPUT_TYPES(cls):
         return {"required": {
             "trimesh": (TRIMESH, {"tooltip": "A trimesh.Trimesh (or Scene) from another 3D pack."}),
-            **_inputs(CONVERT_WIDGETS),
+            **TRIMESH_WIDGETS.inputs(MeshImportConfig()),
         }}
 
     RETURN_TYPES = (MESH,)
@@ -273,10 +264,10 @@ class TrimeshToMesh:
     DESCRIPTION = "A trimesh.Trimesh (TRIMESH) as a DreamFlow mesh state (vertices and faces kept exactly unless " \
                   "recenter is on; colours fitted into the colour field)."
 
-    def convert(self, trimesh, recenter, keep_colors, up_axis, decimate_to, color_fit_steps, grid_levels,
-                grid_log2_size):
+    @TRIMESH_WIDGETS.method("trimesh")
+    def convert(self, trimesh, **widgets):
         from dreamflow.mesh_io import from_trimesh
 
-        config = _config(CONVERT_WIDGETS, locals())
+        config = TRIMESH_WIDGETS.config(MeshImportConfig, widgets)
         with engine_call(free=False):
             return (from_trimesh(trimesh, config, name="DreamFlowTrimeshToMesh"),)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from dreamflow import hosting
 from dreamflow.stages import MeshStageConfig, run_mesh_stage
 
 from .common import (CAMERA_ROWS, CATEGORY, DENOISER, GUIDANCE_ROWS, MESH, MESH_ROWS, PREVIEW_ROWS,
-                     PROMPT_OVERRIDE_ROWS, Checked, check_table, engine_call, stage_rows, to_image)
+                     PROMPT_OVERRIDE_ROWS, StageNode, stage_rows)
 from .widgets import Widget, WidgetTable
 
 NODE = "DreamFlowMeshStage"
-MEMORY_HINT = "views_per_update, resolution or preview_resolution"
 
 #: The node's widgets, in saved-workflow order: one row each (name, config field, range, tooltip).
 WIDGETS = (PROMPT_OVERRIDE_ROWS
@@ -25,8 +23,9 @@ WIDGETS = (PROMPT_OVERRIDE_ROWS
            + CAMERA_ROWS)
 
 
-class MeshStage(Checked):
+class MeshStage(StageNode):
     node_name = NODE
+    widgets, config_class = WIDGETS, MeshStageConfig
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -48,20 +47,7 @@ class MeshStage(Checked):
     DESCRIPTION = ("Stage 2 of DreamFlow: fine-tunes the extracted mesh's vertices (bounded offsets) and colour "
                    "field with a differentiable rasterizer under APFO (or SDS/VSD), at 512 px.")
 
-    @classmethod
-    def build_config(cls, **widgets) -> MeshStageConfig:
-        return WIDGETS.config(MeshStageConfig, widgets)
-
-    @classmethod
-    def check_values(cls, values):
-        # an empty prompt is the mesh's own (the prompt flows with the state); the stage checks it when it runs
-        check_table(WIDGETS, cls.build_config, values)
-
     @WIDGETS.method("denoiser", "mesh")
     def run(self, denoiser, mesh, **widgets):
-        config = self.build_config(**widgets)
-        with engine_call(node="MeshStage", memory_hint=MEMORY_HINT):
-            state = run_mesh_stage(denoiser, mesh, widgets["prompt"], widgets["negative_prompt"], config,
-                                   callbacks=hosting.comfy_progress(config.iterations))
-            preview = state.turntable(widgets["preview_views"], widgets["preview_resolution"])
-        return (state, to_image(preview))
+        # an empty prompt is the mesh's own (the prompt flows with the state); the stage checks it when it runs
+        return self.run_stage(run_mesh_stage, denoiser, mesh, widgets=widgets)

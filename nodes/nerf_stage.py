@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from dreamflow import hosting
 from dreamflow.stages import NeRFStageConfig, run_nerf_stage
 
-from .common import (CAMERA_ROWS, CATEGORY, DENOISER, GUIDANCE_ROWS, LR_LORA, NERF, PREVIEW_ROWS, Checked,
-                     check_prompt_value, check_table, engine_call, prompt_rows, stage_rows, to_image)
+from .common import (CAMERA_ROWS, CATEGORY, DENOISER, GUIDANCE_ROWS, LR_LORA, NERF, PREVIEW_ROWS, StageNode,
+                     check_prompt_value, prompt_rows, stage_rows)
 from .widgets import Widget, WidgetTable
 
 #: The node's widgets, in saved-workflow order: one row each (name, config field, range, tooltip).
@@ -41,8 +40,10 @@ WIDGETS = (prompt_rows("A corgi standing up drinking boba.")
 NODE = "DreamFlowNeRFStage"
 
 
-class NeRFStage(Checked):
+class NeRFStage(StageNode):
     node_name = NODE
+    widgets, config_class = WIDGETS, NeRFStageConfig
+    memory_hint = "views_per_update, resolution, n_samples / n_importance, grid_log2_size or preview_resolution"
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -69,22 +70,10 @@ class NeRFStage(Checked):
                    "cancel stops within one update.")
 
     @classmethod
-    def build_config(cls, **widgets) -> NeRFStageConfig:
-        return WIDGETS.config(NeRFStageConfig, widgets)
-
-    @classmethod
     def check_values(cls, values):
         check_prompt_value(values, NODE)
-        check_table(WIDGETS, cls.build_config, values)
+        super().check_values(values)
 
     @WIDGETS.method("denoiser", optional=("init",))
     def run(self, denoiser, init=None, **widgets):
-        config = self.build_config(**widgets)
-        with engine_call(node="NeRFStage", memory_hint=MEMORY_HINT):
-            state = run_nerf_stage(denoiser, widgets["prompt"], widgets["negative_prompt"], config,
-                                   callbacks=hosting.comfy_progress(config.iterations), init=init)
-            preview = state.turntable(widgets["preview_views"], widgets["preview_resolution"])
-        return (state, to_image(preview))
-
-
-MEMORY_HINT = "views_per_update, resolution, n_samples / n_importance, grid_log2_size or preview_resolution"
+        return self.run_stage(run_nerf_stage, denoiser, widgets=widgets, init=init)

@@ -7,7 +7,7 @@ import posixpath
 
 from dreamflow.export import ExportConfig, turntable_path
 
-from .common import CATEGORY, MESH, Checked, check_state, check_table, engine_call
+from .common import CATEGORY, MESH, TableNode, check_state, engine_call
 from .widgets import Widget, WidgetTable
 
 NODE = "DreamFlowSaveGLB"
@@ -26,8 +26,9 @@ WIDGETS = WidgetTable(
 )
 
 
-class SaveGLB(Checked):
+class SaveGLB(TableNode):
     node_name = NODE
+    widgets, config_class = WIDGETS, ExportConfig
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -53,14 +54,14 @@ class SaveGLB(Checked):
 
         if values.get("filename_prefix") is not None:
             check_output_target(values["filename_prefix"])
-        check_table(WIDGETS, lambda **v: WIDGETS.config(ExportConfig, v), values)
+        super().check_values(values)
 
     @WIDGETS.method("mesh")
     def save(self, mesh, filename_prefix, turntable_views, **widgets):
         from dreamflow.io import claimed_output
         from dreamflow.state import MeshState
 
-        config = WIDGETS.config(ExportConfig, dict(widgets, turntable_views=turntable_views))
+        config = self.build_config(**widgets, turntable_views=turntable_views)
         check_state(mesh, MeshState, NODE, "mesh", "connect a stage's 'mesh' output (a NeRF must go through "
                                                    "ExtractMesh first)")
         with claimed_output(filename_prefix, "glb") as (full, rel), \

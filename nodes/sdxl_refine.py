@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from dreamflow import hosting
 from dreamflow.stages import RefineConfig, run_refine_stage
 
-from .common import (CATEGORY, DENOISER, GUIDANCE_ROWS, MESH, MESH_ROWS, PREVIEW_ROWS, PROMPT_OVERRIDE_ROWS, Checked,
-                     check_table, engine_call, stage_rows, to_image)
-from .mesh_stage import MEMORY_HINT
+from .common import (CATEGORY, DENOISER, GUIDANCE_ROWS, MESH, MESH_ROWS, PREVIEW_ROWS, PROMPT_OVERRIDE_ROWS, StageNode,
+                     stage_rows)
 from .widgets import Widget, WidgetTable
 
 NODE = "DreamFlowSDXLRefine"
@@ -23,8 +21,9 @@ WIDGETS = (PROMPT_OVERRIDE_ROWS
            + MESH_ROWS + PREVIEW_ROWS)
 
 
-class SDXLRefine(Checked):
+class SDXLRefine(StageNode):
     node_name = NODE
+    widgets, config_class = WIDGETS, RefineConfig
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -45,20 +44,7 @@ class SDXLRefine(Checked):
     DESCRIPTION = ("Stage 3 of DreamFlow: refines the mesh's texture at 1024 px under the SDXL refiner with APFO's "
                    "low-noise schedule (t 0.3 -> 0); optionally the geometry too.")
 
-    @classmethod
-    def build_config(cls, **widgets) -> RefineConfig:
-        return WIDGETS.config(RefineConfig, widgets)
-
-    @classmethod
-    def check_values(cls, values):
-        # an empty prompt is the mesh's own (the prompt flows with the state); the stage checks it when it runs
-        check_table(WIDGETS, cls.build_config, values)
-
     @WIDGETS.method("refiner", "mesh")
     def run(self, refiner, mesh, **widgets):
-        config = self.build_config(**widgets)
-        with engine_call(node="SDXLRefine", memory_hint=MEMORY_HINT):
-            state = run_refine_stage(refiner, mesh, widgets["prompt"], widgets["negative_prompt"], config,
-                                     callbacks=hosting.comfy_progress(config.iterations))
-            preview = state.turntable(widgets["preview_views"], widgets["preview_resolution"])
-        return (state, to_image(preview))
+        # an empty prompt is the mesh's own (the prompt flows with the state); the stage checks it when it runs
+        return self.run_stage(run_refine_stage, refiner, mesh, widgets=widgets)

@@ -10,7 +10,8 @@ from dreamflow import hosting
 from dreamflow.errors import DreamFlowError
 from dreamflow.io import read_state_header
 
-from .common import CATEGORY, MESH, NERF, OUTPUT_TAG, Checked, dynamic_list, engine_call, input_directory
+from .common import CATEGORY, MESH, NERF, OUTPUT_TAG, Checked, engine_call, file_list_row, input_directory
+from .widgets import Widget, WidgetTable
 
 INPUT_TAG = " [input]"
 """ComfyUI's annotated file names (``folder_paths.get_annotated_filepath``): where a listed file lives."""
@@ -71,17 +72,25 @@ def resolve_state_file(name: str) -> str:
                          f"State or copy it into the input folder, then pick it from the list")
 
 
+#: Save State's widgets (one row each; its states are sockets).
+SAVE_WIDGETS = WidgetTable(
+    Widget("filename_prefix", kind="STRING", default="dreamflow/state",
+           tooltip="File name prefix inside the output folder; a counter and .safetensors are appended."),
+)
+#: Load State's widget: the file.
+LOAD_WIDGETS = WidgetTable(
+    file_list_row("state_file", list_state_files, "A DreamFlow state (.safetensors) in the input folder, or in the "
+                                                  "output folder (marked [output]) as written by Save State."),
+)
+
+
 class SaveState(Checked):
     node_name = "DreamFlowSaveState"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
-            "required": {
-                "filename_prefix": ("STRING", {"default": "dreamflow/state",
-                                               "tooltip": "File name prefix inside the output folder; a counter and "
-                                                          ".safetensors are appended."}),
-            },
+            "required": SAVE_WIDGETS.inputs(),
             "optional": {
                 "nerf": (NERF, {"tooltip": "A NeRF state to save (connect this or 'mesh', not both)."}),
                 "mesh": (MESH, {"tooltip": "A mesh state to save (connect this or 'nerf', not both)."}),
@@ -122,13 +131,7 @@ class LoadState(Checked):
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "state_file": (list_state_files(), dynamic_list({
-                    "tooltip": "A DreamFlow state (.safetensors) in the input folder, or in the output folder "
-                               "(marked [output]) as written by Save State."})),
-            }
-        }
+        return {"required": LOAD_WIDGETS.inputs()}
 
     RETURN_TYPES = (NERF, MESH)
     RETURN_NAMES = ("nerf", "mesh")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -18,7 +19,7 @@ from dreamflow.errors import DreamFlowError
 from dreamflow.render.cameras import make_cameras
 from dreamflow.render.mesh_render import clip_positions, render_mesh, render_turntable
 from dreamflow.scene.mesh import (MeshModel, MeshModelConfig, box_mesh, face_normals, grid_mesh, unique_edges,
-                                  uv_sphere, vertex_normals)
+                                  uv_sphere, vertex_normals, weld_positions)
 from dreamflow.scene.nerf import NeRFField, NeRFFieldConfig
 from dreamflow.scene.hashgrid import HashGridConfig
 
@@ -323,3 +324,23 @@ def test_render_uses_one_covered_pixel_list_and_given_normals():
     assert all(torch.equal(full[k], given[k]) for k in full)
     with pytest.raises(DreamFlowError, match="normals have shape"):
         render_mesh(v, f, colour.albedo, cams, light_positions=light, normals=torch.zeros(3, 3), backend="torch")
+
+
+def test_weld_keeps_first_occurrence_order_and_faces_or_drops_collapsed_ones():
+    """One weld for imported meshes (collapsed faces dropped), the GLB turntable's anti-aliasing topology (every face
+    kept in order: triangle ids index both lists) and the floater measure (positions compared at 6 decimals)."""
+    v = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 0, 0], [0, 0, 1.0]])
+    f = np.array([[0, 1, 2], [3, 2, 4], [1, 3, 4]])
+    wv, wf = weld_positions(v, f, drop_collapsed=True)
+    np.testing.assert_array_equal(wv, v[[0, 1, 2, 4]])
+    np.testing.assert_array_equal(wf, [[0, 1, 2], [1, 2, 3]])
+    kv, kf = weld_positions(v, f)
+    np.testing.assert_array_equal(kv, wv)
+    np.testing.assert_array_equal(kf, [[0, 1, 2], [1, 2, 3], [1, 1, 3]])  # the collapsed face stays, in place
+    np.testing.assert_array_equal(kv[kf], v[f])  # every corner keeps its position
+    same_v, same_f = weld_positions(v[:3], f[:1], drop_collapsed=True)  # nothing repeats: unchanged
+    assert np.array_equal(same_v, v[:3]) and np.array_equal(same_f, f[:1])
+    near = np.concatenate([v, v[:1] + 1e-8])  # a 6th vertex within rounding of vertex 0
+    g = np.concatenate([f, [[5, 1, 2]]])
+    assert len(weld_positions(near, g)[0]) == 5 and len(weld_positions(near, g, decimals=6)[0]) == 4
+    np.testing.assert_array_equal(weld_positions(near, g, decimals=6)[1][-1], [0, 1, 2])

@@ -17,9 +17,9 @@ import torch
 
 from dreamflow import hosting
 from dreamflow.errors import DreamFlowError
-from dreamflow.scene.mesh import uv_sphere
+from dreamflow.scene.mesh import uv_sphere, weld_positions
 from dreamflow.mesh_io import (MeshImportConfig, from_arrays, from_trimesh, load_mesh_file, to_core_arrays,
-                                     to_trimesh, vertex_colors, weld_vertices)
+                                     to_trimesh, vertex_colors)
 from dreamflow.state import MeshState
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -108,7 +108,7 @@ def test_shipped_toy_mesh_loads_with_its_two_colours():
 
     state = load_mesh_file(os.path.join(pack_root(), "samples", "toy_mushroom.glb"), small(recenter=False))
     v, f = shape_mesh("mushroom")
-    assert len(state.faces) == len(weld_vertices(v.double().numpy(), f.numpy())[1]) < len(f)  # poles welded
+    assert len(state.faces) == len(weld_positions(v.double().numpy(), f.numpy(), drop_collapsed=True)[1]) < len(f)  # poles welded
     assert float((state.vertices.max(0).values - v.max(0).values).abs().max()) < 1e-6
     got = albedo_at(state, [[0.0, 0.38, 0.0], [0.12, -0.3, 0.0]])  # cap top, stem side
     np.testing.assert_allclose(got[0], COLOURS["red"], atol=0.15)
@@ -154,16 +154,6 @@ def test_no_faces_missing_file_and_too_many_faces(tmp_path, monkeypatch):
     assert f"has {len(f)} faces, more than the 100" in str(e.value) and "set decimate_to" in str(e.value)
     decimated = load_mesh_file(path, small(fit_steps=0, decimate_to=100))
     assert 0 < len(decimated.faces) <= 100
-
-
-def test_weld_keeps_order_and_drops_collapsed_faces():
-    v = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 0, 0], [0, 0, 1.0]])
-    f = np.array([[0, 1, 2], [3, 2, 4], [1, 3, 4]])
-    wv, wf = weld_vertices(v, f)
-    np.testing.assert_array_equal(wv, v[[0, 1, 2, 4]])
-    np.testing.assert_array_equal(wf, [[0, 1, 2], [1, 2, 3]])
-    same_v, same_f = weld_vertices(v[:3], f[:1])
-    assert same_v is not None and np.array_equal(same_f, f[:1])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -538,3 +538,89 @@ def test_node_widgets_come_from_its_table(node_id):
     table = importlib.import_module(cls.__module__).WIDGETS
     required = list(cls.INPUT_TYPES()["required"])
     assert required[len(required) - len(table.names):] == list(table.names)
+
+
+@pytest.mark.parametrize("node_id, table", [
+    ("DreamFlowSaveState", "SAVE_WIDGETS"), ("DreamFlowLoadState", "LOAD_WIDGETS"), ("DreamFlowLoadMesh", "LOAD_WIDGETS"),
+    ("DreamFlowCoreMeshToMesh", "CORE_WIDGETS"), ("DreamFlowTrimeshToMesh", "TRIMESH_WIDGETS")])
+def test_file_and_converter_widgets_come_from_their_tables(node_id, table):
+    """Modules with several nodes: each node's widgets are the rows of its own table (sockets first), and its
+    FUNCTION takes them in that order."""
+    cls = NODES[node_id]
+    rows = getattr(importlib.import_module(cls.__module__), table)
+    required = cls.INPUT_TYPES()["required"]
+    sockets = list(required)[:len(required) - len(rows.names)]
+    assert list(required)[len(sockets):] == list(rows.names)
+    assert all(isinstance(required[n][0], str) and required[n][0] not in WIDGET_TYPES for n in sockets), sockets
+
+
+#: The widgets and sockets of the nodes that moved onto widget tables late (issue 18: state files, Load Mesh, the
+#: MESH / TRIMESH converters) as they were before: name, type and every option but the tooltip, in order. Saved
+#: workflows store widget values by position, so none of this may change in a refactor. FILES: a list of this
+#: machine's files (its content is the folders', tested with each node).
+FILES = "<files>"
+#: The mesh-import settings that end Load Mesh's and both converters' widgets.
+PINNED_IMPORT = [
+    ("up_axis", ["+Y", "+Z"], {"default": "+Y"}),
+    ("decimate_to", "INT", {"default": 0, "min": 0, "max": 500000}),
+    ("color_fit_steps", "INT", {"default": 100, "min": 0, "max": 10000}),
+    ("grid_levels", "INT", {"default": 16, "min": 1, "max": 32, "step": 1}),
+    ("grid_log2_size", "INT", {"default": 19, "min": 10, "max": 24, "step": 1})]
+PINNED_INPUTS = {
+    "DreamFlowSaveState": {
+        "required": [("filename_prefix", "STRING", {"default": "dreamflow/state"})],
+        "optional": [("nerf", "DREAMFLOW_NERF", {}), ("mesh", "DREAMFLOW_MESH", {})]},
+    "DreamFlowLoadState": {"required": [("state_file", FILES, {"dreamflow_dynamic": True})]},
+    "DreamFlowLoadMesh": {"required": [
+        ("mesh_file", FILES, {"dreamflow_dynamic": True}),
+        ("recenter", "BOOLEAN", {"default": True}),
+        ("keep_colors", "BOOLEAN", {"default": True}),
+        *PINNED_IMPORT]},
+    "DreamFlowCoreMeshToMesh": {"required": [
+        ("mesh", "MESH", {}),
+        ("index", "INT", {"default": 0, "min": 0, "max": 4096}),
+        ("recenter", "BOOLEAN", {"default": False}),
+        *PINNED_IMPORT]},
+    "DreamFlowTrimeshToMesh": {"required": [
+        ("trimesh", "TRIMESH", {}),
+        ("recenter", "BOOLEAN", {"default": False}),
+        ("keep_colors", "BOOLEAN", {"default": True}),
+        *PINNED_IMPORT]},
+    "DreamFlowMeshToCoreMesh": {"required": [("mesh", "DREAMFLOW_MESH", {})]},
+    "DreamFlowMeshToTrimesh": {"required": [("mesh", "DREAMFLOW_MESH", {})]},
+}
+
+
+@pytest.mark.parametrize("node_id", sorted(PINNED_INPUTS))
+def test_widgets_are_pinned_across_refactors(node_id):
+    """Names, order, types, defaults and ranges of each node's inputs as before its widget table; the FUNCTION
+    takes them in that order."""
+    cls = NODES[node_id]
+    spec = cls.INPUT_TYPES()
+    got = {section: [(name, FILES if s[1].get("dreamflow_dynamic") else s[0],
+                      {k: v for k, v in s[1].items() if k != "tooltip"}) for name, s in inputs.items()]
+           for section, inputs in spec.items()}
+    assert got == PINNED_INPUTS[node_id]
+    assert all(len(s[1]["tooltip"]) > 10 for inputs in spec.values() for s in inputs.values())
+    params = list(inspect.signature(getattr(cls, cls.FUNCTION)).parameters)[1:]
+    assert params == [name for section in ("required", "optional") for name, *_ in PINNED_INPUTS[node_id].get(section, [])]
+
+
+def test_a_new_guidance_method_reaches_the_stage_nodes_from_its_own_file():
+    """A registered method (what its one file does) is in every stage node's method dropdown, in its order (ties by
+    name), and its ``summary`` in the tooltip: no node file names the methods."""
+    from dreamflow.guidance import REGISTRY, Guidance, register
+
+    @register
+    class Zero(Guidance):
+        name, order, summary = "zero-test", 1, "a test method that never moves the scene"
+
+    try:
+        for node_id in ("DreamFlowNeRFStage", "DreamFlowMeshStage", "DreamFlowSDXLRefine"):
+            choices, opts = NODES[node_id].INPUT_TYPES()["required"]["method"]
+            assert choices == ["apfo", "sds", "zero-test", "vsd"] and opts["default"] == "apfo"
+            assert opts["tooltip"].startswith("apfo: DreamFlow's approximate probability flow")
+            assert "; zero-test: a test method that never moves the scene; vsd: " in opts["tooltip"]
+    finally:
+        REGISTRY.pop("zero-test")
+    assert "zero-test" not in NODES["DreamFlowNeRFStage"].INPUT_TYPES()["required"]["method"][0]

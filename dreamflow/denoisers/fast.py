@@ -1,9 +1,10 @@
 """CUDA fast paths for the denoiser calls of a stage: CUDA-graph replay and a fused LoRA optimiser (opt-in).
 
-Why: an SD 2.1 UNet call is ~1,500 kernel launches, and the peft-wrapped scene model adds several per attention
-projection. Run eagerly, Python and the dispatcher spend longer launching them than the GPU needs to run them at a
-stage's batch sizes. A CUDA graph records the launches once per input shape and replays them with one call
-(eager vs replayed timings of each call: bench/RESULTS.md, "Pieces" of each run).
+Why: an SD 2.1 UNet call is well over a thousand kernel launches (bench/RESULTS.md, "Figures moved from
+docstrings"), and the peft-wrapped scene model adds several per attention projection. Run eagerly, Python and the
+dispatcher spend longer launching them than the GPU needs to run them at a stage's batch sizes. A CUDA graph records
+the launches once per input shape and replays them with one call (eager vs replayed timings of each call:
+bench/RESULTS.md, "Pieces" of each run).
 
 What is replayed (pure functions of their inputs and of weights read in place, so a replay computes what the
 eager call computes, with the same kernels on the same inputs; measured bit-identical):
@@ -84,8 +85,8 @@ class FastPathConfig:
     memory-efficient kernel's backward dominated the refiner's encode + backward (bench/RESULTS.md, run 4; stage
     updates with it: run 6). bfloat16 / float32 VAEs compute it in their dtype, float16 VAEs (SD 2.1) in bfloat16:
     float16's range underflows the attention's small backward gradients (a CPU check on the real SD 2.1 VAE
-    architecture showed a 20x larger image-gradient error with float16 maths) and was slower. Costs one [B, N, N]
-    attention matrix per call."""
+    architecture: a larger image-gradient error with float16 maths, bench/RESULTS.md, "Figures moved from
+    docstrings") and was slower. Costs one [B, N, N] attention matrix per call."""
     compile: str = "blocks"
     """``torch.compile`` (default mode, static shapes) under the graphs: "blocks" compiles the UNet's repeated
     blocks (ResnetBlock2D, BasicTransformerBlock; regional compilation: each block class compiles once per

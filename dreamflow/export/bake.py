@@ -52,8 +52,8 @@ def dilate_texture(texture: torch.Tensor, mask: torch.Tensor, iterations: int) -
 
 def _box3(x: torch.Tensor) -> torch.Tensor:
     """Sum over each texel's 3 x 3 neighbourhood (zero outside), [C, H, W] -> [C, H, W]: separable shifted adds,
-    3.2x less CPU time than the equivalent conv2d (1024^2 texture of disc charts, 8 passes, 1 thread: 1.1 s ->
-    0.35 s, measured); same sums up to float rounding (~2e-7)."""
+    less CPU time than the equivalent conv2d (bench/RESULTS.md, "Figures moved from docstrings"); the same sums up to
+    float rounding."""
     p = F.pad(x, (1, 1, 1, 1))
     rows = p[:, :-2] + p[:, 1:-1] + p[:, 2:]
     return rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]

@@ -25,9 +25,9 @@ ArrayLike = Union[np.ndarray, torch.Tensor]
 #: Largest texture side accepted, texels: an 8192^2 float32 RGB bake already takes 0.8 GB (choice).
 MAX_TEXTURE_SIZE = 8192
 
-#: Fraction of the atlas that xatlas charts typically fill (its ``utilization`` on spheres, cubes and
-#: marching-cubes meshes: 0.58-0.97, measured). Used to pick texels per world unit so the packed atlas
-#: comes out close to the requested resolution.
+#: Fraction of the atlas that xatlas charts typically fill (its ``utilization``, measured on spheres, cubes and
+#: marching-cubes meshes: bench/RESULTS.md, "Figures moved from docstrings"). Used to pick texels per world unit so the
+#: packed atlas comes out close to the requested resolution.
 _EXPECTED_UTILIZATION = 0.6
 
 

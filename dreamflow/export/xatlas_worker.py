@@ -1,7 +1,7 @@
 """xatlas in a child process: ``python xatlas_worker.py IN.npz OUT.npz`` (run by path, see ``uv.unwrap_in_worker``).
 
-xatlas' Python binding holds the interpreter lock for the whole unwrap (~15-70 s for 50k-110k faces on a
-CPU core), which froze a hosting ComfyUI server (HTTP, websocket, Cancel). In a child process the
+xatlas' Python binding holds the interpreter lock for the whole unwrap (its times: bench/RESULTS.md, "Figures
+moved from docstrings"), which froze a hosting ComfyUI server (HTTP, websocket, Cancel). In a child process the
 server's threads keep running, and Cancel can terminate the child. This file imports numpy and xatlas
 only, never the ``dreamflow`` package (no torch, so the child starts in a fraction of a second and no
 CUDA state is inherited); it is run by path, so ComfyUI's ``main.py`` is not re-imported either (as

@@ -38,6 +38,7 @@ class APFOGuidance(Guidance):
 
     name = "apfo"
     order = 0
+    summary = "DreamFlow's approximate probability flow (decreasing t schedule)"
     uses_scene_lora = True
 
     def __init__(self, denoiser, config, total_updates: int, seed: int = 0):

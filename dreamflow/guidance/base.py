@@ -48,7 +48,8 @@ class GuidanceConfig:
     """Settings of a guidance method (one config for all three; fields a method does not use are ignored)."""
 
     method: str = "apfo"
-    """"apfo" (DreamFlow, default), "sds" (DreamFusion) or "vsd" (ProlificDreamer)."""
+    """A registered method (``guidance.methods()``): "apfo" (DreamFlow, default) or the baselines "sds" (DreamFusion)
+    and "vsd" (ProlificDreamer)."""
     cfg_scale: float = 7.5
     """Classifier-free guidance scale of the pretrained model (ProlificDreamer / threestudio VSD: 7.5;
     DreamFusion's SDS used 100)."""
@@ -121,6 +122,8 @@ class Guidance:
     """The method's name in ``GuidanceConfig.method`` and the nodes' dropdown."""
     order = 100
     """Position in the dropdown (lower first; DreamFlow's APFO is 0)."""
+    summary = ""
+    """One line on the method for the nodes' dropdown tooltip (shown as ``name: summary``)."""
     uses_scene_lora = False
 
     def __init__(self, denoiser, config: GuidanceConfig, total_updates: int, seed: int = 0):

@@ -20,6 +20,7 @@ from .base import Guidance, GuidanceOutput, register
 class SDSGuidance(Guidance):
     name = "sds"
     order = 1
+    summary = "DreamFusion score distillation"
     uses_scene_lora = False
 
     def __call__(self, latents, embeds, camera, step: int) -> GuidanceOutput:

@@ -20,6 +20,7 @@ from .base import Guidance, GuidanceOutput, register
 class VSDGuidance(Guidance):
     name = "vsd"
     order = 2
+    summary = "ProlificDreamer variational score distillation (scene LoRA)"
     uses_scene_lora = True
 
     def __call__(self, latents, embeds, camera, step: int) -> GuidanceOutput:

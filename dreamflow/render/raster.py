@@ -34,8 +34,8 @@ from ..errors import DreamFlowError
 from ..scene.mesh import triangle_neighbors  # mesh topology (antialias's silhouettes)
 
 #: (triangle, pixel) pairs evaluated per chunk by the torch rasterizer: bounds the no-grad pass's memory
-#: whatever the resolution and face count (measured, CPU: a full-screen triangle at 2048 x 2048, 8 chunks,
-#: peaks at ~260 MB of which 64 MB are the id and depth buffers).
+#: whatever the resolution and face count
+#: (its peak, measured on a CPU: bench/RESULTS.md, "Figures moved from docstrings").
 DEFAULT_CHUNK_PAIRS = 1 << 19
 
 _INT64_MAX = torch.iinfo(torch.int64).max

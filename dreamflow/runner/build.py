@@ -342,9 +342,9 @@ def texture_mesh(defs: Dict[str, NodeDef]) -> dict:
 
 def texture_mesh_toy(defs: Dict[str, NodeDef]) -> dict:
     """The texture workflow's offline twin: the shipped toy mushroom's texture refined by the toy prior (CPU,
-    minutes). The toy prior is an SD model, so SDXL refine is left out; the mesh stage keeps the geometry.
-    Measured (2-core CPU, 30 updates): the file's red start stays red; neither 'a blue mushroom' from red nor a
-    grey start (keep_colors off, t 0.8 -> 0.1) changes colour visibly in the demo's budget."""
+    minutes). The toy prior is an SD model, so SDXL refine is left out; the mesh stage keeps the geometry. The
+    prompt names the file's own colours: in this budget the toy prior refines a texture, it does not re-paint one
+    (bench/RESULTS.md, "Figures moved from docstrings")."""
     b = WorkflowBuilder(defs)
     b.note("**Texture a mesh, offline**: the shipped toy mushroom (its colours start the colour field) is refined "
            "by the toy prior `dreamflow-toy` ('a red mushroom', 30 updates, geometry frozen by texture_only). Swap "

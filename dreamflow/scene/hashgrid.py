@@ -108,7 +108,8 @@ def grid_corners(x: torch.Tensor, scale: torch.Tensor, levels: Sequence[LevelSpe
 
     Only the integer index maths loops over the (<= 32) levels, branching on each level's *static* kind
     (dense or hashed, fixed by the config), so ``torch.compile(fullgraph=True)`` traces it and each level does
-    only the arithmetic it needs (2x faster on CPU than computing both kinds for every level).
+    only the arithmetic it needs (faster on CPU than computing both kinds for every level: bench/RESULTS.md,
+    "Figures moved from docstrings").
 
     Args: x [N, 3] float32 in [0, 1]; scale [L] float32; levels: L tuples from :func:`level_specs`.
     Returns: ``index`` [N, L, 8] int64 rows of the [total, F] table, ``w`` [N, L, 8] weights (float32,
@@ -156,7 +157,8 @@ def hash_grid_torch(x: torch.Tensor, table: torch.Tensor, scale: torch.Tensor,
     """
     N, L = x.shape[0], scale.shape[0]
     index, w = grid_corners(x, scale, levels)
-    # index_select's backward (index_add) measured 7x faster on CPU than embedding's (2 cores, 65k points)
+    # index_select's backward (index_add) is faster on CPU than embedding's (bench/RESULTS.md, "Figures moved
+    # from docstrings")
     feats = table.index_select(0, index.reshape(-1)).view(N, L, 8, table.shape[1])  # [N, L, 8, F]
     out = (w[..., None].to(feats.dtype) * feats).sum(dim=2)  # [N, L, F]
     return out.reshape(N, L * table.shape[1])

@@ -26,14 +26,29 @@ from ..errors import DreamFlowError
 # --------------------------------------------------------------------------------------------
 # Pure helpers
 # --------------------------------------------------------------------------------------------
-def weld_positions(vertices: np.ndarray, faces: np.ndarray, decimals: Optional[int] = None
-                   ) -> Tuple[np.ndarray, np.ndarray]:
-    """Merge vertices at the same position (UV seams split vertices in a GLB): (unique positions [M, 3] in sorted
-    order, faces [F, 3] re-indexed, same face order). ``decimals``: compare positions rounded to that many
-    decimals (None: exactly). numpy, CPU."""
+def weld_positions(vertices: np.ndarray, faces: np.ndarray, decimals: Optional[int] = None,
+                   drop_collapsed: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+    """Merge vertices at the same position (UV seams and hard edges split vertices in mesh files and GLBs).
+
+    Args:
+        vertices: [N, 3] positions. faces: [F, 3] integer vertex indices.
+        decimals: compare positions rounded to that many decimals (None: exactly); the kept position is the
+            first vertex's own, unrounded.
+        drop_collapsed: drop the faces whose corners merged (False: every face kept, in order, so triangle ids
+            of the input index the output too).
+    Returns:
+        (positions [M, 3] in the order of their first vertex: unchanged when no position repeats, faces
+        re-indexed into them, int64, in their input order). numpy, CPU.
+    """
     key = vertices if decimals is None else np.round(vertices, decimals)
     _, first, inverse = np.unique(key, axis=0, return_index=True, return_inverse=True)
-    return vertices[first], inverse.reshape(-1)[faces]
+    order = np.argsort(first)  # unique positions by first occurrence
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    faces = rank[inverse.reshape(-1)][faces]
+    if drop_collapsed:
+        faces = faces[(faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 2] != faces[:, 0])]
+    return vertices[first[order]], faces
 
 
 def face_components(n_vertices: int, faces: np.ndarray) -> np.ndarray:

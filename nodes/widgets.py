@@ -37,7 +37,8 @@ class Widget:
         kind: "INT", "FLOAT", "BOOLEAN", "STRING" or "COMBO" (``choices`` then lists the values).
         lo, hi, step: the range of INT / FLOAT widgets.
         tooltip: shown on hover; None = the config field's docstring.
-        default: the widget's default; None given = the config field's value (required without a ``path``).
+        default: the widget's default; none given = the config field's value (required without a ``path``, except
+            for a COMBO: ComfyUI then shows its first choice, as for a list of this machine's files).
         options: extra widget options (``multiline``, ``control_after_generate``, ...).
         to_config: maps the widget value to the field value (e.g. ``bool``); identity when None.
         choices: the COMBO values (a tuple, or a function returning them when INPUT_TYPES is asked).
@@ -61,14 +62,15 @@ class Widget:
     def spec(self, config: Any) -> tuple:
         """The ``INPUT_TYPES`` entry: ``(type, options)``."""
         value = self.default if self.default is not _NO_DEFAULT or self.path is None else _get(config, self.path)
-        if value is _NO_DEFAULT:
+        if value is _NO_DEFAULT and self.kind != "COMBO":
             raise ValueError(f"widget '{self.name}' has neither a config path nor a default")
         if self.index is not None and self.default is _NO_DEFAULT:
             value = value[self.index]
         tooltip = self.tooltip if self.tooltip is not None else _doc(config, self.path)
         if self.kind == "COMBO":
             choices = self.choices() if callable(self.choices) else self.choices
-            return (list(choices), {"default": value, "tooltip": tooltip, **self.options})
+            default = {} if value is _NO_DEFAULT else {"default": value}
+            return (list(choices), {**default, "tooltip": tooltip, **self.options})
         opts: Dict[str, Any] = {"default": _cast(self.kind, value)}
         if self.kind in ("INT", "FLOAT"):
             opts.update({"min": self.lo, "max": self.hi})
@@ -92,8 +94,9 @@ class WidgetTable:
     def __add__(self, other: "WidgetTable") -> "WidgetTable":
         return WidgetTable(*self.rows, *other.rows)
 
-    def inputs(self, config: Any) -> Dict[str, tuple]:
-        """``INPUT_TYPES`` entries of the widgets, in table order (defaults read from ``config``)."""
+    def inputs(self, config: Any = None) -> Dict[str, tuple]:
+        """``INPUT_TYPES`` entries of the widgets, in table order (defaults read from ``config``; None for a table
+        whose rows set no config field)."""
         return {r.name: r.spec(config) for r in self.rows}
 
     def changes(self, values: Dict[str, Any]) -> Dict[str, Any]:

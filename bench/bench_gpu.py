@@ -467,11 +467,6 @@ def run_stage(stage: str, d, variant: Dict[str, object], device: torch.device, s
 def breakdown(d, device: torch.device, acc: Dict[str, float]):
     """Attribute update time to its pieces: wraps the renderer, the VAE encode, the guidance call, the CFG
     prediction and the LoRA step with synchronised host timers (the syncs perturb: attribution only)."""
-    import dreamflow.render.mesh_render as mesh_render
-    import dreamflow.stages.nerf_stage as nerf_stage
-    from dreamflow.denoisers.scene import SceneDenoiser
-    from dreamflow.guidance.apfo import APFOGuidance
-
     def wrap(name, fn):
         def timed(*a, **k):
             sync(device)
@@ -483,6 +478,20 @@ def breakdown(d, device: torch.device, acc: Dict[str, float]):
                 acc[name] = acc.get(name, 0.0) + time.perf_counter() - t0
         return timed
 
+    with patched_pieces(d, wrap):
+        yield acc
+
+
+@contextlib.contextmanager
+def patched_pieces(d, wrap: Callable[[str, Callable], Callable]):
+    """The pieces of a stage update replaced by ``wrap(piece, fn)`` for the block, then restored: "render" (volume
+    and mesh renderers), "vae encode", "guidance" (the APFO call, which holds the next three), "cfg unet", "lora fwd"
+    (SceneDenoiser.begin_step), "lora step" (its backward + optimiser step)."""
+    import dreamflow.render.mesh_render as mesh_render
+    import dreamflow.stages.nerf_stage as nerf_stage
+    from dreamflow.denoisers.scene import SceneDenoiser
+    from dreamflow.guidance.apfo import APFOGuidance
+
     patches = [(nerf_stage, "render_volume", "render"), (mesh_render, "render_mesh", "render"),
                (SceneDenoiser, "begin_step", "lora fwd"), (SceneDenoiser, "_finish", "lora step"),
                (APFOGuidance, "__call__", "guidance"),
@@ -492,7 +501,7 @@ def breakdown(d, device: torch.device, acc: Dict[str, float]):
     for obj, attr, name in patches:
         setattr(obj, attr, wrap(name, getattr(obj, attr)))
     try:
-        yield acc
+        yield
     finally:
         for obj, attr, old in saved:
             if old is None:

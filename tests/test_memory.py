@@ -201,3 +201,48 @@ def test_presets_and_settings_refuse_unknown_names():
         DenoiserConfig("m", fast_path="turbo").validate()
     assert DenoiserConfig("m", device="cpu", fast_path="graphs").key() == DenoiserConfig("m", device="cpu").key()
     assert DenoiserConfig("m", device="cpu", memory="low_vram").key() != DenoiserConfig("m", device="cpu").key()
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("which", ["tiny_sd_path", "tiny_refiner_path"])
+def test_checkpointed_lora_step_on_cuda_eager_and_graphed_match_the_plain_step(which, request):
+    """float16 on CUDA, under autocast: the low_vram LoRA steps (UNet recomputed in the backward), eager and with
+    their forward / backward captured in CUDA graphs (the recomputation inside the backward graph), give the losses
+    and LoRA weights of the plain eager steps (graphs without compilation: the eager kernels)."""
+    from dreamflow.denoisers import SceneLoRAConfig
+    from dreamflow.denoisers.fast import FastPathConfig
+    from dreamflow.denoisers.graphs import GraphedSceneOutput
+
+    path = request.getfixturevalue(which)
+
+    def train(memory: str, graphed: bool):
+        den = Denoiser.load(path, dtype="fp16", device="cuda", memory=memory)
+        g = torch.Generator(device="cuda").manual_seed(7)
+        x0 = torch.randn(2, 4, 8, 8, device="cuda", generator=g)
+        cam = torch.randn(2, 16, device="cuda", generator=g)
+        e = den.encode_prompt(["a red cube, side view", "a red cube, back view"], "blurry")
+        scene = SceneDenoiser(den, SceneLoRAConfig(lr=1e-2, camera_dropout=0.5), seed=3)
+        if graphed:
+            fast = den.enable_fast_path(FastPathConfig(compile="off", vae_matmul_attention=False))
+            scene.graphed_output = GraphedSceneOutput(scene, fast)
+        gen = torch.Generator(device="cuda").manual_seed(11)
+        losses = [float(scene.train_step(x0, e, cam, generator=gen)) for _ in range(4)]
+        weights = {k: v.clone() for k, v in scene.state_tensors().items()}
+        replays = scene.graphed_output.graphs.replays if graphed else 0
+        scene.remove()
+        den.unload()
+        return losses, weights, replays
+
+    l_p, w_p, _ = train("default", False)
+    for graphed in (False, True):
+        l_c, w_c, replays = train("low_vram", graphed)
+        assert replays == (4 if graphed else 0)
+        assert l_c == pytest.approx(l_p, rel=1e-4) and len(set(l_p)) > 1
+        for k in w_p:
+            if w_p[k].norm() > 0:
+                assert float((w_c[k] - w_p[k]).double().norm() / w_p[k].double().norm()) <= 1e-4, (graphed, k)

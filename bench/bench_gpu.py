@@ -390,8 +390,6 @@ def run_stage(stage: str, d, variant: Dict[str, object], device: torch.device, s
 
     With ``acc`` (a dict), the pieces of the timed updates are attributed too (:func:`breakdown`); with
     ``profile``, the timed updates run under a CUDA-activity profiler (:func:`gpu_profile_summary`)."""
-    from dreamflow.stages import run_mesh_stage, run_nerf_stage, run_refine_stage
-
     total = warmup + iters
     cfg = stage_configs(stage, variant, smoke, total)
     marks: Dict[int, float] = {}
@@ -433,12 +431,7 @@ def run_stage(stage: str, d, variant: Dict[str, object], device: torch.device, s
     t0 = time.perf_counter()
     try:
         with (breakdown(d, device, acc) if acc is not None else contextlib.nullcontext()):
-            if stage == "nerf":
-                state = run_nerf_stage(d, PROMPT, "", cfg, callbacks=cb)
-            elif stage == "mesh":
-                state = run_mesh_stage(d, mesh, PROMPT, "", cfg, callbacks=cb)
-            else:
-                state = run_refine_stage(d, mesh, PROMPT, "", cfg, callbacks=cb)
+            state = call_stage(stage, d, mesh, cfg, cb)
     finally:
         faulthandler.cancel_dump_traceback_later()
     ms = (marks[total] - marks[warmup]) * 1e3 / iters
@@ -461,6 +454,18 @@ def run_stage(stage: str, d, variant: Dict[str, object], device: torch.device, s
     del state, mesh
     free(device)
     return out
+
+
+def call_stage(stage: str, d, mesh, cfg, callbacks: Callbacks):
+    """``run_nerf_stage`` / ``run_mesh_stage`` / ``run_refine_stage`` on the benchmark prompt (``mesh``: the start of
+    the mesh stages, None for the NeRF stage)."""
+    from dreamflow.stages import run_mesh_stage, run_nerf_stage, run_refine_stage
+
+    if stage == "nerf":
+        return run_nerf_stage(d, PROMPT, "", cfg, callbacks=callbacks)
+    if stage == "mesh":
+        return run_mesh_stage(d, mesh, PROMPT, "", cfg, callbacks=callbacks)
+    return run_refine_stage(d, mesh, PROMPT, "", cfg, callbacks=callbacks)
 
 
 @contextlib.contextmanager

@@ -46,7 +46,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_gpu import (PROMPT, card_name, free, gib, patched_pieces, random_denoiser, sphere_state,  # noqa: E402
+from bench_gpu import (call_stage, card_name, free, gib, patched_pieces, random_denoiser, sphere_state,  # noqa: E402
                        stage_configs, sync, tiny_denoiser)
 
 #: The issue's budget: every stage at or under this peak (GiB) on the device.
@@ -147,7 +147,6 @@ def run_stage(stage: str, d, device: torch.device, smoke: bool, warmup: int, ite
     """``warmup + iters`` updates of the real stage; per-update wall times (host clock after a sync at each
     update's progress call), peaks (:class:`PeakTracker`)."""
     from dreamflow.hosting import Callbacks
-    from dreamflow.stages import run_mesh_stage, run_nerf_stage, run_refine_stage
 
     cfg, factor = stage_config(stage, d, device, smoke, warmup, iters)
     mesh = sphere_state(device, smoke, compile_grid=False) if stage != "nerf" else None
@@ -167,12 +166,7 @@ def run_stage(stage: str, d, device: torch.device, smoke: bool, warmup: int, ite
     t0 = time.perf_counter()
     try:
         with patched_pieces(d, tracker.wrap):
-            if stage == "nerf":
-                state = run_nerf_stage(d, PROMPT, "", cfg, callbacks=callbacks)
-            elif stage == "mesh":
-                state = run_mesh_stage(d, mesh, PROMPT, "", cfg, callbacks=callbacks)
-            else:
-                state = run_refine_stage(d, mesh, PROMPT, "", cfg, callbacks=callbacks)
+            state = call_stage(stage, d, mesh, cfg, callbacks)
     finally:
         faulthandler.cancel_dump_traceback_later()
         tracker.mark(tracker.REST)

@@ -38,11 +38,12 @@ demo: $(VENV)/.stamp
 # The GPU benchmark's code end to end on the CPU with tiny models (seconds); on a GPU: python3 bench/bench_gpu.py.
 bench-smoke: $(VENV)/.stamp
 	$(PY) bench/bench_gpu.py --smoke --out .bench-smoke
+	$(PY) bench/bench_lowvram.py --smoke --out .bench-smoke
 
 # On a CUDA machine with the requirements installed (e.g. `make gpu-test PY=python3`): the GPU-marked tests only.
 gpu-test:
 	$(PY) -m pytest -q -m gpu tests/test_fast_path.py tests/test_hashgrid.py tests/test_occupancy.py tests/test_volume.py tests/test_raster.py \
-		tests/test_gpu_twins.py
+		tests/test_gpu_twins.py tests/test_memory.py
 
 # Wheels the lent GPU machine lacks (its python3 is 3.12; torch, peft, transformers are there), for the device tool's
 # `carry: [".whl"]`; there, `bash bench/on_device.sh python3 bench/bench_gpu.py ...` installs them and runs the command.

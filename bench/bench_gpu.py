@@ -390,8 +390,6 @@ def run_stage(stage: str, d, variant: Dict[str, object], device: torch.device, s
 
     With ``acc`` (a dict), the pieces of the timed updates are attributed too (:func:`breakdown`); with
     ``profile``, the timed updates run under a CUDA-activity profiler (:func:`gpu_profile_summary`)."""
-    from dreamflow.stages import run_mesh_stage, run_nerf_stage, run_refine_stage
-
     total = warmup + iters
     cfg = stage_configs(stage, variant, smoke, total)
     marks: Dict[int, float] = {}
@@ -433,12 +431,7 @@ def run_stage(stage: str, d, variant: Dict[str, object], device: torch.device, s
     t0 = time.perf_counter()
     try:
         with (breakdown(d, device, acc) if acc is not None else contextlib.nullcontext()):
-            if stage == "nerf":
-                state = run_nerf_stage(d, PROMPT, "", cfg, callbacks=cb)
-            elif stage == "mesh":
-                state = run_mesh_stage(d, mesh, PROMPT, "", cfg, callbacks=cb)
-            else:
-                state = run_refine_stage(d, mesh, PROMPT, "", cfg, callbacks=cb)
+            state = call_stage(stage, d, mesh, cfg, cb)
     finally:
         faulthandler.cancel_dump_traceback_later()
     ms = (marks[total] - marks[warmup]) * 1e3 / iters
@@ -463,15 +456,22 @@ def run_stage(stage: str, d, variant: Dict[str, object], device: torch.device, s
     return out
 
 
+def call_stage(stage: str, d, mesh, cfg, callbacks: Callbacks):
+    """``run_nerf_stage`` / ``run_mesh_stage`` / ``run_refine_stage`` on the benchmark prompt (``mesh``: the start of
+    the mesh stages, None for the NeRF stage)."""
+    from dreamflow.stages import run_mesh_stage, run_nerf_stage, run_refine_stage
+
+    if stage == "nerf":
+        return run_nerf_stage(d, PROMPT, "", cfg, callbacks=callbacks)
+    if stage == "mesh":
+        return run_mesh_stage(d, mesh, PROMPT, "", cfg, callbacks=callbacks)
+    return run_refine_stage(d, mesh, PROMPT, "", cfg, callbacks=callbacks)
+
+
 @contextlib.contextmanager
 def breakdown(d, device: torch.device, acc: Dict[str, float]):
     """Attribute update time to its pieces: wraps the renderer, the VAE encode, the guidance call, the CFG
     prediction and the LoRA step with synchronised host timers (the syncs perturb: attribution only)."""
-    import dreamflow.render.mesh_render as mesh_render
-    import dreamflow.stages.nerf_stage as nerf_stage
-    from dreamflow.denoisers.scene import SceneDenoiser
-    from dreamflow.guidance.apfo import APFOGuidance
-
     def wrap(name, fn):
         def timed(*a, **k):
             sync(device)
@@ -483,6 +483,20 @@ def breakdown(d, device: torch.device, acc: Dict[str, float]):
                 acc[name] = acc.get(name, 0.0) + time.perf_counter() - t0
         return timed
 
+    with patched_pieces(d, wrap):
+        yield acc
+
+
+@contextlib.contextmanager
+def patched_pieces(d, wrap: Callable[[str, Callable], Callable]):
+    """The pieces of a stage update replaced by ``wrap(piece, fn)`` for the block, then restored: "render" (volume
+    and mesh renderers), "vae encode", "guidance" (the APFO call, which holds the next three), "cfg unet", "lora fwd"
+    (SceneDenoiser.begin_step), "lora step" (its backward + optimiser step)."""
+    import dreamflow.render.mesh_render as mesh_render
+    import dreamflow.stages.nerf_stage as nerf_stage
+    from dreamflow.denoisers.scene import SceneDenoiser
+    from dreamflow.guidance.apfo import APFOGuidance
+
     patches = [(nerf_stage, "render_volume", "render"), (mesh_render, "render_mesh", "render"),
                (SceneDenoiser, "begin_step", "lora fwd"), (SceneDenoiser, "_finish", "lora step"),
                (APFOGuidance, "__call__", "guidance"),
@@ -492,7 +506,7 @@ def breakdown(d, device: torch.device, acc: Dict[str, float]):
     for obj, attr, name in patches:
         setattr(obj, attr, wrap(name, getattr(obj, attr)))
     try:
-        yield acc
+        yield
     finally:
         for obj, attr, old in saved:
             if old is None:

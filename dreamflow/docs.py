@@ -20,6 +20,8 @@ NODES_BEGIN, NODES_END = "<!-- nodes:begin -->", "<!-- nodes:end -->"
 
 def _config_classes():
     from .denoisers.fast import FastPathConfig
+    from .denoisers.memory import MemoryConfig
+    from .denoisers.settings import DenoiserConfig
     from .denoisers.scene import SceneLoRAConfig
     from .export import ExportConfig
     from .guidance import GuidanceConfig
@@ -35,7 +37,15 @@ def _config_classes():
 
     return [NeRFStageConfig, ExtractConfig, MeshStageConfig, RefineConfig, GuidanceConfig, SceneLoRAConfig,
             CameraConfig, NeRFFieldConfig, HashGridConfig, BackgroundConfig, VolumeRenderConfig, OccupancyConfig,
-            ShadingConfig, MeshModelConfig, MeshImportConfig, ExportConfig, FastPathConfig]
+            ShadingConfig, MeshModelConfig, MeshImportConfig, ExportConfig, DenoiserConfig, MemoryConfig,
+            FastPathConfig]
+
+
+def _presets(cls):
+    """Named instances of a config class shown as extra columns (name -> instance), or {}."""
+    from .denoisers.memory import MEMORY_PRESETS, MemoryConfig
+
+    return MEMORY_PRESETS if cls is MemoryConfig else {}
 
 
 def _fmt(value) -> str:
@@ -51,8 +61,10 @@ def defaults_markdown() -> str:
     for cls in _config_classes():
         inst = cls()
         docs = field_docs(cls)
+        presets = {k: v for k, v in _presets(cls).items() if v != inst}  # "default" = the default column
         out.append(f"#### `{cls.__name__}` ({cls.__module__})\n")
-        out.append("| setting | default | meaning (source) |\n|---|---|---|")
+        extra = "".join(f" {name} |" for name in presets)
+        out.append(f"| setting | default |{extra} meaning (source) |\n|---|---|{'---|' * len(presets)}---|")
         for f in dataclasses.fields(cls):
             v = getattr(inst, f.name)
             if dataclasses.is_dataclass(v) and type(v).__name__ == "GuidanceConfig":
@@ -61,7 +73,8 @@ def defaults_markdown() -> str:
             else:
                 shown = _fmt(v)
             doc = docs.get(f.name, "").replace("|", "\\|")
-            out.append(f"| `{f.name}` | `{shown}` | {doc} |")
+            cells = "".join(f" `{_fmt(getattr(p, f.name))}` |" for p in presets.values())
+            out.append(f"| `{f.name}` | `{shown}` |{cells} {doc} |")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 

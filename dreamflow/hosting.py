@@ -163,6 +163,7 @@ def comfy_progress(total: int, preview_every: int = 25) -> Callbacks:
         bar = tqdm(total=total, leave=False, dynamic_ncols=True)
 
         def progress(step, total_, preview):
+            bar.total = total_  # the stage's own count (a memory preset may run more, smaller updates)
             bar.n = step
             bar.refresh()
             if step >= total_:

@@ -57,6 +57,8 @@ NOT_MEASURED = {
     ("dreamflow/denoisers/denoiser.py", "170 MB"): "the VAE's weights in float16",
     ("dreamflow/denoisers/denoiser.py", "40 GiB"): "VAE_CHECKPOINTING_BELOW_GIB (a setting)",
     ("dreamflow/denoisers/denoiser.py", "20 GB"): "issue 6's memory budget (a target)",
+    ("dreamflow/denoisers/denoiser.py", "12 GB"): "a card size (the low_vram preset's target)",
+    ("dreamflow/denoisers/memory.py", "12 GB"): "a card size (the low_vram preset's target)",
 }
 
 

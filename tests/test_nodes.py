@@ -347,8 +347,9 @@ def test_load_denoiser_shares_one_copy_per_settings(monkeypatch):
     (c,) = node.load("sd21", "fp32", "cpu", False, True, "graphs+compile", "bf16")
     assert a is b and c is not a and len(loads) == 2
     assert loads[1][1] == {"dtype": "fp32", "device": "cpu", "cpu_offload": False, "vae_tiling": True,
-                           "vae_dtype": "bf16"}
+                           "vae_dtype": "bf16", "memory": "default"}
     assert a.fast == c.fast == []  # the fast path is CUDA-only
+
     (d,) = node.load("sd21", "auto", "cpu", False, False, "off", "auto")
     assert d is a and len(loads) == 2  # ... so on the CPU it does not split the cache
     del d
@@ -363,6 +364,32 @@ def test_load_denoiser_shares_one_copy_per_settings(monkeypatch):
     gc.collect()
     node.load("sd21", "auto", "cpu", False, False, "graphs+compile", "auto")
     assert len(loads) == 6
+
+
+def test_load_denoiser_memory_preset_is_a_setting(monkeypatch):
+    """``memory`` (the last widget, optional: workflows saved before it load) reaches Denoiser.load, splits the
+    shared copies, and an unsaved value means "default"."""
+    import dreamflow.denoisers as dn
+
+    loads = []
+
+    class Loaded:
+        device = torch.device("cpu")
+
+    monkeypatch.setattr(dn.Denoiser, "load", staticmethod(lambda name, **kw: loads.append(kw) or Loaded()))
+    node = NODES["DreamFlowLoadDenoiser"]()
+    (a,) = node.load("sd21", "auto", "cpu", False, False, "graphs+compile", "auto")
+    (m,) = node.load("sd21", "auto", "cpu", False, False, "graphs+compile", "auto", "low_vram")
+    (m2,) = node.load("sd21", "auto", "cpu", False, False, "graphs+compile", "auto", memory="low_vram")
+    assert m is m2 and m is not a and [kw["memory"] for kw in loads] == ["default", "low_vram"]
+    assert node.load("sd21", "auto", "cpu", False, False, "graphs+compile", "auto", memory=None)[0] is a
+    spec = NODES["DreamFlowLoadDenoiser"].INPUT_TYPES()
+    assert list(spec["optional"]) == ["memory"] and spec["optional"]["memory"][0] == ["default", "low_vram"]
+    assert spec["optional"]["memory"][1]["default"] == "default"
+    with pytest.raises(DreamFlowError, match="memory.*'huge' is not one of: default, low_vram"):
+        NODES["DreamFlowLoadDenoiser"].check_inputs(model_name="sd21", dtype="auto", device="cpu", cpu_offload=False,
+                                                    vae_tiling=False, fast_path="off", vae_precision="auto",
+                                                    memory="huge")
 
 
 def test_load_denoiser_lists_models_and_reports_missing(monkeypatch, tmp_path):
@@ -624,3 +651,19 @@ def test_a_new_guidance_method_reaches_the_stage_nodes_from_its_own_file():
     finally:
         REGISTRY.pop("zero-test")
     assert "zero-test" not in NODES["DreamFlowNeRFStage"].INPUT_TYPES()["required"]["method"][0]
+
+
+def test_load_denoiser_widgets_come_from_its_tables():
+    """LoadDenoiser: every widget is a row of its tables (required, then the optional ones added later), in
+    INPUT_TYPES order, and its FUNCTION takes them in that order."""
+    cls = NODES["DreamFlowLoadDenoiser"]
+    module = importlib.import_module(cls.__module__)
+    spec = cls.INPUT_TYPES()
+    assert list(spec["required"]) == list(module.WIDGETS.names) == [
+        "model_name", "dtype", "device", "cpu_offload", "vae_tiling", "fast_path", "vae_precision"]
+    assert list(spec["optional"]) == list(module.OPTIONAL_WIDGETS.names) == ["memory"]
+    assert "default" not in spec["required"]["model_name"][1]  # a list of this machine's files: ComfyUI shows the first
+    config = cls.build_config(model_name="m", dtype="bf16", device="cpu", cpu_offload=True, vae_tiling=False,
+                              fast_path="graphs", vae_precision="fp32", memory="low_vram")
+    assert (config.model_name, config.dtype, config.cpu_offload, config.fast_path, config.vae_precision,
+            config.memory) == ("m", "bf16", True, "graphs", "fp32", "low_vram")

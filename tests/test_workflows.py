@@ -163,6 +163,26 @@ def test_paper_workflow_has_the_paper_settings():
     assert refine["inputs"]["refiner"] == [refiner_id, 0]
 
 
+def test_workflow_saved_before_the_memory_widget_still_loads():
+    """LoadDenoiser's ``memory`` widget came after workflows were saved with 7 loader values: such a workflow
+    converts and validates, and its loaders take the "default" preset; saved with "low_vram", the preset arrives."""
+    from dreamflow.runner.defs import load_node_pack
+
+    wf = load("DreamFlow paper pipeline.json")
+    loaders = [n for n in wf["nodes"] if n["type"] == "DreamFlowLoadDenoiser"]
+    assert [n["widgets_values"][-1] for n in loaders] == ["default", "default"]
+    for n in loaders:
+        n["widgets_values"] = n["widgets_values"][:-1]  # as saved before
+    prompt = validate_prompt(ui_to_api(copy.deepcopy(wf), DEFS), DEFS)
+    node = load_node_pack().NODE_CLASS_MAPPINGS["DreamFlowLoadDenoiser"]
+    for entry in by_type(prompt, "DreamFlowLoadDenoiser").values():
+        assert "memory" not in entry["inputs"] and node.build_config(**entry["inputs"]).memory == "default"
+    for n in loaders:
+        n["widgets_values"].append("low_vram")
+    prompt = validate_prompt(ui_to_api(wf, DEFS), DEFS)
+    assert {e["inputs"]["memory"] for e in by_type(prompt, "DreamFlowLoadDenoiser").values()} == {"low_vram"}
+
+
 def test_no_file_depends_on_one_machines_paths():
     """A clean clone runs anywhere: no code, build file or workflow names an absolute path of the machine it was
     made on (run records such as bench/*.json may say where they ran)."""

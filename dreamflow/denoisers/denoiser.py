@@ -23,6 +23,7 @@ import torch
 from .. import hosting
 from ..errors import DreamFlowError
 from .loading import LoadedComponents, load_components, resolve_model, weights_bytes
+from .memory import MemoryConfig, checkpoint_call, memory_config, preset_name
 
 log = logging.getLogger("dreamflow")
 
@@ -188,23 +189,30 @@ class Denoiser:
         alphas_cumprod: [T] float32 on ``device``.
         device, dtype: where and in which precision the UNet runs.
         latent_channels, vae_scale_factor, native_resolution: 4, 8, 512 / 768 / 1024 px for the released models.
+        memory: the :class:`~dreamflow.denoisers.memory.MemoryConfig` (a preset of ``MEMORY_PRESETS``); the
+            stages run with this denoiser read its ``max_view_pixels``.
+        unet_checkpointing: the UNet recomputes its blocks' activations in the scene LoRA's backward.
     """
 
     def __init__(self, components: LoadedComponents, name: str, device: torch.device, dtype: torch.dtype,
                  cpu_offload: bool = False, vae_slicing: bool = False, vae_tiling: bool = False,
-                 vae_dtype: Union[str, torch.dtype] = "auto", vae_checkpointing: Union[str, bool] = "auto"):
+                 vae_dtype: Union[str, torch.dtype] = "auto", vae_checkpointing: Union[str, bool] = "auto",
+                 memory: Union[str, MemoryConfig] = "default"):
         self.kind = components.kind
         self.name = name
         self.path = components.path
         self.device = device
         self.dtype = dtype
-        self.cpu_offload = bool(cpu_offload)
+        self.memory = memory_config(memory)
+        self.cpu_offload = bool(cpu_offload) or self.memory.cpu_offload
         self.model_index = components.model_index
         self.unet = _to(_freeze(components.unet), device, dtype)
         vae = _freeze(components.vae)
         self.vae_dtype = resolve_vae_dtype(vae_dtype, dtype, bool(vae.config.get("force_upcast", False)), device)
         self._vae_home = torch.device("cpu") if self.cpu_offload else device
         self.vae = _to(vae, self._vae_home, self.vae_dtype)
+        if isinstance(vae_checkpointing, str) and vae_checkpointing == "auto":
+            vae_checkpointing = self.memory.vae_checkpointing  # the preset's; "auto" unless low_vram
         self.vae_checkpointing = resolve_vae_checkpointing(vae_checkpointing, device)
         if self.vae_checkpointing:
             self.vae.enable_gradient_checkpointing()
@@ -212,6 +220,9 @@ class Denoiser:
             self.vae.enable_slicing()
         if vae_tiling:
             self.vae.enable_tiling()
+        self.unet_checkpointing = self.memory.unet_checkpointing
+        if self.unet_checkpointing:  # only calls with gradients recompute (the scene LoRA's training step)
+            self.unet.enable_gradient_checkpointing(checkpoint_call)
         # With cpu_offload the text encoders stay on the CPU in float32: each new prompt costs CPU time once
         # (results are cached), and the GPU never holds them.
         self._text_device = torch.device("cpu") if self.cpu_offload else device
@@ -244,7 +255,8 @@ class Denoiser:
     @classmethod
     def load(cls, name_or_path: str, dtype: Union[str, torch.dtype] = "auto", device: Union[str, torch.device] = "auto",
              cpu_offload: bool = False, vae_slicing: bool = False, vae_tiling: bool = False,
-             vae_dtype: Union[str, torch.dtype] = "auto", vae_checkpointing: Union[str, bool] = "auto") -> "Denoiser":
+             vae_dtype: Union[str, torch.dtype] = "auto", vae_checkpointing: Union[str, bool] = "auto",
+             memory: Union[str, MemoryConfig] = "default") -> "Denoiser":
         """Resolve ``name_or_path`` (:func:`resolve_model`) and load it.
 
         Args:
@@ -265,18 +277,28 @@ class Denoiser:
             vae_checkpointing: recompute the VAE encoder's activations in the stages' backward instead of keeping
                 them, see :func:`resolve_vae_checkpointing` ("auto": on GPUs with less than 40 GiB, else for 1024 px
                 encodes).
+            memory: a preset of :data:`~dreamflow.denoisers.memory.MEMORY_PRESETS` ("default", "low_vram": a 12 GB
+                card) or a :class:`~dreamflow.denoisers.memory.MemoryConfig`: text encoders and VAE off the GPU
+                (as ``cpu_offload``), VAE and UNet gradient checkpointing, and the views per update the stages run
+                (each field's docstring says what it saves and costs). Explicit ``cpu_offload=True`` or
+                ``vae_checkpointing`` other than "auto" win over the preset.
         """
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
+        memory = memory_config(memory)
+        cpu_offload = bool(cpu_offload) or memory.cpu_offload
         path = resolve_model(name_or_path)
         # In ComfyUI: room for the weights (their size on disk) first, as its own loaders make room
         hosting.make_room(device, weights_bytes(path), why=f"loading {name_or_path}")
         # The VAE loads in float32 (it is small) so that an upcast VAE keeps its full-precision weights.
         comps = load_components(path, dtype=dtype, text_dtype=torch.float32 if cpu_offload else dtype,
                                 vae_dtype=torch.float32)
-        return cls(comps, name=name_or_path, device=device, dtype=dtype, cpu_offload=cpu_offload,
-                   vae_slicing=vae_slicing, vae_tiling=vae_tiling, vae_dtype=vae_dtype,
-                   vae_checkpointing=vae_checkpointing)
+        denoiser = cls(comps, name=name_or_path, device=device, dtype=dtype, cpu_offload=cpu_offload,
+                       vae_slicing=vae_slicing, vae_tiling=vae_tiling, vae_dtype=vae_dtype,
+                       vae_checkpointing=vae_checkpointing, memory=memory)
+        if preset_name(memory) != "default":
+            log.info("dreamflow: %s with memory preset '%s' (%s)", name_or_path, preset_name(memory), memory)
+        return denoiser
 
     def unload(self) -> None:
         """Move every module to the CPU, drop the references and free cached GPU memory."""
@@ -313,7 +335,8 @@ class Denoiser:
 
     def __repr__(self) -> str:
         return (f"Denoiser(kind={self.kind!r}, name={self.name!r}, prediction_type={self.prediction_type!r}, "
-                f"device={self.device}, dtype={self.dtype}, native_resolution={self.native_resolution})")
+                f"device={self.device}, dtype={self.dtype}, native_resolution={self.native_resolution}, "
+                f"memory={preset_name(self.memory)!r})")
 
     # ------------------------------------------------------------------ prompts
     def _encode_text(self, text: str) -> Tuple[Tensor, Optional[Tensor]]:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from contextlib import nullcontext
 from dataclasses import fields
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, ContextManager, Dict, List, Optional, Tuple
 
 import torch
 
@@ -214,11 +215,12 @@ class GraphedSceneEps:
 class _TrainGraphs:
     """Forward and backward graphs of one differentiable call at fixed shapes (``make_graphed_callables``'
     recipe): the forward graph recomputes ``out`` and the tensors autograd saved; the backward graph turns
-    ``grad_out`` into the gradients of ``params``. A forward replay must precede each backward replay.
+    ``grad_out`` into the gradients of ``params``. A forward replay must precede each backward replay. The
+    backward runs (warm-up and capture) inside ``scope()``: a checkpointed UNet recomputes its forward there.
     """
 
     def __init__(self, fn: Callable[..., Tensor], example: Dict[str, Tensor], params: List[Tensor], pool,
-                 warmup: int):
+                 warmup: int, scope: Callable[[], ContextManager] = nullcontext):
         self.static = {k: v.detach().clone() for k, v in example.items()}
         self.params = params
         device = params[0].device
@@ -227,14 +229,15 @@ class _TrainGraphs:
         with torch.cuda.stream(side), torch.enable_grad():
             for _ in range(warmup):  # autograd.grad leaves .grad untouched
                 out = fn(**self.static)
-                torch.autograd.grad(out, params, grad_outputs=torch.ones_like(out), allow_unused=True)
+                with scope():
+                    torch.autograd.grad(out, params, grad_outputs=torch.ones_like(out), allow_unused=True)
             del out
         torch.cuda.current_stream(device).wait_stream(side)
         self.fwd, self.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         with torch.enable_grad(), torch.cuda.graph(self.fwd, pool=pool, stream=self.capture_stream):
             self.out = fn(**self.static)
         self.grad_out = torch.empty_like(self.out)
-        with torch.cuda.graph(self.bwd, pool=pool, stream=self.capture_stream):
+        with scope(), torch.cuda.graph(self.bwd, pool=pool, stream=self.capture_stream):
             self.grads = torch.autograd.grad(self.out, params, grad_outputs=self.grad_out, allow_unused=True)
 
 
@@ -283,7 +286,8 @@ class GraphedSceneOutput:
             self.fallbacks += 1
             return self.eager(x_t, t, embeds, camera)
         key = _signature(inputs) + (tuple(id(p) for p in params),)
-        g = self.graphs.get(key, lambda: _TrainGraphs(call, inputs, params, self.pool, self.fast.config.warmup_calls))
+        g = self.graphs.get(key, lambda: _TrainGraphs(call, inputs, params, self.pool, self.fast.config.warmup_calls,
+                                                      scope=scene.backward_scope))
         if g is None:
             self.fallbacks += 1
             return self.eager(x_t, t, embeds, camera)

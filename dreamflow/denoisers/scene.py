@@ -169,6 +169,15 @@ class SceneDenoiser(torch.nn.Module):
                                  f"{batch}, got {tuple(camera.shape)}")
         return self.camera_mlp(camera.to(self.denoiser.device, torch.float32))
 
+    def backward_scope(self):
+        """The context a backward through the scene model runs in. With the UNet's gradient checkpointing
+        (``Denoiser.unet_checkpointing``, the low_vram preset) the backward recomputes the UNet blocks' forward, so
+        the LoRA must be on then as it was in the forward (autocast is restored by the checkpoint itself; the
+        camera embedding enters the blocks as an input, so its hook is not needed); otherwise nothing."""
+        if getattr(self.denoiser, "unet_checkpointing", False):
+            return self.adapter(True)
+        return nullcontext()
+
     @contextmanager
     def _scene_call(self, camera: Optional[torch.Tensor], batch: int) -> Iterator[None]:
         """Adapter on + camera embedding added to the UNet time embedding (a hook that exists only here)."""
@@ -295,7 +304,8 @@ class SceneDenoiser(torch.nn.Module):
         self.optimizer.zero_grad(set_to_none=True)
         # Queue the backward before the one host sync of the step (the finiteness check), so the GPU is
         # busy with it while the host waits; the step itself only runs on a finite loss.
-        loss.backward()
+        with self.backward_scope():
+            loss.backward()
         on_device = defer_check and self.optimizer.defaults.get("fused")
         if on_device:  # 1: the fused kernel skips the step
             self.optimizer.found_inf = (~torch.isfinite(loss.detach())).float()

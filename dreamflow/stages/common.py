@@ -7,11 +7,16 @@ field only where their default differs (e.g. the mesh stage's resolution and APF
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass, field
-from typing import Tuple
+from typing import Tuple, TypeVar
 
 from ..guidance import GuidanceConfig
 from ..render.cameras import CameraConfig
+
+log = logging.getLogger("dreamflow")
+C = TypeVar("C", bound="StageConfig")
 
 
 @dataclass
@@ -42,3 +47,27 @@ class StageConfig:
     """Adam(W) eps (threestudio prolificdreamer)."""
     camera: CameraConfig = field(default_factory=CameraConfig)
     """Random cameras: distance 1.0-1.5 (x 1/tan(fovy/2)), fovy 40-70, elevation -10..45 (threestudio)."""
+
+
+def fit_views(config: C, denoiser, stage: str) -> C:
+    """``config`` as the denoiser's memory preset runs it (``MemoryConfig.max_view_pixels``): when
+    ``views_per_update x denoise_resolution^2`` exceeds the preset's limit, fewer views per update (a divisor of
+    ``views_per_update``) and ``iterations`` and ``guidance.updates_per_t`` times ``views / views'``: the same
+    view-updates and the same timestep schedule (each t_i still sees the same number of views). Logged; a config
+    within the limit (or a denoiser without a preset) is returned as it is, so fitting twice changes nothing."""
+    from ..denoisers.memory import preset_name, views_that_fit
+
+    memory = getattr(denoiser, "memory", None)
+    if memory is None:
+        return config
+    views, factor = views_that_fit(config.views_per_update, config.denoise_resolution, memory)
+    if factor == 1:
+        return config
+    guidance = dataclasses.replace(config.guidance, updates_per_t=config.guidance.updates_per_t * factor)
+    fitted = dataclasses.replace(config, views_per_update=views, iterations=config.iterations * factor,
+                                 guidance=guidance)
+    log.info("dreamflow: %s: memory preset '%s' runs %d view(s) x %d updates instead of %d x %d (the same %d "
+             "view-updates; updates_per_t %d -> %d; max_view_pixels %d)", stage, preset_name(memory), views,
+             fitted.iterations, config.views_per_update, config.iterations, views * fitted.iterations,
+             config.guidance.updates_per_t, guidance.updates_per_t, memory.max_view_pixels)
+    return fitted

@@ -91,7 +91,7 @@ class LoopResult:
 
 def oom_message(stage: str, config, kind: str = "GPU") -> str:
     v, r = config.views_per_update, config.resolution
-    tail = "or LoadDenoiser cpu_offload / vae_tiling" if kind == "GPU" else "or close other programs"
+    tail = "or LoadDenoiser memory=low_vram (offload and checkpointing; README 'Memory')" if kind == "GPU" else "or close other programs"
     grid = getattr(getattr(getattr(config, "nerf", None), "grid", None), "log2_hashmap_size", None)
     if grid is not None and grid > 16:  # the NeRF's hash grid (and its Adam moments) can be the big part
         tail = f"grid_log2_size={grid - 2}, " + tail

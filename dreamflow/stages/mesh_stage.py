@@ -27,7 +27,7 @@ from ..scene.mesh import MeshModel, MeshModelConfig
 from ..state import MeshState, NeRFState, require_state
 from .extract import ExtractConfig, extract_mesh
 from ..seeding import SEED_HOST_CHOICES, SEED_RENDER, derived_seed
-from .common import StageConfig
+from .common import StageConfig, fit_views
 from .loop import autograd_on, optimise
 from .nerf_stage import check_common, check_denoiser, check_prompt
 
@@ -122,6 +122,7 @@ def _run_mesh_like(stage: str, kind: str, denoiser, mesh: MeshState, prompt: Opt
                                          "(a NeRF must go through ExtractMesh first)")
     prompt, negative_prompt = state_prompts(mesh, prompt, negative_prompt, stage)
     check_denoiser(denoiser, kind, config, stage)
+    config = fit_views(config, denoiser, stage)
     # The scene LoRA the state carries continues when the state comes from this very stage (a mesh stage after a
     # mesh stage, as a NeRF stage continues its init's); after ExtractMesh or another stage there is none to use.
     carried = mesh.lora if mesh.lora and mesh.history and mesh.history[-1] == stage else None

@@ -20,7 +20,7 @@ from ..render.volume import VolumeRenderConfig, orientation_loss, render_volume,
 from ..scene.nerf import Background, BackgroundConfig, NeRFField, NeRFFieldConfig
 from ..state import NeRFState, require_state
 from ..seeding import SEED_HOST_CHOICES, SEED_RENDER, derived_seed, seeded
-from .common import StageConfig
+from .common import StageConfig, fit_views
 from .loop import autograd_on, optimise
 
 
@@ -106,6 +106,7 @@ def run_nerf_stage(denoiser, prompt: str, negative_prompt: str = "", config: Opt
     config = (config or NeRFStageConfig()).validate()
     prompt = check_prompt(prompt, "NeRFStage")
     check_denoiser(denoiser, "sd", config, "NeRFStage")
+    config = fit_views(config, denoiser, "NeRFStage")
     if init is not None:
         require_state(init, NeRFState, "NeRFStage init", "connect a NeRF stage's or Load State's 'nerf' output")
     device = denoiser.device

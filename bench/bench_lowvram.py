@@ -274,7 +274,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     def set_cap(preset: str) -> None:
         if device.type == "cuda":
             capped = preset != "default" and cap > 0
-            torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total_gib) if capped else 1.0, device)
+            index = device.index if device.index is not None else torch.cuda.current_device()  # needs an index
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total_gib) if capped else 1.0, index)
 
     def build(kind: str, preset: str):
         if smoke:

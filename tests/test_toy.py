@@ -249,3 +249,25 @@ def test_short_run_mesh_has_prompt_colour(toy):
     assert r > g + 0.2 and r > b + 0.2, (r, g, b)
     r, g, b = mesh.color_fn()(mesh.vertices).mean(0).tolist()  # the texture the GLB bakes: same verdict
     assert r > g + 0.2 and r > b + 0.2, (r, g, b)
+
+
+def test_prior_probe_measures_tell_a_square_from_a_star():
+    """bench/prior_probe.py's silhouette measures: a filled square is convex (solidity 1) with aspect 1, a
+    rectangle keeps its aspect, a plus-shaped star has solidity well below 1, an empty image gives NaNs."""
+    import math
+
+    import numpy as np
+
+    from bench.prior_probe import measures
+
+    sq = np.zeros((64, 64), bool)
+    sq[16:48, 16:48] = True
+    assert measures(sq) == pytest.approx((1.0, 1.0), abs=1e-6)
+    rect = np.zeros((64, 64), bool)
+    rect[8:56, 20:44] = True
+    assert measures(rect)[0] == pytest.approx(0.5)
+    star = np.zeros((64, 64), bool)
+    star[28:36, 8:56] = True
+    star[8:56, 28:36] = True
+    assert measures(star)[1] < 0.5
+    assert all(math.isnan(v) for v in measures(np.zeros((64, 64), bool)))

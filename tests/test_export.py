@@ -645,3 +645,34 @@ def test_unwrap_worker_failure_is_one_clear_line(monkeypatch):
                                                                   **k))
     with pytest.raises(DreamFlowError, match=r"xatlas worker process failed \(exit code 1\): xatlas broke \(12 faces\);"):
         uv_module._unwrap_checked(v, f, 64, 2, worker=True)
+
+
+def test_a_stalled_unwrap_worker_is_ended_and_run_again(monkeypatch, caplog):
+    """A worker past its time limit (uv.worker_limit_s) is terminated, reaped, and the unwrap runs once more: the
+    second run's atlas is returned. Two stalls give a one-line error naming the face count and the fix."""
+    from dreamflow.errors import DreamFlowError
+    from dreamflow.export import uv as uv_module
+
+    v, f = sphere(1)
+    v, f = np.asarray(v, dtype=np.float32), np.asarray(f, dtype=np.uint32)
+    limits = iter([0.0, 60.0])  # the first worker "stalls" at once, the second has time
+    monkeypatch.setattr(uv_module, "worker_limit_s", lambda n: next(limits))
+    pids = []
+    real_once = uv_module.unwrap_once
+
+    def once(*a, **k):
+        out = real_once(*a, **k)
+        pids.append(uv_module.last_worker_pid)
+        return out
+
+    monkeypatch.setattr(uv_module, "unwrap_once", once)
+    with caplog.at_level("WARNING", logger="dreamflow"):
+        vmapping, faces, uvs, count = uv_module.unwrap_in_worker(v, f, 20.0, 2)
+    assert count == 1 and faces.shape == f.shape and uvs.shape == (len(vmapping), 2)
+    assert len(pids) == 2 and pids[0] != pids[1] and "stalled (attempt 1" in caplog.text
+    with pytest.raises(ProcessLookupError):  # the stalled one was ended and reaped
+        os.kill(pids[0], 0)
+    monkeypatch.setattr(uv_module, "worker_limit_s", lambda n: 0.0)
+    with pytest.raises(DreamFlowError) as e:
+        uv_module.unwrap_in_worker(v, f, 20.0, 2)
+    assert "stalled twice" in str(e.value) and f"({len(f)} faces" in str(e.value) and "\n" not in str(e.value)

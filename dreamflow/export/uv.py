@@ -10,6 +10,7 @@ glTF ``TEXCOORD_0`` accessor (whose origin is the top-left), so a texture image 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 
 from ..errors import DreamFlowError, check
+
+log = logging.getLogger("dreamflow")
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -127,8 +130,29 @@ WORKER_POLL_S = 0.05
 last_worker_pid: Optional[int] = None
 
 
+def worker_limit_s(n_faces: int) -> float:
+    """Seconds after which an xatlas worker counts as stalled: a minute plus five milliseconds per face, several
+    times the unwrap times recorded in bench/RESULTS.md ("Figures moved from docstrings"). A 12-face cube's worker
+    once never returned in a clean-clone CI run (the same call is quick); a stalled worker is ended and the unwrap
+    run once more."""
+    return 60.0 + 0.005 * int(n_faces)
+
+
 def unwrap_in_worker(vertices: np.ndarray, faces: np.ndarray, texels_per_unit: float, padding: int,
                      should_stop: Optional[Callable[[], bool]] = None):
+    """:func:`unwrap_once` in a child process; a worker that stalls (runs past :func:`worker_limit_s`) is ended
+    and the unwrap tried once more; a second stall raises a one-line error."""
+    for attempt in (1, 2):
+        out = unwrap_once(vertices, faces, texels_per_unit, padding, should_stop, worker_limit_s(len(faces)))
+        if out is not None:
+            return out
+        log.warning("uv_unwrap: the xatlas worker stalled (attempt %d, %d faces)", attempt, len(faces))
+    raise DreamFlowError(f"uv_unwrap: the xatlas worker stalled twice ({len(faces)} faces, over "
+                         f"{worker_limit_s(len(faces)):.0f} seconds each); lower ExtractMesh's face_budget or check xatlas")
+
+
+def unwrap_once(vertices: np.ndarray, faces: np.ndarray, texels_per_unit: float, padding: int,
+                should_stop: Optional[Callable[[], bool]] = None, limit_s: float = float("inf")):
     """Run ``xatlas_worker.unwrap_arrays`` in a child Python process; returns its (vmapping, faces, uvs, atlas_count).
 
     The child is this interpreter (``sys.executable``) running ``xatlas_worker.py`` by path: it imports numpy and
@@ -137,7 +161,7 @@ def unwrap_in_worker(vertices: np.ndarray, faces: np.ndarray, texels_per_unit: f
     (the interpreter lock stays free for the server) and polls ``should_stop``; when that returns True the
     child is terminated (killed after 5 s), its temporary folder removed, and the interrupt raised
     (:func:`dreamflow.hosting.raise_interrupt`: ComfyUI's own exception when hosted). Nothing is written
-    anywhere else.
+    anywhere else. A child still running after ``limit_s`` is ended the same way and None returned (a stall).
     """
     import shutil
     import subprocess
@@ -157,9 +181,13 @@ def unwrap_in_worker(vertices: np.ndarray, faces: np.ndarray, texels_per_unit: f
             proc = subprocess.Popen([sys.executable, script, src, dst], stdin=subprocess.DEVNULL,
                                     stdout=subprocess.DEVNULL, stderr=err, cwd=tmp)
         last_worker_pid = proc.pid
+        deadline, stalled = time.monotonic() + limit_s, False
         try:
             while proc.poll() is None:
                 if should_stop is not None and should_stop():
+                    break
+                if time.monotonic() > deadline:
+                    stalled = True
                     break
                 time.sleep(WORKER_POLL_S)
         finally:
@@ -172,6 +200,8 @@ def unwrap_in_worker(vertices: np.ndarray, faces: np.ndarray, texels_per_unit: f
                     proc.wait()
         if proc.returncode != 0 and should_stop is not None and should_stop():
             hosting.raise_interrupt("interrupted while unwrapping the UV atlas; nothing was written")
+        if stalled:
+            return None
         if proc.returncode != 0 or not os.path.isfile(dst):
             with open(log, "rb") as f:
                 lines = f.read().decode("utf-8", "replace").strip().splitlines()

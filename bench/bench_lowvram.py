@@ -224,7 +224,7 @@ def table(res: Dict[str, object]) -> str:
 # --------------------------------------------------------------------------------------------
 def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     from dreamflow.denoisers.memory import MEMORY_PRESETS
-    from dreamflow.denoisers.settings import FAST_PATHS
+    from dreamflow.denoisers.settings import FAST_PATHS, apply_fast_path
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="CPU + tiny models: check the script end to end")
@@ -280,12 +280,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     def build(kind: str, preset: str):
         if smoke:
             return tiny_denoiser(kind, os.path.join(tmp, f"{kind}-{preset}"), device, memory=smoke_memory(preset))
-        d = random_denoiser(args.sd if kind == "sd" else "sdxl-refiner", device, dtype, memory=preset)
-        if FAST_PATHS[args.fast_path] is not None and device.type == "cuda":
-            from dreamflow.denoisers.fast import FastPathConfig
-
-            d.enable_fast_path(FastPathConfig(compile=FAST_PATHS[args.fast_path]))
-        return d
+        return apply_fast_path(random_denoiser(args.sd if kind == "sd" else "sdxl-refiner", device, dtype,
+                                               memory=preset), args.fast_path)
 
     print(f"card: {res['card']}  torch {torch.__version__}  fast_path {args.fast_path}", flush=True)
     try:

@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     den = Denoiser.load("dreamflow-toy", device="cpu")
-    rows, grid = [], []
+    grid = []
     print("| caption | world aspect | prior aspect | world solidity | prior solidity |\n|---|---|---|---|---|")
     for i, shape in enumerate(args.shapes):
         colour = COLOUR_NAMES[i % len(COLOUR_NAMES)]
@@ -85,7 +85,6 @@ def main(argv=None) -> int:
             got = [measures(silhouette(im)) for im in x]
             w = np.nanmedian(np.asarray(world.get(view, [(np.nan, np.nan)])), 0)
             g = np.nanmedian(np.asarray(got), 0)
-            rows.append({"prompt": prompt, "world": w.tolist(), "prior": g.tolist()})
             print(f"| {prompt} | {w[0]:.2f} | {g[0]:.2f} | {w[1]:.2f} | {g[1]:.2f} |", flush=True)
             grid.append(torch.cat(list(x), 2))
     im = torch.cat(grid, 1).permute(1, 2, 0).numpy()

@@ -29,6 +29,10 @@ def test_readme_names_both_setup_commands_and_ci_calls_make_test():
         assert "make test" in f.read()
 
 
+#: A measured figure in text: a card, a number with a unit of time or memory, an R-precision value.
+FIGURE = r"H100|H200|A100|\b\d[\d.,]*\s?(ms|s|min|minutes|GiB|GB|MB)\b|R-precision \d"
+
+
 def test_generated_sections_carry_no_measured_figures():
     """Docstrings and tooltips say what and why; measured figures (timings, memory, cards) live in bench/RESULTS.md
     with their date, card and commit, and the README's generated tables must not copy them."""
@@ -36,7 +40,7 @@ def test_generated_sections_carry_no_measured_figures():
 
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         text = f.read()
-    figure = re.compile(r"H100|H200|A100|\b\d[\d.,]*\s?(ms|s|min|minutes|GiB|GB|MB)\b|R-precision \d")
+    figure = re.compile(FIGURE)
     for begin, end in ((docs.BEGIN, docs.END), (docs.NODES_BEGIN, docs.NODES_END)):
         section = text[text.index(begin):text.index(end)]
         found = [m.group(0) for m in figure.finditer(section)]
@@ -89,8 +93,7 @@ def test_docstrings_and_comments_carry_no_measured_figures():
     bench/RESULTS.md, dated, with card and commit; the code's docstrings and comments point there."""
     import re
 
-    figure = re.compile(r"H100|H200|A100|\b\d[\d.,]*\s?(ms|s|min|minutes|GiB|GB|MB)\b|R-precision \d|"
-                        r"\b\d[\d.]*x (faster|slower|less|more)\b")
+    figure = re.compile(FIGURE + r"|\b\d[\d.]*x (faster|slower|less|more)\b")
     found = []
     for top in ("dreamflow", "nodes"):
         for folder, _, files in os.walk(os.path.join(ROOT, top)):

@@ -67,12 +67,19 @@ class DenoiserConfig:
     def load(self):
         """``Denoiser.load`` with these settings, then the fast path (CUDA only)."""
         from .denoiser import Denoiser
-        from .fast import FastPathConfig
 
         self.validate()
         denoiser = Denoiser.load(self.model_name, dtype=self.dtype, device=self.device,
                                  cpu_offload=bool(self.cpu_offload), vae_tiling=bool(self.vae_tiling),
                                  vae_dtype=self.vae_precision, memory=self.memory)
-        if FAST_PATHS[self.fast_path] is not None and denoiser.device.type == "cuda":
-            denoiser.enable_fast_path(FastPathConfig(compile=FAST_PATHS[self.fast_path]))
-        return denoiser
+        return apply_fast_path(denoiser, self.fast_path)
+
+
+def apply_fast_path(denoiser, fast_path: str):
+    """Switch on LoadDenoiser's ``fast_path`` choice (a key of :data:`FAST_PATHS`) for a CUDA denoiser; a CPU one
+    and "off" stay eager. Returns the denoiser."""
+    from .fast import FastPathConfig
+
+    if FAST_PATHS[fast_path] is not None and denoiser.device.type == "cuda":
+        denoiser.enable_fast_path(FastPathConfig(compile=FAST_PATHS[fast_path]))
+    return denoiser

@@ -58,6 +58,30 @@ def test_auto_threshold_on_a_hard_step():
     _check_sphere(v, f, radius_tol=0.03)  # a step is sampled to within half a voxel (0.021)
 
 
+def test_auto_fraction_keeps_a_soft_neck():
+    """Two dense balls joined by a thinner, softer neck (a snowman as a short NeRF run leaves it): at the default
+    half of the median crossing density the neck is below the level and the mesh falls in two; ``auto_fraction``
+    0.25 halves the level and keeps the object in one piece."""
+
+    def snowman(p):
+        lower = (p - torch.tensor([0.0, -0.25, 0.0])).norm(dim=-1) < 0.25
+        upper = (p - torch.tensor([0.0, 0.2, 0.0])).norm(dim=-1) < 0.15
+        neck = (p[..., [0, 2]].norm(dim=-1) < 0.08) & (p[..., 1] > -0.1) & (p[..., 1] < 0.1)
+        return torch.where(lower | upper, 40.0, torch.where(neck, 12.0, 0.0))
+
+    grid = density_grid(snowman, 64, 1.0)
+    assert auto_threshold(grid, 2.0 / 63, 0.25) == pytest.approx(0.5 * auto_threshold(grid, 2.0 / 63))
+    parts = {}
+    for fraction in (0.5, 0.25):
+        v, f = extract_mesh(snowman, ExtractConfig(resolution=64, auto_fraction=fraction, face_budget=0,
+                                                   min_component_ratio=0.0))
+        parts[fraction] = len(trimesh.Trimesh(v, f).split(only_watertight=False))
+    assert parts == {0.5: 2, 0.25: 1}
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(DreamFlowError, match="auto_fraction"):
+            ExtractConfig(auto_fraction=bad).validate()
+
+
 def test_floaters_removed():
     cfg = ExtractConfig(resolution=80, threshold=25.0, face_budget=0)
     v_all, f_all = extract_mesh(sphere_with_speck, ExtractConfig(**{**cfg.__dict__, "min_component_ratio": 0.0}))

@@ -34,6 +34,9 @@ class ExtractConfig:
     """Grid samples per axis over [-radius, radius] (threestudio ``isosurface_resolution``; 256 -> ~0.008 units/voxel)."""
     threshold: Union[float, str] = "auto"
     """Density iso-level (per world unit), or "auto" (see :func:`auto_threshold`; threestudio's fixed default is 25)."""
+    auto_fraction: float = 0.5
+    """The "auto" iso-level as a fraction of the median density where rays first become 50% opaque (ours: 0.5; lower
+    keeps thinner, barely opaque parts of a soft NeRF, and more of its haze)."""
     chunk: int = 1 << 18
     """Points per density call (memory bound)."""
     min_component_ratio: float = 0.1
@@ -52,6 +55,7 @@ class ExtractConfig:
         check(8 <= self.resolution <= 1024, f"extract resolution={self.resolution} is out of range; use 8..1024 (256 is usual)")
         check(isinstance(self.threshold, (int, float)) or self.threshold == "auto",
               f"extract threshold={self.threshold!r} must be a number or 'auto'")
+        check(0.0 < self.auto_fraction <= 1.0, f"extract auto_fraction={self.auto_fraction} must be in (0, 1] (0.5 is usual)")
         check(0.0 <= self.min_component_ratio <= 1.0, f"min_component_ratio={self.min_component_ratio} must be in [0, 1] (0.1 is usual)")
         check(self.face_budget == 0 or self.face_budget >= 100, f"face_budget={self.face_budget} must be 0 (off) or >= 100")
         check(self.smooth_iterations >= 0, f"smooth_iterations={self.smooth_iterations} must be >= 0")
@@ -84,8 +88,8 @@ def density_grid(density_fn: Callable[[torch.Tensor], torch.Tensor], resolution:
     return out.reshape(resolution, resolution, resolution)
 
 
-def auto_threshold(grid: np.ndarray, spacing: float) -> Optional[float]:
-    """The "auto" iso-level: half the median density where rays first become 50% opaque.
+def auto_threshold(grid: np.ndarray, spacing: float, fraction: float = 0.5) -> Optional[float]:
+    """The "auto" iso-level: ``fraction`` (default half) of the median density where rays first become 50% opaque.
 
     Rays run along the six axis directions through every grid column; along each, the optical depth
     ``sum sigma * spacing`` is accumulated and the density at the first sample with opacity
@@ -111,7 +115,7 @@ def auto_threshold(grid: np.ndarray, spacing: float) -> Optional[float]:
             crossing.append(col[reached][np.arange(first.size), first])
     if not crossing:
         return None
-    return 0.5 * float(np.median(np.concatenate(crossing)))
+    return fraction * float(np.median(np.concatenate(crossing)))
 
 
 def _clean(vertices: np.ndarray, faces: np.ndarray):
@@ -178,7 +182,7 @@ def extract_mesh(density_fn: Callable[[torch.Tensor], torch.Tensor], config: Opt
 
     # 2. iso-level
     if cfg.threshold == "auto":
-        level = auto_threshold(grid, spacing)
+        level = auto_threshold(grid, spacing, cfg.auto_fraction)
         if level is None:
             raise DreamFlowError(
                 f"extract: threshold 'auto' found nothing opaque (densities on the {res}^3 grid span "

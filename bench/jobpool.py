@@ -1,9 +1,13 @@
 """A shared job queue served by spawned worker processes, for the toy-world benchmarks (toy_quality, glb_fidelity).
 
 ``run_jobs(jobs, target, args, workers, deadline_s, describe)`` puts every job on one queue, starts ``workers``
-processes running ``target(jobs_queue, results_queue, *args)`` (each takes jobs until the queue is empty and puts
-one result dict per job), and collects results until all are in, every worker has ended, or ``deadline_s`` passed
-(the rest is left undone). ``describe(result)`` gives the progress line's tail.
+processes running ``target(jobs_queue, results_queue, *args)`` (each takes jobs until it takes the end mark, None,
+one of which follows the jobs per worker, and puts one result dict per job), and collects results until all are in,
+every worker has ended, or ``deadline_s`` passed (the rest is left undone). ``describe(result)`` gives the progress
+line's tail.
+
+Workers block on the queue until the end mark: a non-blocking ``get`` raises ``queue.Empty`` while another worker
+holds the queue's read lock, which ended workers early (a 2-worker CPU sweep ran on one, 2026-12-07).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ def run_jobs(jobs_list: Sequence, target: Callable, args: tuple, workers: int, d
     jobs, results = ctx.Queue(), ctx.Queue()
     for j in jobs_list:
         jobs.put(j)
+    for _ in range(workers):
+        jobs.put(None)  # one end mark per worker
     procs = [ctx.Process(target=target, args=(jobs, results, *args), daemon=True) for _ in range(workers)]
     for pr in procs:
         pr.start()
@@ -43,11 +49,10 @@ def run_jobs(jobs_list: Sequence, target: Callable, args: tuple, workers: int, d
 
 
 def serve(jobs, results, run: Callable[[tuple], dict]) -> None:
-    """A worker's loop: take jobs until the queue is empty; a job that raises is reported as a one-line error."""
+    """A worker's loop: take jobs until the end mark (None); a job that raises is reported as a one-line error."""
     while True:
-        try:
-            job = jobs.get_nowait()
-        except queue.Empty:
+        job = jobs.get()
+        if job is None:
             return
         try:
             res = run(job)

@@ -39,7 +39,8 @@ def test_a_worker_waits_while_another_holds_the_queue():
 
     import torch.multiprocessing as mp
 
-    jobs, results = mp.get_context("spawn").Queue(), mp.get_context("spawn").Queue()
+    ctx = mp.get_context("spawn")
+    jobs, results = ctx.Queue(), ctx.Queue()
     for j in [(1,), (2,), None]:
         jobs.put(j)
     time.sleep(0.2)  # the queue's feeder thread has written them

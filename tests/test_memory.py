@@ -228,7 +228,9 @@ def test_checkpointed_lora_step_on_cuda_eager_and_graphed_match_the_plain_step(w
         cam = torch.randn(2, 16, device="cuda", generator=g)
         # one set of embeddings for every run: low_vram encodes the prompts on the CPU in float32, the plain run on
         # the GPU in float16, and the subject here is the LoRA step, not the text encoder's precision
-        e = embeds.setdefault("e", den.encode_prompt(["a red cube, side view", "a red cube, back view"], "blurry"))
+        if "e" not in embeds:
+            embeds["e"] = den.encode_prompt(["a red cube, side view", "a red cube, back view"], "blurry")
+        e = embeds["e"]
         scene = SceneDenoiser(den, SceneLoRAConfig(lr=1e-2, camera_dropout=0.5), seed=3)
         if graphed:
             fast = den.enable_fast_path(FastPathConfig(compile="off", vae_matmul_attention=False))

@@ -88,8 +88,9 @@ def density_grid(density_fn: Callable[[torch.Tensor], torch.Tensor], resolution:
     return out.reshape(resolution, resolution, resolution)
 
 
-def auto_threshold(grid: np.ndarray, spacing: float, fraction: float = 0.5) -> Optional[float]:
-    """The "auto" iso-level: ``fraction`` (default half) of the median density where rays first become 50% opaque.
+def auto_threshold(grid: np.ndarray, spacing: float, fraction: float = ExtractConfig.auto_fraction) -> Optional[float]:
+    """The "auto" iso-level: ``fraction`` (default ``ExtractConfig.auto_fraction``, half) of the median density
+    where rays first become 50% opaque.
 
     Rays run along the six axis directions through every grid column; along each, the optical depth
     ``sum sigma * spacing`` is accumulated and the density at the first sample with opacity

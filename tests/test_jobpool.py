@@ -52,3 +52,71 @@ def test_a_worker_waits_while_another_holds_the_queue():
     t.join(10)
     assert not t.is_alive()
     assert sorted(results.get(timeout=5)["job"][0] for _ in range(2)) == [1, 2]
+
+
+def _slow_run(job):
+    with open(job[0], "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(120)  # a long job: the worker is busy when its parent dies
+    return {"job": list(job)}
+
+
+def _slow_worker(jobs, results):
+    serve(jobs, results, _slow_run)
+
+
+def _parent(pid_file):
+    run_jobs([(pid_file,)], _slow_worker, (), workers=1, deadline_s=300, describe=lambda r: "")
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie waiting for its reaper is gone for our purpose
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_a_worker_ends_when_its_parent_is_killed(tmp_path):
+    """Killing a sweep's parent (SIGKILL: no clean-up runs) left its busy workers running for minutes; a worker
+    now sees its parent gone and ends within about a second, mid-job."""
+    import signal
+
+    import torch.multiprocessing as mp
+
+    pid_file = str(tmp_path / "worker.pid")
+    parent = mp.get_context("spawn").Process(target=_parent, args=(pid_file,))
+    parent.start()
+    t0 = time.time()
+    while not (os.path.exists(pid_file) and open(pid_file).read()) and time.time() - t0 < 60:
+        time.sleep(0.1)
+    worker_pid = int(open(pid_file).read())
+    assert _alive(worker_pid)
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.join(10)
+    t0 = time.time()
+    while _alive(worker_pid) and time.time() - t0 < 10:
+        time.sleep(0.1)
+    assert not _alive(worker_pid)
+
+
+def test_sigterm_to_the_parent_ends_its_workers(tmp_path):
+    import signal
+
+    import torch.multiprocessing as mp
+
+    pid_file = str(tmp_path / "worker.pid")
+    parent = mp.get_context("spawn").Process(target=_parent, args=(pid_file,))
+    parent.start()
+    t0 = time.time()
+    while not (os.path.exists(pid_file) and open(pid_file).read()) and time.time() - t0 < 60:
+        time.sleep(0.1)
+    worker_pid = int(open(pid_file).read())
+    os.kill(parent.pid, signal.SIGTERM)
+    parent.join(20)
+    assert parent.exitcode is not None
+    t0 = time.time()
+    while _alive(worker_pid) and time.time() - t0 < 3:
+        time.sleep(0.1)
+    assert not _alive(worker_pid)

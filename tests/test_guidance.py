@@ -65,7 +65,7 @@ class _Spy:
 
     def train_step(self, x0, embeds, camera, t=None, generator=None, defer_check=False):
         self.calls.append(None if t is None else t.clone())
-        return torch.tensor(0.0)
+        return torch.tensor(0.0, device=x0.device)  # on the latents' device, as the real step's loss
 
     def begin_step(self, x0, embeds, camera, t=None, generator=None, noise=None):
         spy = self
@@ -76,7 +76,7 @@ class _Spy:
 
             def finish(self, defer_check=False):
                 spy.calls.append(t.clone())
-                return torch.tensor(0.0)
+                return torch.tensor(0.0, device=x0.device)
 
         return Step()
 

@@ -122,8 +122,9 @@ def test_checkpointed_unet_gives_the_lora_the_same_step(tiny_sd_path):
 
 
 @pytest.mark.parametrize("views, px, limit, expect", [
-    (4, 512, 1024 ** 2, (4, 1)),      # NeRF / mesh stages: within the low_vram limit
-    (2, 1024, 1024 ** 2, (1, 2)),     # refine stage: 1 view, twice the updates
+    (4, 512, 1024 ** 2, (4, 1)),      # within the limit
+    (4, 512, 2 * 512 ** 2, (2, 2)),   # NeRF / mesh stages under low_vram: 2 views, twice the updates
+    (2, 1024, 2 * 512 ** 2, (1, 2)),  # refine stage under low_vram: 1 view, twice the updates
     (4, 768, 1024 ** 2, (1, 4)),      # SD 2.1 768-v at its native size
     (4, 1024, 2 * 1024 ** 2, (2, 2)),
     (6, 1024, 4 * 1024 ** 2, (3, 2)),  # 4 would fit, but does not divide 6: the same view-updates
@@ -138,7 +139,10 @@ def test_fit_views_keeps_view_updates_and_the_timestep_schedule():
     low = Denoiser.__new__(Denoiser)
     low.memory = memory_config("low_vram")
     nerf, mesh = NeRFStageConfig(), MeshStageConfig()
-    assert fit_views(nerf, low, "NeRFStage") is nerf and fit_views(mesh, low, "MeshStage") is mesh
+    for cfg, stage in ((nerf, "NeRFStage"), (mesh, "MeshStage")):  # 4 views at 512 px -> 2 views, twice the updates
+        got = fit_views(cfg, low, stage)
+        assert (got.views_per_update, got.iterations, got.guidance.updates_per_t) == \
+            (cfg.views_per_update // 2, cfg.iterations * 2, cfg.guidance.updates_per_t * 2) == (2, got.iterations, 8)
     refine = RefineConfig()
     fitted = fit_views(refine, low, "SDXLRefine")
     assert (fitted.views_per_update, fitted.iterations, fitted.guidance.updates_per_t) == (1, 2000, 8)

@@ -399,9 +399,27 @@ def test_torch_backend_matches_nvdiffrast_antialias_and_backward():
     assert touched_t.any() and touched_c.any()
     untouched = ~(touched_t | touched_c)
     assert torch.equal(out_t[untouched], out_c[untouched])  # away from silhouettes both leave the image alone
-    assert (out_t.sum() - out_c.sum()).abs() <= 1e-2 * (out_c - color).abs().sum()
     cos = torch.nn.functional.cosine_similarity(gp_t.flatten(), gp_c.flatten(), dim=0)
     assert cos > 0.5, float(cos)  # similar, not identical (bench/raster_compare.py prints this cosine)
+
+    # Total coverage against the truth, not against each other: on an axis-aligned square the exact covered area
+    # is known. The torch antialias is exact there but at the four corners (0.44 px off in float32 at 64 px, where
+    # the aliased area is 8.6 px off); nvdiffrast's pixel-pair blend is an approximation. (This test first compared the two sphere images' totals at 1% of nvdiffrast's total change;
+    # the first GPU run measured 66%: 1.66 of 2.51 over 2 x 96 x 128 px, so that bound compared two approximations
+    # with a tolerance neither was shown to meet. H100, 2026-12-07.)
+    H = W = 64
+    x0, x1, y0, y1 = -0.431, 0.372, -0.287, 0.514
+    sq = torch.tensor([[x0, y0, 0.0, 1.0], [x1, y0, 0.0, 1.0], [x1, y1, 0.0, 1.0], [x0, y1, 0.0, 1.0]],
+                      device="cuda")
+    tri = torch.tensor([[0, 1, 2], [0, 2, 3]], device="cuda")
+    r = rasterize(sq, tri, (H, W), backend="torch")
+    ones = (r[..., 3:] > 0).float()
+    exact = (x1 - x0) * W / 2 * (y1 - y0) * H / 2
+    perimeter = (x1 - x0) * W + (y1 - y0) * H  # pixels along the edges
+    err_t = abs(float(antialias(ones, r, sq, tri, backend="torch").sum()) - exact)
+    err_c = abs(float(antialias(ones, r, sq, tri, backend="cuda").sum()) - exact)
+    assert err_t < 1.0, (err_t, err_c)
+    assert err_c < 0.1 * perimeter, (err_t, err_c)  # nvdiffrast: an approximation, within a tenth of a pixel per edge px
 
 def test_z_test_orders_depths_of_both_signs():
     """Fragments with z/w < 0 and > 0 over one pixel: the nearer (smaller z/w) wins."""

@@ -54,10 +54,12 @@ class MemoryConfig:
     denoise_resolution^2``. A stage whose setting exceeds it runs fewer views per update (the largest divisor of
     ``views_per_update`` that fits, at least 1) and proportionally more updates (``iterations`` and APFO's
     ``updates_per_t`` times the same factor): the same view-updates and the same timestep schedule, each update's
-    gradient from fewer views (logged; the state records the settings run). 0 = no limit. low_vram: 1024^2 =
-    1,048,576 px: the NeRF and mesh stages keep their 4 views at 512 px, the refine stage runs 1 view at 1024 px
-    instead of 2 (2,000 updates instead of 1,000), which halves the per-update activations of its VAE encode, UNet
-    calls and renders, the largest of the pipeline."""
+    gradient from fewer views (logged; the state records the settings run). 0 = no limit. low_vram: 2 x 512^2 =
+    524,288 px: the NeRF and mesh stages run 2 views at 512 px instead of 4 (twice the updates), the refine stage 1
+    view at 1024 px instead of 2 (2,000 updates instead of 1,000): each halves the per-update activations of the
+    VAE encode, the UNet calls and the renders. Why 2 views in stages 1-2: with 4 views (the preset's first value,
+    1024^2) the NeRF stage ran out of memory on the device under the preset's cap and the mesh stage fitted with
+    no margin (measured: README "Memory")."""
 
     def validate(self) -> "MemoryConfig":
         check(self.vae_checkpointing in ("auto", True, False),
@@ -71,7 +73,7 @@ class MemoryConfig:
 MEMORY_PRESETS: Dict[str, MemoryConfig] = {
     "default": MemoryConfig(),
     "low_vram": MemoryConfig(cpu_offload=True, vae_checkpointing=True, unet_checkpointing=True,
-                             max_view_pixels=1024 * 1024),
+                             max_view_pixels=2 * 512 * 512),
 }
 
 

@@ -44,6 +44,10 @@ class DemoConfig:
     """Density / albedo MLP lr (threestudio 1e-3 leaves the albedo grey over a short run)."""
     cfg_scale: float = 7.5
     """Classifier-free guidance of the prior (threestudio VSD value)."""
+    lora_lr: float = 1e-2
+    """Scene-LoRA Adam lr of both stages (threestudio's 1e-4 is for 25k updates: over 200 updates the LoRA barely
+    follows the scene, and APFO's step is then mostly the CFG direction). 1e-2 was the best of 1e-4 / 1e-3 / 1e-2
+    for APFO and VSD alike in the GLB fidelity sweep (bench/RESULTS.md, "The LoRA learning rate on the device")."""
     extract_resolution: int = 64
     """Marching-cubes grid per axis."""
     face_budget: int = 4000
@@ -71,7 +75,7 @@ def widget_values(cfg: DemoConfig, prompt: str) -> Dict[str, Dict[str, object]]:
         "DreamFlowNeRFStage": dict(prompt=prompt, seed=cfg.seed, iterations=cfg.nerf_iterations,
                                    resolution=cfg.nerf_resolution, denoise_resolution=64,
                                    views_per_update=cfg.nerf_views, method="apfo", cfg_scale=cfg.cfg_scale,
-                                   t_start=1.0, t_end=0.2, lr_grid=cfg.lr_grid, lr_mlp=cfg.lr_mlp,
+                                   t_start=1.0, t_end=0.2, lr_grid=cfg.lr_grid, lr_mlp=cfg.lr_mlp, lr_lora=cfg.lora_lr,
                                    grid_levels=cfg.hash_levels, grid_log2_size=cfg.hash_log2_size,
                                    n_samples=cfg.n_samples, n_importance=cfg.n_importance, **camera),
         "DreamFlowExtractMesh": dict(resolution=cfg.extract_resolution, face_budget=cfg.face_budget),
@@ -79,7 +83,7 @@ def widget_values(cfg: DemoConfig, prompt: str) -> Dict[str, Dict[str, object]]:
         "DreamFlowMeshStage": dict(seed=cfg.seed, iterations=cfg.mesh_iterations,
                                    resolution=cfg.mesh_resolution, denoise_resolution=64,
                                    views_per_update=cfg.nerf_views, method="apfo", cfg_scale=cfg.cfg_scale,
-                                   t_start=0.5, t_end=0.1, **camera),
+                                   t_start=0.5, t_end=0.1, lr_lora=cfg.lora_lr, **camera),
         "DreamFlowSaveGLB": dict(texture_size=cfg.texture_size, turntable_views=cfg.turntable_views,
                                  turntable_resolution=cfg.turntable_resolution),
     }

@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], help="key=value on the demo's stage configs "
                    "(nerf.* / extract.*), as in glb_fidelity.py's --variant")
     p.add_argument("--save", default=None, help="write the NeRF state here (.safetensors)")
+    p.add_argument("--load", default=None, help="read a NeRF state written by --save instead of running the stage")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() // 2))
 
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
     from dreamflow.render.cameras import sample_cameras
     from dreamflow.render.mesh_render import render_mesh
     from dreamflow.render.volume import VolumeRenderConfig, render_volume
-    from dreamflow.stages import extract_mesh_state, run_nerf_stage
+    from dreamflow.stages import run_nerf_stage
     from dreamflow.stages.extract import extract_mesh
     from dreamflow.toy import world
 
@@ -67,9 +68,14 @@ def main(argv=None) -> int:
     nerf_cfg, extract_cfg, _ = pipeline_configs("apfo", DemoConfig().nerf_iterations, args.seed, changes)
     cfgs = {"nerf": nerf_cfg, "extract": extract_cfg}
     t0 = time.time()
-    den = Denoiser.load("dreamflow-toy", device="cpu")
-    nerf = run_nerf_stage(den, args.prompt, "", cfgs["nerf"])
-    print(f"NeRF stage {time.time() - t0:.0f} s")
+    if args.load:
+        from dreamflow.state import NeRFState
+
+        nerf = NeRFState.load(args.load)
+    else:
+        den = Denoiser.load("dreamflow-toy", device="cpu")
+        nerf = run_nerf_stage(den, args.prompt, "", cfgs["nerf"])
+        print(f"NeRF stage {time.time() - t0:.0f} s")
     if args.save:
         nerf.save(args.save)
 
@@ -79,8 +85,9 @@ def main(argv=None) -> int:
         op = torch.cat([render_volume(nerf.field, 1.0, cams.subset(i), VolumeRenderConfig(stratified=False))["opacity"]
                         for i in range(args.views)])[..., 0].numpy() > 0.5
         v, f = extract_mesh(nerf.field.density, cfgs["extract"], radius=nerf.field.config.radius)
+        v, f = torch.as_tensor(v, dtype=torch.float32), torch.as_tensor(f, dtype=torch.long)
         white = lambda pts: torch.ones_like(pts)  # noqa: E731
-        ex = render_mesh(v.float(), f.long(), white, cams, shading="albedo")["opacity"][..., 0].numpy() > 0.5
+        ex = render_mesh(v, f, white, cams, shading="albedo")["opacity"][..., 0].numpy() > 0.5
         tv, tf = world.shape_mesh(shape)
         tr = render_mesh(tv, tf, white, cams, shading="albedo")["opacity"][..., 0].numpy() > 0.5
     print(f"extracted mesh: {v.shape[0]} vertices, bbox min {v.min(0).values.numpy().round(2)} max "

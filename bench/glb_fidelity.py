@@ -4,7 +4,8 @@ For every job (method, variant, NeRF-stage budget, prompt, seed) this runs the d
 (``dreamflow.demo.stage_configs``: NeRF stage -> ExtractMesh -> mesh stage -> textured GLB), then scores the GLB
 file with ``dreamflow.toy.fidelity.glb_fidelity`` (silhouette IoU from 10 views incl. top and bottom, hole IoU of
 the torus, Chamfer, CIEDE2000 colour error, floaters, the world classifier's R-precision) and counts the objects
-that pass ``fidelity.THRESHOLDS``. Every method runs the same pipeline and settings; only the guidance differs
+that pass ``fidelity.THRESHOLDS``. Every method runs the same pipeline and settings (APFO's and VSD's scene LoRA at
+the demo's lr, ``DemoConfig.lora_lr``: the best for both in bench/RESULTS.md's sweep); only the guidance differs
 (APFO: its decreasing schedule, NeRF t 1.0 -> 0.2, mesh 0.5 -> 0.1; SDS / VSD: t ~ U[0.02, 0.98] in the NeRF stage,
 U[0.1, 0.5] in the mesh stage). ``--variant NAME:key=value;key=value`` adds settings on top (keys ``nerf.*``,
 ``extract.*``, ``mesh.*`` as in the stage configs, e.g. ``nerf.guidance.spacing=sigma``), so a sweep is one call.

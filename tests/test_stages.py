@@ -89,6 +89,18 @@ def test_same_seed_gives_identical_nerf_and_mesh(tiny_sd, nerf_state):
     assert not torch.equal(other.field.encoding.params, nerf_state.field.encoding.params)
 
 
+def test_opaque_loss_enters_the_nerf_update(tiny_sd, nerf_state):
+    """lambda_opaque (off by default) adds the opacity-entropy loss to the update: the same seed with it on moves the
+    field elsewhere, and with it 0 the run is the default one bit for bit; a negative weight is refused."""
+    off = run_nerf_stage(tiny_sd, PROMPT, "blurry", nerf_cfg(lambda_opaque=0.0))
+    assert torch.equal(off.field.encoding.params, nerf_state.field.encoding.params)
+    on = run_nerf_stage(tiny_sd, PROMPT, "blurry", nerf_cfg(lambda_opaque=100.0))
+    assert not torch.equal(on.field.encoding.params, nerf_state.field.encoding.params)
+    assert on.settings["lambda_opaque"] == 100.0
+    with pytest.raises(DreamFlowError, match="lambda_opaque=-1.0 must be >= 0"):
+        nerf_cfg(lambda_opaque=-1.0).validate()
+
+
 @pytest.mark.parametrize("method", ["sds", "vsd"])
 def test_baselines_run_behind_the_same_interface(tiny_sd, method):
     g = GuidanceConfig(method=method, t_start=0.98, t_end=0.02)

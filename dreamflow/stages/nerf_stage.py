@@ -16,7 +16,7 @@ from ..guidance import GuidanceConfig
 from ..hosting import Callbacks
 from ..render.occupancy import OccupancyConfig, OccupancyGrid
 from ..render.shading import ShadingConfig, pick_mode, random_light
-from ..render.volume import VolumeRenderConfig, orientation_loss, render_volume, sparsity_loss
+from ..render.volume import VolumeRenderConfig, opaque_loss, orientation_loss, render_volume, sparsity_loss
 from ..scene.nerf import Background, BackgroundConfig, NeRFField, NeRFFieldConfig
 from ..state import NeRFState, require_state
 from ..seeding import SEED_HOST_CHOICES, SEED_RENDER, derived_seed, seeded
@@ -68,6 +68,9 @@ class NeRFStageConfig(StageConfig):
     """Weight of the opacity sparsity loss (threestudio prolificdreamer ``lambda_sparsity``)."""
     lambda_orient: float = 0.0
     """Weight of DreamFusion's orientation loss (threestudio prolificdreamer: 0; needs normals)."""
+    lambda_opaque: float = 0.0
+    """Weight of the opacity-entropy loss (threestudio ``lambda_opaque``, off in prolificdreamer): pushes every pixel's
+    opacity to 0 or 1, against the soft, hazy densities of short runs."""
     nerf: NeRFFieldConfig = field(default_factory=NeRFFieldConfig)
     """The NeRF field (hash grid 16 x 2, 2^19, base 16, scale 1.4473; threestudio prolificdreamer)."""
     background: BackgroundConfig = field(default_factory=BackgroundConfig)
@@ -82,6 +85,8 @@ class NeRFStageConfig(StageConfig):
 
     def validate(self) -> "NeRFStageConfig":
         check_common(self, "NeRFStage")
+        for name in ("lambda_sparsity", "lambda_orient", "lambda_opaque"):
+            check(getattr(self, name) >= 0, f"NeRFStage: {name}={getattr(self, name)} must be >= 0 (0 = off)")
         self.nerf.validate()
         self.render.validate()
         self.occupancy.validate()
@@ -138,6 +143,8 @@ def run_nerf_stage(denoiser, prompt: str, negative_prompt: str = "", config: Opt
                             light_positions=lights, shading_config=config.shading,
                             need_normal=need_normal or None, generator=render_gen, occupancy=grid)
         reg = config.lambda_sparsity * sparsity_loss(out["opacity"])
+        if config.lambda_opaque > 0:
+            reg = reg + config.lambda_opaque * opaque_loss(out["opacity"])
         if need_normal and out.get("sample_normal") is not None:
             reg = reg + config.lambda_orient * orientation_loss(out["weights"], out["sample_normal"], out["ray_dirs"])
         return out["rgb"], reg

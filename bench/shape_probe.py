@@ -36,11 +36,6 @@ def extent(mask: np.ndarray):
     return ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    u = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / u) if u else 1.0
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prompt", default="a yellow cylinder")
@@ -54,6 +49,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(1, os.cpu_count() // 2))
 
     from bench.glb_fidelity import parse_variant, pipeline_configs
+    from dreamflow.demo import DemoConfig
     from dreamflow.denoisers import Denoiser
     from dreamflow.render.cameras import sample_cameras
     from dreamflow.render.mesh_render import render_mesh
@@ -61,9 +57,9 @@ def main(argv=None) -> int:
     from dreamflow.stages import run_nerf_stage
     from dreamflow.stages.extract import extract_mesh
     from dreamflow.toy import world
+    from dreamflow.toy.fidelity import _iou as iou
 
     shape, _ = world.parse_prompt(args.prompt)
-    from dreamflow.demo import DemoConfig
     changes = parse_variant("probe:" + ";".join(args.set))[1]
     nerf_cfg, extract_cfg, _ = pipeline_configs("apfo", DemoConfig().nerf_iterations, args.seed, changes)
     cfgs = {"nerf": nerf_cfg, "extract": extract_cfg}

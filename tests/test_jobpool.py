@@ -69,6 +69,19 @@ def _parent(pid_file):
     run_jobs([(pid_file,)], _slow_worker, (), workers=1, deadline_s=300, describe=lambda r: "")
 
 
+def _start_sweep(tmp_path):
+    """A sweep's parent process running one slow job; (parent, its worker's pid) once the worker is busy."""
+    import torch.multiprocessing as mp
+
+    pid_file = str(tmp_path / "worker.pid")
+    parent = mp.get_context("spawn").Process(target=_parent, args=(pid_file,))
+    parent.start()
+    t0 = time.time()
+    while not (os.path.exists(pid_file) and open(pid_file).read()) and time.time() - t0 < 60:
+        time.sleep(0.1)
+    return parent, int(open(pid_file).read())
+
+
 def _alive(pid):
     try:
         os.kill(pid, 0)
@@ -78,45 +91,30 @@ def _alive(pid):
         return f.read().split(")")[-1].split()[0] != "Z"
 
 
+def _gone_within(pid, seconds):
+    t0 = time.time()
+    while _alive(pid) and time.time() - t0 < seconds:
+        time.sleep(0.1)
+    return not _alive(pid)
+
+
 def test_a_worker_ends_when_its_parent_is_killed(tmp_path):
     """Killing a sweep's parent (SIGKILL: no clean-up runs) left its busy workers running for minutes; a worker
     now sees its parent gone and ends within about a second, mid-job."""
     import signal
 
-    import torch.multiprocessing as mp
-
-    pid_file = str(tmp_path / "worker.pid")
-    parent = mp.get_context("spawn").Process(target=_parent, args=(pid_file,))
-    parent.start()
-    t0 = time.time()
-    while not (os.path.exists(pid_file) and open(pid_file).read()) and time.time() - t0 < 60:
-        time.sleep(0.1)
-    worker_pid = int(open(pid_file).read())
+    parent, worker_pid = _start_sweep(tmp_path)
     assert _alive(worker_pid)
     os.kill(parent.pid, signal.SIGKILL)
     parent.join(10)
-    t0 = time.time()
-    while _alive(worker_pid) and time.time() - t0 < 10:
-        time.sleep(0.1)
-    assert not _alive(worker_pid)
+    assert _gone_within(worker_pid, 10)
 
 
 def test_sigterm_to_the_parent_ends_its_workers(tmp_path):
     import signal
 
-    import torch.multiprocessing as mp
-
-    pid_file = str(tmp_path / "worker.pid")
-    parent = mp.get_context("spawn").Process(target=_parent, args=(pid_file,))
-    parent.start()
-    t0 = time.time()
-    while not (os.path.exists(pid_file) and open(pid_file).read()) and time.time() - t0 < 60:
-        time.sleep(0.1)
-    worker_pid = int(open(pid_file).read())
+    parent, worker_pid = _start_sweep(tmp_path)
     os.kill(parent.pid, signal.SIGTERM)
     parent.join(20)
     assert parent.exitcode is not None
-    t0 = time.time()
-    while _alive(worker_pid) and time.time() - t0 < 3:
-        time.sleep(0.1)
-    assert not _alive(worker_pid)
+    assert _gone_within(worker_pid, 3)

@@ -118,7 +118,7 @@ class SceneModel:
                                                     defer_check=True)
                 loss = step_loss if loss is None else torch.where(torch.isfinite(loss), step_loss, loss)
         if side is not None:
-            if loss is not None and loss.is_cuda:  # (a stand-in scene model may return a CPU loss)
+            if loss is not None:
                 loss.record_stream(torch.cuda.current_stream(x.device))
             self._pending = True
         return loss

@@ -37,10 +37,11 @@ class ExtractConfig:
     auto_fraction: float = 0.25
     """The "auto" iso-level as a fraction of the median density where rays first become 50% opaque (ours). Lower keeps
     thinner, barely opaque parts of a soft NeRF (a snowman's neck, a torus's ring) and more of its haze; for a
-    converged, step-like density every fraction gives the same surface to within a voxel (marching cubes interpolates
-    linearly across the step: a quarter puts it up to a quarter voxel outward of a half). 0.25 (0.5 until 2026-12-07): with the toy
-    demo's settings it raised the GLB's mean IoU on most of 28 objects over two seeds, kept snowmen in one piece and
-    left no floaters, where 0.5 split soft objects (bench/RESULTS.md, "The demo's new defaults")."""
+    converged, step-like density every fraction gives the same surface to within a voxel (marching cubes
+    interpolates linearly across the step: a quarter puts it up to a quarter voxel outward of a half). 0.25 (0.5
+    until 2026-12-07): with the toy demo's settings it raised the GLB's mean IoU on most of 28 objects over two
+    seeds, kept snowmen in one piece and left no floaters, where 0.5 split soft objects (bench/RESULTS.md, "The
+    demo's new defaults")."""
     chunk: int = 1 << 18
     """Points per density call (memory bound)."""
     min_component_ratio: float = 0.1
@@ -100,8 +101,8 @@ def auto_threshold(grid: np.ndarray, spacing: float, fraction: float = ExtractCo
     ``sum sigma * spacing`` is accumulated and the density at the first sample with opacity
     ``1 - exp(-depth) >= 0.5`` is recorded (the surface the renders show). The iso-level is that fraction
     of the median of those densities: for a step-like density (a converged NeRF) any level below the inside
-    value gives the same surface to within a voxel, and a low fraction keeps thin parts that are barely opaque. Scale-free in
-    sigma and independent of the grid resolution, unlike a fixed number (threestudio: 25).
+    value gives the same surface to within a voxel, and a low fraction keeps thin parts that are barely opaque.
+    Scale-free in sigma and independent of the grid resolution, unlike a fixed number (threestudio: 25).
 
     Returns:
         the level, or None when no ray reaches 50% opacity (nothing opaque to extract).

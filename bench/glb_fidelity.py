@@ -264,7 +264,14 @@ def main(argv=None) -> int:
     p.add_argument("--deadline-s", type=float, default=1e9, help="stop collecting after this many seconds")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/glb_fidelity_out"))
     p.add_argument("--keep-glb", default=None, help="keep every GLB in this folder (default: deleted once scored)")
+    p.add_argument("--prior", default=None, help="toy prior folder to use instead of models/dreamflow-toy")
     args = p.parse_args(argv)
+    if args.prior:
+        from bench.jobpool import PRIOR_ENV
+
+        if not os.path.isfile(os.path.join(args.prior, "model_index.json")):
+            raise SystemExit(f"--prior {args.prior}: no model_index.json there; give a toy prior folder")
+        os.environ[PRIOR_ENV] = os.path.abspath(args.prior)
     if args.keep_glb:
         os.environ["GLB_FIDELITY_KEEP"] = os.path.abspath(args.keep_glb)
     if args.demo:

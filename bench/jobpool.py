@@ -100,6 +100,10 @@ def serve(jobs, results, run: Callable[[tuple], dict]) -> None:
         results.put(res)
 
 
+#: Environment variable: the toy prior folder :func:`load_toy` loads instead of the shipped one.
+PRIOR_ENV = "DREAMFLOW_BENCH_PRIOR"
+
+
 def load_toy(device: str, threads: int, classifier_device: str):
     """(toy prior as a float32 Denoiser on ``device``, world classifier) for a worker; warnings off."""
     import logging
@@ -115,7 +119,8 @@ def load_toy(device: str, threads: int, classifier_device: str):
     from dreamflow.toy.prior import TOY_MODEL_NAME
 
     # float32 on every device: the toy prior is small, and the scene LoRA then trains in full precision.
-    den = Denoiser.load(TOY_MODEL_NAME, device=device, dtype="fp32")
-    clf = load_classifier(os.path.join(REPO_MODELS_DIR, TOY_MODEL_NAME, "classifier", "model.safetensors"),
-                          classifier_device)
+    # PRIOR_ENV (a benchmark's --prior) names another toy prior folder, e.g. a retrained candidate.
+    prior = os.environ.get(PRIOR_ENV) or os.path.join(REPO_MODELS_DIR, TOY_MODEL_NAME)
+    den = Denoiser.load(prior, device=device, dtype="fp32")
+    clf = load_classifier(os.path.join(prior, "classifier", "model.safetensors"), classifier_device)
     return den, clf

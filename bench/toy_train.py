@@ -52,6 +52,9 @@ def parse(argv=None):
     p.add_argument("--init", default=None,
                    help="fine-tune this toy prior folder (e.g. models/dreamflow-toy): its VAE is kept (no VAE training, "
                         "same latent scale), its UNet and text encoder are the starting point")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet forward (default mode)")
+    p.add_argument("--keep-classifier", action="store_true",
+                   help="with --init: keep its classifier (same world and cameras) instead of training one")
     p.add_argument("--warmup", type=int, default=300, help="UNet learning-rate warm-up steps")
     p.add_argument("--assemble", default=None, help="folder with the returned weights: build the diffusers folder")
     p.add_argument("--dest", default="models/dreamflow-toy", help="with --assemble: where the model goes")
@@ -74,6 +77,8 @@ def assemble(src: str, dest: str) -> None:
         card = {k: log[k] for k in ("card", "command", "seed") if k in log}
         install_weights(tmp, weights, log["scaling_factor"], card=card)
         cls = os.path.join(src, "classifier.safetensors")
+        if not os.path.isfile(cls):  # trained with --keep-classifier: the destination's classifier stays
+            cls = os.path.join(dest, "classifier", "model.safetensors")
         if os.path.isfile(cls):
             os.makedirs(os.path.join(tmp, "classifier"), exist_ok=True)
             shutil.copy(cls, os.path.join(tmp, "classifier", "model.safetensors"))
@@ -98,7 +103,7 @@ def main(argv=None) -> int:
 
     from dreamflow.denoisers.denoiser import alphas_cumprod_from_config
     import toy_training as T  # beside this script (bench/toy_training.py)
-    from dreamflow.toy.classifier import ClassifierConfig, ToyClassifier, accuracy, save_classifier
+    from dreamflow.toy.classifier import ClassifierConfig, ToyClassifier, accuracy, load_classifier, save_classifier
     from dreamflow.toy.prior import ToyPriorConfig, build_toy_prior, load_trainable
     from dreamflow.toy.world import COLOUR_NAMES, SHAPES, WorldConfig
 
@@ -167,7 +172,7 @@ def main(argv=None) -> int:
     token_ids = T.tokenize(tok, captions)
     ucfg = T.UNetTrainConfig(batch=args.batch, lr=args.lr, warmup=args.warmup, max_steps=args.unet_max_steps,
                              budget_s=args.unet_budget_s,
-                             log_every=1 if args.smoke else 250)
+                             log_every=1 if args.smoke else 250, compile=args.compile)
     acp = alphas_cumprod_from_config(sched_cfg)
     ucfg.budget_s = max(30.0, min(ucfg.budget_s, args.deadline_s - (time.time() - t_start) - args.reserve_s))
     log(f"UNet budget {ucfg.budget_s:.0f} s (elapsed {time.time() - t_start:.0f} s)")
@@ -192,17 +197,24 @@ def main(argv=None) -> int:
 
     # 6. Classifier on held-out views (other seeds), then the prior's samples scored by it.
     t0 = time.time()
-    if per_view is not None:  # keep the classifier's two banks within ~30 s
-        cap = int(30.0 / (1.25 * per_view * len(SHAPES))) // args.render_batch * args.render_batch
-        args.classifier_views = max(args.render_batch, min(args.classifier_views, cap))
-        log(f"classifier bank: {args.classifier_views} views per shape")
-    bank_c = T.render_bank(args.classifier_views, seed=args.seed + 1000, cfg=world, device=dev, batch=args.render_batch)
+    keep = os.path.join(args.init, "classifier", "model.safetensors") if (args.init and args.keep_classifier) else None
+    if args.keep_classifier and (keep is None or not os.path.isfile(keep)):
+        raise SystemExit(f"--keep-classifier needs --init with a classifier/model.safetensors (looked for {keep})")
+    if keep:
+        clf, clf_rows = load_classifier(keep, device=str(dev)), []
+        log(f"classifier: kept {keep}")
+    else:
+        if per_view is not None:  # keep the classifier's two banks within ~30 s
+            cap = int(30.0 / (1.25 * per_view * len(SHAPES))) // args.render_batch * args.render_batch
+            args.classifier_views = max(args.render_batch, min(args.classifier_views, cap))
+            log(f"classifier bank: {args.classifier_views} views per shape")
+        bank_c = T.render_bank(args.classifier_views, seed=args.seed + 1000, cfg=world, device=dev, batch=args.render_batch)
+        clf = ToyClassifier(ClassifierConfig()).to(dev)
+        gen_c = torch.Generator().manual_seed(args.seed + 3)
+        clf_rows = T.train_classifier(clf, lambda s: T.compose_batch(bank_c, 256 if not args.smoke else 8, gen_c, world),
+                                      args.classifier_steps, log=log, log_every=max(1, min(500, args.classifier_steps)))
     bank_test = T.render_bank(max(2, args.classifier_views // 4), seed=args.seed + 2000, cfg=world, device=dev,
                               batch=args.render_batch)
-    clf = ToyClassifier(ClassifierConfig()).to(dev)
-    gen_c = torch.Generator().manual_seed(args.seed + 3)
-    clf_rows = T.train_classifier(clf, lambda s: T.compose_batch(bank_c, 256 if not args.smoke else 8, gen_c, world),
-                                  args.classifier_steps, log=log, log_every=max(1, min(500, args.classifier_steps)))
     test = T.compose_batch(bank_test, len(bank_test), torch.Generator().manual_seed(args.seed + 4), world,
                            index=torch.arange(len(bank_test)))
     clf_acc = accuracy(clf, test["images"], test["shape_id"], test["colour_id"])
@@ -215,8 +227,9 @@ def main(argv=None) -> int:
     save_file({k: v.detach().half().contiguous() for k, v in vae.state_dict().items()}, os.path.join(args.out, WEIGHT_FILES["vae"]))
     save_file({k: v.half().contiguous() if v.is_floating_point() else v.contiguous() for k, v in te.state_dict().items()},
               os.path.join(args.out, WEIGHT_FILES["text_encoder"]))
-    save_classifier(clf.cpu(), os.path.join(args.out, "classifier.safetensors"),
-                    {"held_out_accuracy": clf_acc, "train_seed": args.seed + 1000})
+    if not keep:
+        save_classifier(clf.cpu(), os.path.join(args.out, "classifier.safetensors"),
+                        {"held_out_accuracy": clf_acc, "train_seed": args.seed + 1000})
     card = {"parameters": n_params, "views_rendered": len(bank), "render_s": round(t_render, 1),
             "vae_steps": args.vae_steps, "vae_batch": args.vae_batch, "vae_s": round(t_vae, 1), "vae_psnr_db": round(vae_psnr, 2),
             "unet_steps": unet_rows[-1]["step"] if unet_rows else 0, "unet_batch": args.batch, "unet_s": round(t_unet, 1),
@@ -236,7 +249,7 @@ def main(argv=None) -> int:
         print(f"| VAE | {args.vae_steps} | {args.vae_batch} | l1 {vae_rows[-1]['l1']:.4f} | {t_vae:.1f} |")
     if unet_rows:
         print(f"| UNet + text | {unet_rows[-1]['step']} | {args.batch} | min-SNR {unet_rows[-1]['loss_minsnr']:.4f} | {t_unet:.1f} |")
-    print(f"| classifier | {args.classifier_steps} | 256 | joint acc {clf_acc['joint']:.3f} | {t_clf:.1f} |")
+    print(f"| classifier | {'kept' if keep else args.classifier_steps} | 256 | joint acc {clf_acc['joint']:.3f} | {t_clf:.1f} |")
     print(f"total {time.time() - t_start:.1f} s")
     if work is not None:
         shutil.rmtree(work, ignore_errors=True)

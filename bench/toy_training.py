@@ -227,6 +227,9 @@ class UNetTrainConfig:
     """Probability of the empty caption (classifier-free guidance training; Ho & Salimans 2022)."""
     min_snr_gamma: float = 5.0
     """Min-SNR loss weight min(SNR, gamma) / SNR for epsilon prediction (Hang et al. 2023)."""
+    compile: bool = False
+    """``torch.compile`` the UNet's forward (default mode; the step is launch-bound at this size). Falls back to
+    eager, logged, if the first compiled step fails."""
     ema_decay: float = 0.999
     """EMA decay of the saved weights (with the usual (1 + n) / (10 + n) warm-up)."""
     log_every: int = 250
@@ -253,6 +256,11 @@ def train_unet(unet, text_encoder, vae, scale: float, token_ids: Tensor, batches
     text_encoder.train()
     vae.eval()
     gen = torch.Generator(device=dev).manual_seed(1234)
+    net = unet
+    if cfg.compile:
+        net = torch.compile(unet)
+        if log:
+            log("  unet: torch.compile (default mode)")
     rows, acc = [], []
     total = cfg.max_steps
     t0 = time.time()
@@ -288,7 +296,15 @@ def train_unet(unet, text_encoder, vae, scale: float, token_ids: Tensor, batches
             # Encode each distinct caption once (<= 169 per step), then gather per image.
             uniq, inv = torch.unique(cap, return_inverse=True)
             hidden = text_encoder(token_ids[uniq])[0][inv]
-            pred = unet(zt, t, encoder_hidden_states=hidden).sample
+            try:
+                pred = net(zt, t, encoder_hidden_states=hidden).sample
+            except Exception as e:  # a compile failure shows on the first call: go on eagerly
+                if net is unet or step > 0:
+                    raise
+                if log:
+                    log(f"  unet: compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); eager")
+                net = unet
+                pred = net(zt, t, encoder_hidden_states=hidden).sample
         snr = a.view(n) / (1 - a.view(n))
         w = torch.clamp(snr, max=cfg.min_snr_gamma) / snr
         per = (pred.float() - eps).square().mean(dim=(1, 2, 3))

@@ -13,7 +13,8 @@ import torch
 
 from dreamflow.denoisers import Denoiser, SceneDenoiser
 from dreamflow.denoisers.loading import load_components
-from dreamflow.denoisers.memory import MEMORY_PRESETS, MemoryConfig, memory_config, preset_name, views_that_fit
+from dreamflow.denoisers.memory import (MEMORY_PRESETS, MemoryConfig, apply_allocator, memory_config, preset_name,
+                                       views_that_fit)
 from dreamflow.denoisers.settings import DenoiserConfig
 from dreamflow.errors import DreamFlowError
 from dreamflow.guidance import TimestepSchedule
@@ -64,6 +65,26 @@ def test_low_vram_switches_on_every_lever(tiny_sd_path, preset):
         assert _device_of(d.vae) == meta
     assert _device_of(d.vae) == (torch.device("cpu") if low else meta)
     assert moves == ([meta, torch.device("cpu")] if low else [])
+
+
+@pytest.mark.parametrize("preset,backend,env,expect", [
+    ("low_vram", "native", "", "expandable"),
+    ("low_vram", "native", "expandable_segments:True", "already"),
+    ("low_vram", "cudaMallocAsync", "backend:cudaMallocAsync", "already"),
+    ("default", "native", "", "unchanged"),
+])
+def test_low_vram_asks_the_cuda_allocator_for_growable_segments(monkeypatch, preset, backend, env, expect):
+    """On CUDA, low_vram turns the caching allocator's expandable segments on once (the refine stage fitted the
+    cap only so, bench/RESULTS.md); a process already on them or on cudaMallocAsync (ComfyUI's default) is left as
+    it is, and the "default" preset and non-CUDA devices change nothing."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: backend)
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", env)
+    assert apply_allocator(memory_config(preset), torch.device("cuda")) == expect
+    assert calls == (["expandable_segments:True"] if expect == "expandable" else [])
+    assert apply_allocator(memory_config(preset), torch.device("cpu")) == "unchanged" and len(calls) <= 1
+    assert MEMORY_PRESETS["low_vram"].expandable_segments and not MEMORY_PRESETS["default"].expandable_segments
 
 
 def test_explicit_arguments_win_over_the_preset(tiny_sd_path):

@@ -23,7 +23,7 @@ import torch
 from .. import hosting
 from ..errors import DreamFlowError
 from .loading import LoadedComponents, load_components, resolve_model, weights_bytes
-from .memory import MemoryConfig, checkpoint_call, memory_config, preset_name
+from .memory import MemoryConfig, apply_allocator, checkpoint_call, memory_config, preset_name
 
 log = logging.getLogger("dreamflow")
 
@@ -204,6 +204,7 @@ class Denoiser:
         self.device = device
         self.dtype = dtype
         self.memory = memory_config(memory)
+        apply_allocator(self.memory, device)
         self.cpu_offload = bool(cpu_offload) or self.memory.cpu_offload
         self.model_index = components.model_index
         self.unet = _to(_freeze(components.unet), device, dtype)

@@ -15,6 +15,8 @@ The preset travels with the denoiser (``Denoiser.memory``): the denoiser applies
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 from dataclasses import dataclass
 from typing import Dict, Tuple, Union
 
@@ -22,6 +24,8 @@ import torch
 import torch.utils.checkpoint
 
 from ..errors import DreamFlowError, check
+
+log = logging.getLogger("dreamflow")
 
 
 @dataclass
@@ -61,6 +65,14 @@ class MemoryConfig:
     1024^2) the NeRF stage ran out of memory on the device under the preset's cap and the mesh stage fitted with
     no margin (measured: README "Memory")."""
 
+    expandable_segments: bool = False
+    """PyTorch's caching allocator maps GPU memory in growable segments (``expandable_segments:True``, set when
+    a denoiser with this preset loads on a CUDA device, for the whole process) instead of fixed blocks that a
+    changing mix of tensor sizes fragments. low_vram: on. Under the low_vram benchmark's cap the refine stage (1 view at 1024
+    px) ran out of memory with fixed blocks and fitted with growable ones (bench/RESULTS.md, issue 17). Where the
+    process already runs CUDA's own asynchronous allocator (``backend:cudaMallocAsync``, ComfyUI's default on
+    CUDA builds of torch), that pool already maps memory on demand and nothing is changed."""
+
     def validate(self) -> "MemoryConfig":
         check(self.vae_checkpointing in ("auto", True, False),
               f"memory vae_checkpointing={self.vae_checkpointing!r} is unknown; use 'auto', True or False")
@@ -73,7 +85,7 @@ class MemoryConfig:
 MEMORY_PRESETS: Dict[str, MemoryConfig] = {
     "default": MemoryConfig(),
     "low_vram": MemoryConfig(cpu_offload=True, vae_checkpointing=True, unet_checkpointing=True,
-                             max_view_pixels=2 * 512 * 512),
+                             max_view_pixels=2 * 512 * 512, expandable_segments=True),
 }
 
 
@@ -91,6 +103,20 @@ def memory_config(value: Union[str, MemoryConfig, None] = "default") -> MemoryCo
 def preset_name(config: MemoryConfig) -> str:
     """The preset ``config`` equals ("custom" if none)."""
     return next((name for name, preset in MEMORY_PRESETS.items() if preset == config), "custom")
+
+
+def apply_allocator(config: MemoryConfig, device: torch.device) -> str:
+    """Set the process's CUDA allocator as ``config`` asks (``expandable_segments``); returns what was done:
+    "expandable" (turned on now), "already" (on before, or the cudaMallocAsync backend) or "unchanged"."""
+    if not config.expandable_segments or torch.device(device).type != "cuda":
+        return "unchanged"
+    if torch.cuda.get_allocator_backend() != "native":  # cudaMallocAsync maps memory on demand itself
+        return "already"
+    if "expandable_segments:true" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").replace(" ", "").lower():
+        return "already"
+    torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    log.info("dreamflow: CUDA allocator set to expandable segments (memory preset)")
+    return "expandable"
 
 
 def views_that_fit(views: int, denoise_resolution: int, config: MemoryConfig) -> Tuple[int, int]:

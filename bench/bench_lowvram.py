@@ -205,7 +205,7 @@ def table(res: Dict[str, object]) -> str:
         return fmt.format(v) if isinstance(v, (int, float)) and math.isfinite(v) else "-"
 
     lines = [f"== {res['card']} | torch {res['torch']} | fast_path {res['fast_path']} | target {res['target_gib']} GiB "
-             f"(reserved; low_vram capped at {res['cap_gib'] or 'no cap'})",
+             f"(reserved; low_vram capped at {res['cap_gib'] or 'no cap'}) | allocator {res.get('allocator', '-')}",
              f"{'stage':<7} {'preset':<9} {'views':>5} {'x upd':>5} {'alloc GiB':>9} {'resv GiB':>9} {'ms/upd':>8} "
              f"{'ms/view':>8} {'peak in':<16} result"]
     for r in res["rows"]:
@@ -262,7 +262,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         "command": " ".join([os.path.basename(sys.executable), "bench/bench_lowvram.py"] + (argv or sys.argv[1:])),
         "torch": torch.__version__, "cuda": torch.version.cuda, "smoke": smoke, "fast_path": args.fast_path,
         "sd": args.sd, "warmup": warmup, "iters": iters, "target_gib": args.target_gib,
-        "cap_gib": cap if device.type == "cuda" and cap > 0 else None, "rows": [], "errors": []}
+        "cap_gib": cap if device.type == "cuda" and cap > 0 else None, "rows": [], "errors": [],
+        "allocator": (f"{torch.cuda.get_allocator_backend()} "
+                      f"(PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '')!r})"
+                      if device.type == "cuda" else "cpu")}
 
     def save():
         with open(path, "w") as f:

@@ -13,6 +13,7 @@ import torch
 
 from dreamflow.denoisers import Denoiser, SceneDenoiser
 from dreamflow.denoisers.loading import load_components
+from dreamflow.denoisers import memory as memory_mod
 from dreamflow.denoisers.memory import (MEMORY_PRESETS, MemoryConfig, apply_allocator, memory_config, preset_name,
                                        views_that_fit)
 from dreamflow.denoisers.settings import DenoiserConfig
@@ -79,7 +80,7 @@ def test_low_vram_asks_the_cuda_allocator_for_growable_segments(monkeypatch, pre
     it is, and the "default" preset and non-CUDA devices change nothing."""
     calls = []
     monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: backend)
-    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append)
+    monkeypatch.setattr(memory_mod, "_set_allocator_settings", calls.append)
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", env)
     assert apply_allocator(memory_config(preset), torch.device("cuda")) == expect
     assert calls == (["expandable_segments:True"] if expect == "expandable" else [])

@@ -105,6 +105,13 @@ def preset_name(config: MemoryConfig) -> str:
     return next((name for name, preset in MEMORY_PRESETS.items() if preset == config), "custom")
 
 
+def _set_allocator_settings(text: str) -> None:
+    """PYTORCH_CUDA_ALLOC_CONF-style settings at run time (torch >= 2.9 names the call ``_accelerator_...``; the
+    older ``torch.cuda.memory._set_allocator_settings`` warns there)."""
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
+    setter(text)
+
+
 def apply_allocator(config: MemoryConfig, device: torch.device) -> str:
     """Set the process's CUDA allocator as ``config`` asks (``expandable_segments``); returns what was done:
     "expandable" (turned on now), "already" (on before, or the cudaMallocAsync backend) or "unchanged"."""
@@ -114,7 +121,7 @@ def apply_allocator(config: MemoryConfig, device: torch.device) -> str:
         return "already"
     if "expandable_segments:true" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").replace(" ", "").lower():
         return "already"
-    torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    _set_allocator_settings("expandable_segments:True")
     log.info("dreamflow: CUDA allocator set to expandable segments (memory preset)")
     return "expandable"
 

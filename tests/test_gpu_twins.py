@@ -138,7 +138,8 @@ def _close_states(a, b, tol=1e-3):
     assert sa.keys() == sb.keys()
     for k in sa:
         if sa[k].is_floating_point():
-            assert rel(sa[k].float().cpu(), sb[k].float().cpu()) <= tol or float(sb[k].abs().max()) == 0, k
+            r = rel(sa[k].float().cpu(), sb[k].float().cpu())
+            assert r <= tol or float(sb[k].abs().max()) == 0, f"same seed, other state: {k} rel {r:.3g} > {tol}"
 
 
 def test_each_stage_updates_on_cuda(cuda_sd, tiny_refiner_path):
@@ -155,16 +156,16 @@ def test_each_stage_updates_on_cuda(cuda_sd, tiny_refiner_path):
     nerf = _nerf_update(cuda_sd)
     assert next(nerf.field.parameters()).device.type == "cuda"
     assert [r["step"] for r in nerf.guidance_log] == [0] and all(
-        torch.isfinite(torch.tensor(r["loss"])) for r in nerf.guidance_log)
+        torch.isfinite(torch.tensor(r["loss"])) for r in nerf.guidance_log), f"NeRF log {nerf.guidance_log}"
     with seeded(0):
         init = NeRFField(nerf_cfg().nerf)
     moved = [k for k, v in init.state_dict().items() if not torch.equal(v, nerf.field.state_dict()[k].cpu())]
-    assert any("encoding" in k for k in moved) and any("network" in k for k in moved)
+    assert any("encoding" in k for k in moved) and any("network" in k for k in moved), f"NeRF moved only {moved}"
     _close_states(_nerf_update(cuda_sd), nerf)
 
     # stages 2 and 3 as test_stages runs them (2 updates: stage 3's first update at t 0.3 leaves the colour as is)
     mesh = extract_mesh_state(nerf, ExtractConfig(resolution=32))
-    assert mesh.faces.shape[0] > 0
+    assert mesh.faces.shape[0] > 0, "extraction gave no faces"
     before = mesh.field.encoding.params.detach().clone()
     rows = lambda s, stage: [r for r in s.guidance_log if r["stage"] == stage]  # noqa: E731  (the log accumulates)
     # No textureless updates: a textureless render has no colour, so the colour field gets no gradient. On CUDA the
@@ -173,20 +174,23 @@ def test_each_stage_updates_on_cuda(cuda_sd, tiny_refiner_path):
     shading = dataclasses.replace(MeshStageConfig().shading, albedo_prob=0.5, textureless_prob=0.0)
     mesh2 = run_mesh_stage(cuda_sd, mesh, PROMPT, "blurry", mesh_cfg(shading=shading))
     assert len(rows(mesh2, "MeshStage")) == 2 and all(torch.isfinite(torch.tensor(r["loss"]))
-                                                      for r in rows(mesh2, "MeshStage"))
-    assert float((mesh2.vertices - mesh.vertices).abs().max()) > 0
-    assert not torch.equal(mesh2.field.encoding.params, mesh.field.encoding.params)
-    assert torch.equal(mesh.field.encoding.params, before) and mesh2.history[-1] == "MeshStage"
+                                                      for r in rows(mesh2, "MeshStage")), f"mesh log {mesh2.guidance_log}"
+    assert float((mesh2.vertices - mesh.vertices).abs().max()) > 0, "mesh stage: vertices did not move"
+    assert not torch.equal(mesh2.field.encoding.params, mesh.field.encoding.params), "mesh stage: colour did not move"
+    assert torch.equal(mesh.field.encoding.params, before) and mesh2.history[-1] == "MeshStage", \
+        f"mesh stage changed its input or history {mesh2.history}"
     again = run_mesh_stage(cuda_sd, mesh, PROMPT, "blurry", mesh_cfg(shading=shading))
-    assert rel(again.vertices.float().cpu(), mesh2.vertices.float().cpu()) <= 1e-3
+    r_again = rel(again.vertices.float().cpu(), mesh2.vertices.float().cpu())
+    assert r_again <= 1e-3, f"mesh stage repeat: vertices rel {r_again:.3g} > 1e-3"
 
     refiner = Denoiser.load(tiny_refiner_path, dtype="fp32", device="cuda")
     refined = run_refine_stage(refiner, mesh2, PROMPT, "blurry", mesh_cfg(RefineConfig))
     assert len(rows(refined, "SDXLRefine")) == 2 and all(torch.isfinite(torch.tensor(r["loss"]))
-                                                         for r in rows(refined, "SDXLRefine"))
+                                                         for r in rows(refined, "SDXLRefine")), \
+        f"refine log {refined.guidance_log}"
     assert torch.equal(refined.vertices, mesh2.vertices), "stage 3 keeps the geometry by default"
-    assert not torch.equal(refined.field.encoding.params, mesh2.field.encoding.params)
-    assert refined.history[-1] == "SDXLRefine"
+    assert not torch.equal(refined.field.encoding.params, mesh2.field.encoding.params), "refine: colour did not move"
+    assert refined.history[-1] == "SDXLRefine", f"refine history {refined.history}"
 
 
 # ---------------------------------------------------------------------------------------------- APFO target

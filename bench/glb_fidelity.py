@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.jobpool import load_toy, run_jobs, serve  # noqa: E402
+from bench.jobpool import PRIOR_ENV, load_toy, run_jobs, serve  # noqa: E402
 
 METHODS = ("apfo", "sds", "vsd")
 #: t ranges per method and stage (module docstring).
@@ -267,8 +267,6 @@ def main(argv=None) -> int:
     p.add_argument("--prior", default=None, help="toy prior folder to use instead of models/dreamflow-toy")
     args = p.parse_args(argv)
     if args.prior:
-        from bench.jobpool import PRIOR_ENV
-
         if not os.path.isfile(os.path.join(args.prior, "model_index.json")):
             raise SystemExit(f"--prior {args.prior}: no model_index.json there; give a toy prior folder")
         os.environ[PRIOR_ENV] = os.path.abspath(args.prior)

@@ -61,6 +61,16 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
+def kept_classifier(args) -> str:
+    """The classifier file ``--keep-classifier`` keeps (from ``--init``), "" without the flag; exits if it is missing."""
+    if not args.keep_classifier:
+        return ""
+    path = os.path.join(args.init or "", "classifier", "model.safetensors")
+    if not (args.init and os.path.isfile(path)):
+        raise SystemExit(f"--keep-classifier needs --init with a classifier/model.safetensors (looked for {path})")
+    return path
+
+
 def assemble(src: str, dest: str) -> None:
     """Build ``dest`` (diffusers layout) from the weight files a device run returned in ``src``."""
     from safetensors.torch import load_file
@@ -99,6 +109,7 @@ def main(argv=None) -> int:
     if args.assemble:
         assemble(args.assemble, args.dest)
         return 0
+    kept_classifier(args)  # a wrong --keep-classifier fails now, not after minutes of training
     from safetensors.torch import save_file
 
     from dreamflow.denoisers.denoiser import alphas_cumprod_from_config
@@ -197,9 +208,7 @@ def main(argv=None) -> int:
 
     # 6. Classifier on held-out views (other seeds), then the prior's samples scored by it.
     t0 = time.time()
-    keep = os.path.join(args.init, "classifier", "model.safetensors") if (args.init and args.keep_classifier) else None
-    if args.keep_classifier and (keep is None or not os.path.isfile(keep)):
-        raise SystemExit(f"--keep-classifier needs --init with a classifier/model.safetensors (looked for {keep})")
+    keep = kept_classifier(args)
     if keep:
         clf, clf_rows = load_classifier(keep, device=str(dev)), []
         log(f"classifier: kept {keep}")

@@ -68,10 +68,10 @@ class MemoryConfig:
     expandable_segments: bool = False
     """PyTorch's caching allocator maps GPU memory in growable segments (``expandable_segments:True``, set when
     a denoiser with this preset loads on a CUDA device, for the whole process) instead of fixed blocks that a
-    changing mix of tensor sizes fragments. low_vram: on. Under the low_vram benchmark's cap the refine stage (1 view at 1024
-    px) ran out of memory with fixed blocks and fitted with growable ones (bench/RESULTS.md, issue 17). Where the
-    process already runs CUDA's own asynchronous allocator (``backend:cudaMallocAsync``, ComfyUI's default on
-    CUDA builds of torch), that pool already maps memory on demand and nothing is changed."""
+    changing mix of tensor sizes fragments. low_vram: on. Under the low_vram benchmark's cap the refine stage (1
+    view at 1024 px) ran out of memory with fixed blocks and fitted with growable ones (bench/RESULTS.md, issue 17).
+    Where the process already runs CUDA's own asynchronous allocator (``backend:cudaMallocAsync``, ComfyUI's
+    default on CUDA builds of torch), that pool already maps memory on demand and nothing is changed."""
 
     def validate(self) -> "MemoryConfig":
         check(self.vae_checkpointing in ("auto", True, False),

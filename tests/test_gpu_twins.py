@@ -184,7 +184,8 @@ def test_each_stage_updates_on_cuda(cuda_sd, tiny_refiner_path):
     assert r_again <= 1e-3, f"mesh stage repeat: vertices rel {r_again:.3g} > 1e-3"
 
     refiner = Denoiser.load(tiny_refiner_path, dtype="fp32", device="cuda")
-    refined = run_refine_stage(refiner, mesh2, PROMPT, "blurry", mesh_cfg(RefineConfig))
+    # the same shading mix as above, for the same reason (the refine stage's default mix drew textureless twice)
+    refined = run_refine_stage(refiner, mesh2, PROMPT, "blurry", mesh_cfg(RefineConfig, shading=shading))
     assert len(rows(refined, "SDXLRefine")) == 2 and all(torch.isfinite(torch.tensor(r["loss"]))
                                                          for r in rows(refined, "SDXLRefine")), \
         f"refine log {refined.guidance_log}"

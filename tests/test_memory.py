@@ -71,13 +71,16 @@ def test_low_vram_switches_on_every_lever(tiny_sd_path, preset):
 @pytest.mark.parametrize("preset,backend,env,expect", [
     ("low_vram", "native", "", "expandable"),
     ("low_vram", "native", "expandable_segments:True", "already"),
+    ("low_vram", "native", "max_split_size_mb:128,expandable_segments:False", "user"),
+    ("low_vram", "native", "max_split_size_mb:128", "expandable"),
     ("low_vram", "cudaMallocAsync", "backend:cudaMallocAsync", "already"),
     ("default", "native", "", "unchanged"),
 ])
 def test_low_vram_asks_the_cuda_allocator_for_growable_segments(monkeypatch, preset, backend, env, expect):
     """On CUDA, low_vram turns the caching allocator's expandable segments on once (the refine stage fitted the
     cap only so, bench/RESULTS.md); a process already on them or on cudaMallocAsync (ComfyUI's default) is left as
-    it is, and the "default" preset and non-CUDA devices change nothing."""
+    it is, a user whose PYTORCH_CUDA_ALLOC_CONF sets expandable_segments either way keeps their choice, and the
+    "default" preset and non-CUDA devices change nothing."""
     calls = []
     monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: backend)
     monkeypatch.setattr(memory_mod, "_set_allocator_settings", calls.append)

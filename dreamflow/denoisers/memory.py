@@ -71,7 +71,8 @@ class MemoryConfig:
     changing mix of tensor sizes fragments. low_vram: on. Under the low_vram benchmark's cap the refine stage (1
     view at 1024 px) ran out of memory with fixed blocks and fitted with growable ones (bench/RESULTS.md, issue 17).
     Where the process already runs CUDA's own asynchronous allocator (``backend:cudaMallocAsync``, ComfyUI's
-    default on CUDA builds of torch), that pool already maps memory on demand and nothing is changed."""
+    default on CUDA builds of torch), that pool already maps memory on demand and nothing is changed; nor where
+    the user's ``PYTORCH_CUDA_ALLOC_CONF`` sets ``expandable_segments`` itself (either way)."""
 
     def validate(self) -> "MemoryConfig":
         check(self.vae_checkpointing in ("auto", True, False),
@@ -114,13 +115,19 @@ def _set_allocator_settings(text: str) -> None:
 
 def apply_allocator(config: MemoryConfig, device: torch.device) -> str:
     """Set the process's CUDA allocator as ``config`` asks (``expandable_segments``); returns what was done:
-    "expandable" (turned on now), "already" (on before, or the cudaMallocAsync backend) or "unchanged"."""
+    "expandable" (turned on now), "already" (on before, or the cudaMallocAsync backend), "user" (the user's
+    ``PYTORCH_CUDA_ALLOC_CONF`` names ``expandable_segments`` itself, e.g. ``:False``: their choice stands) or
+    "unchanged"."""
     if not config.expandable_segments or torch.device(device).type != "cuda":
         return "unchanged"
     if torch.cuda.get_allocator_backend() != "native":  # cudaMallocAsync maps memory on demand itself
         return "already"
-    if "expandable_segments:true" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").replace(" ", "").lower():
+    env = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").replace(" ", "").lower()
+    if "expandable_segments:true" in env:
         return "already"
+    if "expandable_segments:" in env:
+        log.info("dreamflow: PYTORCH_CUDA_ALLOC_CONF sets expandable_segments; the memory preset leaves it as it is")
+        return "user"
     _set_allocator_settings("expandable_segments:True")
     log.info("dreamflow: CUDA allocator set to expandable segments (memory preset)")
     return "expandable"

@@ -133,13 +133,19 @@ def sample_surface(vertices: np.ndarray, faces: np.ndarray, n: int, rng: np.rand
     return np.einsum("nk,nkd->nd", bary, tri), idx, bary
 
 
-def normalise(vertices: np.ndarray) -> Tuple[np.ndarray, float]:
-    """Centre on the bounding-box centre and scale the largest half extent to 1; returns (vertices, scale)."""
+def _box(vertices: np.ndarray) -> Tuple[np.ndarray, float]:
+    """(bounding-box centre, largest half extent) of ``vertices``."""
     lo, hi = vertices.min(0), vertices.max(0)
     half = float((hi - lo).max()) / 2
     if not half > 0:
         raise DreamFlowError("the mesh has no extent")
-    return (vertices - (lo + hi) / 2) / half, half
+    return (lo + hi) / 2, half
+
+
+def normalise(vertices: np.ndarray) -> Tuple[np.ndarray, float]:
+    """Centre on the bounding-box centre and scale the largest half extent to 1; returns (vertices, scale)."""
+    centre, half = _box(vertices)
+    return (vertices - centre) / half, half
 
 
 def yaw_matrix(degrees: float) -> np.ndarray:
@@ -172,21 +178,18 @@ def turn(vertices: np.ndarray, points: np.ndarray, yaw: float) -> Tuple[np.ndarr
     cube turned 45 degrees is sqrt(2) as wide), so scale is matched after the turn, not before."""
     r = yaw_matrix(yaw)
     v = vertices @ r.T
-    lo, hi = v.min(0), v.max(0)
-    half = float((hi - lo).max()) / 2
-    centre = (lo + hi) / 2
+    centre, half = _box(v)
     return (v - centre) / half, (points @ r.T - centre) / half
 
 
-def best_yaw(points: np.ndarray, target: np.ndarray, step: float = 10.0, fine: float = 2.5,
-             vertices: Optional[np.ndarray] = None) -> Tuple[float, float]:
-    """(yaw in degrees, Chamfer) of the turn of ``points`` about +Y that best matches ``target``: every ``step``
-    degrees, then every ``fine`` degrees around the best. With ``vertices`` (the mesh ``points`` were sampled
-    from), each turn is re-centred and re-scaled by the turned mesh's bounding box (:func:`turn`)."""
+def best_yaw(vertices: np.ndarray, points: np.ndarray, target: np.ndarray, step: float = 10.0,
+             fine: float = 2.5) -> Tuple[float, float]:
+    """(yaw in degrees, Chamfer) of the turn (:func:`turn`: re-centred and re-scaled by the turned mesh's box) of a
+    mesh's ``vertices`` and its surface ``points`` about +Y whose points best match ``target``: every ``step``
+    degrees, then every ``fine`` degrees around the best."""
     def search(yaws, best):
         for yaw in yaws:
-            turned = points @ yaw_matrix(yaw).T if vertices is None else turn(vertices, points, yaw)[1]
-            c = chamfer(turned, target)
+            c = chamfer(turn(vertices, points, yaw)[1], target)
             if c < best[1]:
                 best = (float(yaw % 360.0), c)
         return best
@@ -316,7 +319,7 @@ def glb_fidelity(glb, shape: str, colour: str, samples: int = 6000, resolution: 
     g_pts, g_face, g_bary = sample_surface(gv_n, mesh.faces, samples, rng)
     # 1. yaw on a subsample (centre and scale matched after each turn), the reported Chamfer on all samples
     sub = slice(0, min(samples, 800))
-    yaw, _ = best_yaw(g_pts[sub], t_pts[sub], vertices=gv_n)
+    yaw, _ = best_yaw(gv_n, g_pts[sub], t_pts[sub])
     gv_a, g_pts_a = turn(gv_n, g_pts, yaw)
     # the normalised frame has half extent 1: a diagonal of 2 * sqrt(3) at most; use the true one
     diag = float(np.linalg.norm(tv_n.max(0) - tv_n.min(0)))
